@@ -14,6 +14,7 @@ split over its rows by token share. Summed over batches that is exactly the time
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -27,7 +28,7 @@ import pyarrow as pa
 
 from batchjobs.engines.base import Engine, EngineDead, Request, Result
 from batchjobs.errors import BatchJobError, EngineError
-from batchjobs.readers import INPUT_ERROR, PROMPT, ROW_ID, ROW_INDEX, SHARD_ID, SHARD_ROWS
+from batchjobs.readers import INPUT_ERROR, PARAMS, PROMPT, ROW_ID, ROW_INDEX, SHARD_ID, SHARD_ROWS
 from batchjobs.spec import JobSpec
 
 log = logging.getLogger("batchjobs.actor")
@@ -53,7 +54,9 @@ class EngineActor:
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         started = time.time()
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="engine-loop", daemon=True
+        )
         self.thread.start()
         try:
             self.engine = self._on_loop(_construct(engine_factory or make_engine, self.spec))
@@ -77,8 +80,9 @@ class EngineActor:
         prompts = batch.column(PROMPT).to_pylist()
         input_errors = batch.column(INPUT_ERROR).to_pylist()
         ids = batch.column(ROW_ID).to_pylist()
+        params = [json.loads(p) if p else None for p in batch.column(PARAMS).to_pylist()]
         try:
-            results = self._on_loop(self._run(ids, prompts, input_errors))
+            results = self._on_loop(self._run(ids, prompts, input_errors, params))
         except EngineDead as exc:
             # Exit the process: Ray restarts the actor and retries this batch on it,
             # so no row is lost and none is written twice.
@@ -90,11 +94,12 @@ class EngineActor:
             self._last_tick = now
         return self._to_table(batch, results, held)
 
-    async def _run(self, ids, prompts, input_errors) -> list[Result]:
+    async def _run(self, ids, prompts, input_errors, params) -> list[Result]:
         async def one(i: int) -> Result:
             if input_errors[i] is not None:
                 return Result.failed(input_errors[i])
-            return await self.engine.generate(Request(f"{ids[i]}#{uuid.uuid4().hex[:8]}", prompts[i]))
+            request = Request(f"{ids[i]}#{uuid.uuid4().hex[:8]}", prompts[i], params[i])
+            return await self.engine.generate(request)
 
         return await asyncio.gather(*(one(i) for i in range(len(prompts))))
 

@@ -13,11 +13,15 @@ import typer
 
 from batchjobs.errors import BatchJobError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Offline batch LLM inference jobs.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Offline batch LLM inference jobs."
+)
 
 SetOpt = Annotated[
     Optional[list[str]],  # noqa: UP045 - typer needs Optional here on 3.10
-    typer.Option("--set", "-s", help="Override a spec key: --set resources.replicas=2 (repeatable)."),
+    typer.Option(
+        "--set", "-s", help="Override a spec key: --set resources.replicas=2 (repeatable)."
+    ),
 ]
 
 
@@ -36,20 +40,28 @@ def validate(spec: Path, set_: SetOpt = None) -> None:
         job = load_spec(spec, set_)
         shards = list_shards(job.input.path, job.input.format, job.input.storage_options)
         for shard in shards:
-            preflight(shard, job.input.prompt_column, job.input.id_column, job.input.storage_options)
+            preflight(
+                shard, job.input.prompt_column, job.input.id_column, job.input.storage_options
+            )
         _check_engine_installed(job.engine.kind)
     except BatchJobError as exc:
         _fail(exc)
-    typer.echo(f"ok: {job.name}: {len(shards)} shard(s), engine {job.engine.kind} {job.engine.model}, fingerprint {job.fingerprint()}")
+    typer.echo(
+        f"ok: {job.name}: {len(shards)} shard(s), engine {job.engine.kind} {job.engine.model}, fingerprint {job.fingerprint()}"
+    )
 
 
 @app.command()
 def run(
     spec: Path,
     set_: SetOpt = None,
-    fresh: Annotated[bool, typer.Option(help="Delete earlier results in the output root first.")] = False,
+    fresh: Annotated[
+        bool, typer.Option(help="Delete earlier results in the output root first.")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
-    summary_json: Annotated[Optional[Path], typer.Option(help="Also write the summary here as JSON.")] = None,  # noqa: UP045
+    summary_json: Annotated[
+        Optional[Path], typer.Option(help="Also write the summary here as JSON.")
+    ] = None,  # noqa: UP045
 ) -> None:
     """Run a job: read shards, generate with the engine, write Parquet and the manifest."""
     from batchjobs.pipeline import run as run_job
@@ -87,12 +99,32 @@ def manifest(output: str) -> None:
         typer.echo(f"no manifest records under {output}", err=True)
         raise typer.Exit(1)
     table = Table(title=f"manifest of {output}")
-    for col in ("shard", "status", "rows", "errors", "tokens in", "tokens out", "GPU-s", "$", "$/1M tok", "$/1M out", "out tok/s"):
+    for col in (
+        "shard",
+        "status",
+        "rows",
+        "errors",
+        "tokens in",
+        "tokens out",
+        "GPU-s",
+        "$",
+        "$/1M tok",
+        "$/1M out",
+        "out tok/s",
+    ):
         table.add_column(col, justify="left" if col in ("shard", "status") else "right")
     for r in records:
         table.add_row(
-            r.shard_id, r.status, str(r.rows), str(r.error_rows), str(r.prompt_tokens), str(r.completion_tokens),
-            f"{r.gpu_s:.1f}", f"{r.cost_usd:.4f}", _num(r.usd_per_1m_tokens), _num(r.usd_per_1m_output_tokens),
+            r.shard_id,
+            r.status,
+            str(r.rows),
+            str(r.error_rows),
+            str(r.prompt_tokens),
+            str(r.completion_tokens),
+            f"{r.gpu_s:.1f}",
+            f"{r.cost_usd:.4f}",
+            _num(r.usd_per_1m_tokens),
+            _num(r.usd_per_1m_output_tokens),
             _num(r.output_tokens_per_s, ".0f"),
         )
     Console(width=None if sys.stdout.isatty() else 200).print(table)
@@ -101,7 +133,12 @@ def manifest(output: str) -> None:
 @app.command("make-model")
 def make_model(
     out: Path,
-    shape: Annotated[str, typer.Option(help="tiny (real random weights), llama-7b, llama3-8b, llama3-70b (config only).")] = "tiny",
+    shape: Annotated[
+        str,
+        typer.Option(
+            help="tiny (real random weights), llama-7b, llama3-8b, llama3-70b (config only)."
+        ),
+    ] = "tiny",
 ) -> None:
     """Build a local model (tokenizer + config, weights for tiny) that needs no hub access."""
     from batchjobs.models import build_model
@@ -120,7 +157,9 @@ def _check_engine_installed(kind: str) -> None:
     from batchjobs.errors import EngineError
 
     if kind == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise EngineError("engine.kind 'vllm' needs vLLM: pip install 'batchjobs[cpu]' (CPU) or 'batchjobs[gpu]' (CUDA)")
+        raise EngineError(
+            "engine.kind 'vllm' needs vLLM: pip install 'batchjobs[cpu]' (CPU) or 'batchjobs[gpu]' (CUDA)"
+        )
 
 
 def _progress(line: str) -> None:

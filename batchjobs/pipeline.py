@@ -48,7 +48,9 @@ def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
     if fresh or spec.output.mode == "overwrite":
         out.wipe()
     elif spec.output.mode == "error" and not out.is_empty():
-        raise OutputError(f"output.path {spec.output.path!r} is not empty and output.mode is 'error'")
+        raise OutputError(
+            f"output.path {spec.output.path!r} is not empty and output.mode is 'error'"
+        )
     manifest = Manifest(out)
     fp = spec.fingerprint()
     other = manifest.fingerprints() - {fp}
@@ -64,7 +66,11 @@ def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
     skipped = [committed[s.shard_id] for s in shards if s.shard_id in committed]
     stale = set(committed) - {s.shard_id for s in shards}
     if stale:
-        log.warning("%d committed shard(s) in %s no longer match an input file", len(stale), spec.output.path)
+        log.warning(
+            "%d committed shard(s) in %s no longer match an input file",
+            len(stale),
+            spec.output.path,
+        )
     return Plan(spec, shards, todo, skipped, out, manifest, fp)
 
 
@@ -143,7 +149,12 @@ def _read_fn(batch: pa.Table, spec: dict, batch_rows: int):
     s = JobSpec.model_validate(spec)
     for row in batch.to_pylist():
         yield from read_shard(
-            Shard(**row), s.input.prompt_column, s.input.id_column, batch_rows, s.input.storage_options
+            Shard(**row),
+            s.input.prompt_column,
+            s.input.id_column,
+            batch_rows,
+            s.input.storage_options,
+            s.input.sampling_columns,
         )
 
 
@@ -160,8 +171,11 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
     env = {"VLLM_LOGGING_LEVEL": "ERROR", **spec.engine.env}
     ds = ray.data.from_items([s.to_dict() for s in plan.todo], override_num_blocks=len(plan.todo))
     ds = ds.map_batches(
-        _read_fn, fn_kwargs={"spec": raw, "batch_rows": max(res.batch_size, 256)},
-        batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+        _read_fn,
+        fn_kwargs={"spec": raw, "batch_rows": max(res.batch_size, 256)},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0.5,
     )
     ds = ds.map_batches(
         EngineActor,
@@ -219,8 +233,11 @@ class Tracker:
             rec = self.pending.get(sid)
             if rec is None:
                 rec = self.pending[sid] = ShardRecord(
-                    shard_id=sid, source=self.by_id[sid].url, fingerprint=self.plan.fingerprint,
-                    started_at=time.time(), **self.info,
+                    shard_id=sid,
+                    source=self.by_id[sid].url,
+                    fingerprint=self.plan.fingerprint,
+                    started_at=time.time(),
+                    **self.info,
                 )
                 self.files[sid] = []
                 self.expected[sid] = row["shard_rows"]
@@ -240,7 +257,9 @@ class Tracker:
             if rec.rows == self.expected[sid]:
                 self._commit(sid)
             elif rec.rows > self.expected[sid]:
-                raise OutputError(f"shard {sid}: {rec.rows} rows staged, but it has {self.expected[sid]}")
+                raise OutputError(
+                    f"shard {sid}: {rec.rows} rows staged, but it has {self.expected[sid]}"
+                )
         self._maybe_print()
 
     def _commit(self, sid: str) -> None:
@@ -259,14 +278,21 @@ class Tracker:
         for shard in self.plan.todo:
             if shard.shard_id not in seen and _count_rows(shard, self.plan.spec) == 0:
                 self.pending[shard.shard_id] = ShardRecord(
-                    shard_id=shard.shard_id, source=shard.url, fingerprint=self.plan.fingerprint,
-                    started_at=time.time(), **self.info,
+                    shard_id=shard.shard_id,
+                    source=shard.url,
+                    fingerprint=self.plan.fingerprint,
+                    started_at=time.time(),
+                    **self.info,
                 )
                 self.files[shard.shard_id] = []
                 self._commit(shard.shard_id)
-        missing = [s.shard_id for s in self.plan.todo if s.shard_id not in self.plan.manifest.committed()]
+        missing = [
+            s.shard_id for s in self.plan.todo if s.shard_id not in self.plan.manifest.committed()
+        ]
         if missing:
-            raise OutputError(f"{len(missing)} shard(s) did not receive all their rows: {', '.join(missing[:5])}")
+            raise OutputError(
+                f"{len(missing)} shard(s) did not receive all their rows: {', '.join(missing[:5])}"
+            )
         self._maybe_print(force=True)
 
     def _maybe_print(self, force: bool = False) -> None:
@@ -275,7 +301,9 @@ class Tracker:
             return
         elapsed = now - self.t0
         seen_bytes = sum(self.by_id[s].size for s in self.expected)
-        total_rows = sum(self.expected.values()) * self.total_bytes / seen_bytes if seen_bytes else 0
+        total_rows = (
+            sum(self.expected.values()) * self.total_bytes / seen_bytes if seen_bytes else 0
+        )
         frac = self.done_rows / total_rows if total_rows else 0.0
         eta = f"{elapsed * (1 - frac) / frac:.0f}s" if 0 < frac < 1 else "-"
         line = (
@@ -291,7 +319,9 @@ class Tracker:
 def _count_rows(shard: Shard, spec: JobSpec) -> int:
     return sum(
         t.num_rows
-        for t in read_shard(shard, spec.input.prompt_column, spec.input.id_column, 4096, spec.input.storage_options)
+        for t in read_shard(
+            shard, spec.input.prompt_column, spec.input.id_column, 4096, spec.input.storage_options
+        )
     )
 
 
@@ -306,8 +336,12 @@ def run(
     started = time.time()
     plan = plan_job(spec, fresh=fresh)
     summary = RunSummary(
-        name=spec.name, output=spec.output.path, fingerprint=plan.fingerprint,
-        shards=len(plan.shards), shards_skipped=len(plan.skipped), shards_run=len(plan.todo),
+        name=spec.name,
+        output=spec.output.path,
+        fingerprint=plan.fingerprint,
+        shards=len(plan.shards),
+        shards_skipped=len(plan.skipped),
+        shards_run=len(plan.todo),
     )
     if plan.todo:
         for shard in plan.todo:
@@ -320,10 +354,14 @@ def run(
         ctx.print_on_execution_start = False
         device = resolve_device(spec)
         check_resources(spec, device)
-        gpus = spec.gpus_per_replica() if device == "cuda" else 1  # a CPU replica is priced as one unit
+        gpus = (
+            spec.gpus_per_replica() if device == "cuda" else 1
+        )  # a CPU replica is priced as one unit
         tracker = Tracker(plan, gpus, progress)
         try:
-            for batch in build_dataset(plan, device, engine_factory).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for batch in build_dataset(plan, device, engine_factory).iter_batches(
+                batch_size=None, batch_format="pyarrow"
+            ):
                 tracker.add(batch)
         except Exception as exc:  # noqa: BLE001
             raise _translate(exc) from None
@@ -349,7 +387,9 @@ def run(
 
 def _append_run(out: OutputRoot, summary: RunSummary) -> None:
     previous = out.read(RUNS) or b""
-    out.write_atomic(RUNS, previous + (json.dumps(summary.to_dict(), sort_keys=True) + "\n").encode())
+    out.write_atomic(
+        RUNS, previous + (json.dumps(summary.to_dict(), sort_keys=True) + "\n").encode()
+    )
 
 
 def _translate(exc: BaseException) -> BatchJobError:

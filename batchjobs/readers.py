@@ -30,13 +30,14 @@ JSONL_EXT = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz"
 GLOB_CHARS = "*?["
 
 # Internal columns a read batch carries into the engine stage.
-SHARD_ID, ROW_INDEX, SHARD_ROWS, ROW_ID, PROMPT, INPUT_ERROR = (
+SHARD_ID, ROW_INDEX, SHARD_ROWS, ROW_ID, PROMPT, INPUT_ERROR, PARAMS = (
     "shard_id",
     "row_index",
     "shard_rows",
     "row_id",
     "prompt",
     "input_error",
+    "params",  # JSON object of per-row sampling overrides, or null
 )
 
 
@@ -84,7 +85,13 @@ def list_shards(path: str, fmt: str = "auto", storage_options: dict | None = Non
         kind = _format_of(f, fmt)
         if kind is None:
             raise InputError(f"{f}: cannot tell the format from the name; set input.format")
-        version = str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created") or "")
+        version = str(
+            info.get("ETag")
+            or info.get("mtime")
+            or info.get("LastModified")
+            or info.get("created")
+            or ""
+        )
         shards.append(
             Shard(
                 shard_id=shard_id_for(rel, info.get("size") or 0, version),
@@ -116,7 +123,9 @@ def _format_of(path: str, fmt: str) -> str | None:
     return None
 
 
-def preflight(shard: Shard, prompt_column: str, id_column: str | None, storage_options=None) -> None:
+def preflight(
+    shard: Shard, prompt_column: str, id_column: str | None, storage_options=None
+) -> None:
     """Check the first shard's columns before any engine starts (cheap: footer or first line)."""
     fs, path = filesystem(shard.url, storage_options)
     needed = [c for c in (prompt_column, id_column) if c]
@@ -162,34 +171,55 @@ def read_shard(
     id_column: str | None,
     batch_rows: int = 1024,
     storage_options: dict | None = None,
+    sampling_columns: dict[str, str] | None = None,
 ) -> Iterator[pa.Table]:
-    """Yield batches with shard_id, row_index, shard_rows, row_id, prompt, input_error."""
+    """Yield batches with shard_id, row_index, shard_rows, row_id, prompt, input_error, params."""
     fs, path = filesystem(shard.url, storage_options)
+    cols = sampling_columns or {}
     try:
         if shard.format == "parquet":
-            yield from _read_parquet(shard, fs, path, prompt_column, id_column, batch_rows)
+            yield from _read_parquet(shard, fs, path, prompt_column, id_column, batch_rows, cols)
         else:
-            yield from _read_jsonl(shard, fs, path, prompt_column, id_column, batch_rows)
+            yield from _read_jsonl(shard, fs, path, prompt_column, id_column, batch_rows, cols)
     except FileNotFoundError:
         raise InputError(f"{shard.url}: file vanished after planning") from None
 
 
-def _read_parquet(shard, fs, path, prompt_column, id_column, batch_rows):
+def _read_parquet(shard, fs, path, prompt_column, id_column, batch_rows, sampling_columns):
     try:
         pf = pq.ParquetFile(fs.open(path, "rb"))
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{shard.url}: not a readable Parquet file ({exc})") from None
     total = pf.metadata.num_rows
     columns = [c for c in (prompt_column, id_column) if c]
+    columns += [c for c in sampling_columns.values() if c not in columns]
     missing = [c for c in columns if c not in pf.schema_arrow.names]
     if missing:
-        raise InputError(f"{shard.url}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
+        raise InputError(
+            f"{shard.url}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})"
+        )
     start = 0
     try:
         for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
             prompts = batch.column(prompt_column).to_pylist()
             ids = batch.column(id_column).to_pylist() if id_column else None
-            yield _make_batch(shard, start, total, prompts, ids, [None] * len(prompts), prompt_column, id_column, "row")
+            values = {p: batch.column(c).to_pylist() for p, c in sampling_columns.items()}
+            params = [
+                {p: v[i] for p, v in values.items() if v[i] is not None}
+                for i in range(batch.num_rows)
+            ]
+            yield _make_batch(
+                shard,
+                start,
+                total,
+                prompts,
+                ids,
+                [None] * len(prompts),
+                prompt_column,
+                id_column,
+                "row",
+                params=params,
+            )
             start += batch.num_rows
     except InputError:
         raise
@@ -197,12 +227,14 @@ def _read_parquet(shard, fs, path, prompt_column, id_column, batch_rows):
         raise InputError(f"{shard.url}: corrupt Parquet data after row {start} ({exc})") from None
 
 
-def _read_jsonl(shard, fs, path, prompt_column, id_column, batch_rows):
+def _read_jsonl(shard, fs, path, prompt_column, id_column, batch_rows, sampling_columns):
     with fs.open(path, "rb", compression="infer") as fh:
-        raw_lines = [(n, line) for n, line in enumerate(fh.read().split(b"\n"), start=1) if line.strip()]
+        raw_lines = [
+            (n, line) for n, line in enumerate(fh.read().split(b"\n"), start=1) if line.strip()
+        ]
     total = len(raw_lines)
     for start in range(0, total, batch_rows) if total else ():
-        prompts, ids, errors, linenos = [], [], [], []
+        prompts, ids, errors, linenos, params = [], [], [], [], []
         for lineno, line in raw_lines[start : start + batch_rows]:
             linenos.append(lineno)
             obj, err = _parse_line(line, lineno, shard.url)
@@ -210,9 +242,22 @@ def _read_jsonl(shard, fs, path, prompt_column, id_column, batch_rows):
                 err = f"{shard.url} line {lineno}: no column {prompt_column!r}"
             prompts.append(obj.get(prompt_column) if err is None else None)
             ids.append(obj.get(id_column) if (id_column and err is None) else None)
+            params.append(
+                {p: obj[c] for p, c in sampling_columns.items() if obj.get(c) is not None}
+            )
             errors.append(err)
         yield _make_batch(
-            shard, start, total, prompts, ids if id_column else None, errors, prompt_column, id_column, "line", linenos
+            shard,
+            start,
+            total,
+            prompts,
+            ids if id_column else None,
+            errors,
+            prompt_column,
+            id_column,
+            "line",
+            linenos,
+            params=params,
         )
 
 
@@ -230,7 +275,19 @@ def _parse_line(line: bytes, lineno: int, url: str) -> tuple[dict, str | None]:
     return obj, None
 
 
-def _make_batch(shard, start, total, prompts, ids, errors, prompt_column, id_column, unit, linenos=None):
+def _make_batch(
+    shard,
+    start,
+    total,
+    prompts,
+    ids,
+    errors,
+    prompt_column,
+    id_column,
+    unit,
+    linenos=None,
+    params=None,
+):
     n = len(prompts)
     for i, p in enumerate(prompts):
         if errors[i] is not None:
@@ -258,6 +315,9 @@ def _make_batch(shard, start, total, prompts, ids, errors, prompt_column, id_col
             ROW_ID: row_ids,
             PROMPT: pa.array(prompts, pa.string()),
             INPUT_ERROR: pa.array(errors, pa.string()),
+            PARAMS: pa.array(
+                [json.dumps(p) if p else None for p in (params or [None] * n)], pa.string()
+            ),
         }
     )
 

@@ -14,7 +14,11 @@ GENERATE_COLUMNS: dict[str, pa.DataType] = {
     "error": pa.string(),
 }
 BOOKKEEPING_COLUMNS: dict[str, pa.DataType] = {"shard_id": pa.string(), "row_index": pa.int64()}
-RESERVED = frozenset(GENERATE_COLUMNS) | frozenset(BOOKKEEPING_COLUMNS) | {"shard_rows", "prompt", "input_error"}
+RESERVED = (
+    frozenset(GENERATE_COLUMNS)
+    | frozenset(BOOKKEEPING_COLUMNS)
+    | {"shard_rows", "prompt", "input_error"}
+)
 DEFAULT_ID_COLUMN = "row_id"
 
 

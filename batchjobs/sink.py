@@ -36,19 +36,25 @@ MANIFEST = "_manifest.jsonl"
 SUCCESS = "_SUCCESS"
 
 
-def write_staged(batch: pa.Table, root: str, storage_options: dict[str, Any], id_column: str | None) -> pa.Table:
+def write_staged(
+    batch: pa.Table, root: str, storage_options: dict[str, Any], id_column: str | None
+) -> pa.Table:
     """Ray Data UDF: write each shard's rows of a batch to one staged file; return summaries."""
     fs, path = filesystem(root, storage_options)
     schema = output_schema(id_column)
     summaries = [
-        _write_part(fs, path, shard_id, batch.filter(pc.equal(batch.column(SHARD_ID), shard_id)), schema)
+        _write_part(
+            fs, path, shard_id, batch.filter(pc.equal(batch.column(SHARD_ID), shard_id)), schema
+        )
         for shard_id in pc.unique(batch.column(SHARD_ID)).to_pylist()
     ]
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
 
 def _write_part(fs, root: str, shard_id: str, part: pa.Table, schema: pa.Schema) -> dict[str, Any]:
-    out = part.rename_columns([schema.field(0).name if c == ROW_ID else c for c in part.column_names])
+    out = part.rename_columns(
+        [schema.field(0).name if c == ROW_ID else c for c in part.column_names]
+    )
     out = out.select(schema.names).cast(schema).sort_by("row_index")
     name = f"{uuid.uuid4().hex}.parquet"
     path = posixpath.join(root, STAGING, shard_id, name)
@@ -57,7 +63,9 @@ def _write_part(fs, root: str, shard_id: str, part: pa.Table, schema: pa.Schema)
         with fs.open(path, "wb") as fh:
             pq.write_table(out, fh)
     except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
-        raise OutputError(f"cannot write {fs.unstrip_protocol(path)}: {type(exc).__name__}: {exc}") from None
+        raise OutputError(
+            f"cannot write {fs.unstrip_protocol(path)}: {type(exc).__name__}: {exc}"
+        ) from None
     replicas: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for rep, eng, startup in zip(
         part.column("_replica").to_pylist(),

@@ -32,9 +32,25 @@ class InputSpec(_Model):
     id_column: str | None = Field(
         default=None, description="Column that identifies a row; default: shard id + row index."
     )
+    sampling_columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per-row sampling overrides: sampling parameter -> input column, "
+        "e.g. {max_tokens: max_tokens}. A null value keeps the job's setting.",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (credentials stay out of logs)."
     )
+
+    @field_validator("sampling_columns")
+    @classmethod
+    def _known_params(cls, cols: dict[str, str]) -> dict[str, str]:
+        allowed = set(SamplingSpec.model_fields) - {"args"}
+        for param in cols:
+            if param not in allowed:
+                raise ValueError(
+                    f"{param!r} is not a sampling parameter (allowed: {', '.join(sorted(allowed))})"
+                )
+        return cols
 
 
 class OutputSpec(_Model):
@@ -49,7 +65,9 @@ class OutputSpec(_Model):
 
 class EngineSpec(_Model):
     kind: Literal["vllm"] = "vllm"
-    model: str = Field(description="Local model directory (or a hub name where a hub is reachable).")
+    model: str = Field(
+        description="Local model directory (or a hub name where a hub is reachable)."
+    )
     tokenizer: str | None = None
     device: Literal["auto", "cuda", "cpu"] = Field(
         default="auto", description="auto: cuda when the cluster has GPUs, else cpu."
@@ -90,15 +108,21 @@ class ResourcesSpec(_Model):
     )
     num_cpus_per_replica: float = Field(default=1.0, ge=0)
     max_restarts: int = Field(
-        default=8, ge=0, description="Times Ray may restart a dead engine actor (its batch is retried)."
+        default=8,
+        ge=0,
+        description="Times Ray may restart a dead engine actor (its batch is retried).",
     )
     rows_per_file: int = Field(default=10000, ge=1, description="Rows per staged output file.")
 
 
 class CostSpec(_Model):
-    usd_per_gpu_hour: float = Field(default=0.0, ge=0, description="Price of one GPU (or one CPU replica) per hour.")
+    usd_per_gpu_hour: float = Field(
+        default=0.0, ge=0, description="Price of one GPU (or one CPU replica) per hour."
+    )
     accelerator: str | None = Field(default=None, description="Key into `prices`, e.g. H100.")
-    prices: dict[str, float] = Field(default_factory=dict, description="$ per GPU-hour by accelerator type.")
+    prices: dict[str, float] = Field(
+        default_factory=dict, description="$ per GPU-hour by accelerator type."
+    )
 
     def price_per_gpu_hour(self) -> float:
         if self.accelerator and self.accelerator in self.prices:
@@ -122,7 +146,9 @@ class JobSpec(_Model):
         from batchjobs.records import RESERVED
 
         if inp.id_column in RESERVED:
-            raise ValueError(f"id_column {inp.id_column!r} clashes with an output column; rename it")
+            raise ValueError(
+                f"id_column {inp.id_column!r} clashes with an output column; rename it"
+            )
         return inp
 
     @field_validator("engine")
@@ -142,11 +168,16 @@ class JobSpec(_Model):
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes results: a different one must not mix outputs."""
-        engine = self.engine.model_dump(include={"kind", "model", "tokenizer", "dtype", "max_model_len", "trust_remote_code"})
-        engine["args"] = {k: v for k, v in self.engine.args.items() if k not in PERF_ONLY_ENGINE_ARGS}
+        engine = self.engine.model_dump(
+            include={"kind", "model", "tokenizer", "dtype", "max_model_len", "trust_remote_code"}
+        )
+        engine["args"] = {
+            k: v for k, v in self.engine.args.items() if k not in PERF_ONLY_ENGINE_ARGS
+        }
         payload = {
             "task": self.task,
             "prompt_column": self.input.prompt_column,
+            "sampling_columns": self.input.sampling_columns,
             "id_column": self.input.id_column,
             "engine": engine,
             "sampling": self.sampling.model_dump(),
@@ -225,7 +256,9 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> JobSpec:
         return JobSpec.model_validate(raw)
     except ValidationError as exc:
         lines = [_describe(err) for err in exc.errors()]
-        raise SpecError(f"{source} is not a valid job spec:\n" + "\n".join(f"  - {line}" for line in lines)) from None
+        raise SpecError(
+            f"{source} is not a valid job spec:\n" + "\n".join(f"  - {line}" for line in lines)
+        ) from None
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -20,6 +20,8 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 class Request:
     request_id: str
     prompt: str
+    # Per-row sampling overrides (names as in the spec's sampling section), or None.
+    params: dict[str, Any] | None = None
 
 
 @dataclass
@@ -34,7 +36,9 @@ class Result:
 
     @classmethod
     def failed(cls, error: str, latency_s: float = 0.0, prompt_tokens: int = 0) -> Result:
-        return cls(finish_reason="error", error=error, latency_s=latency_s, prompt_tokens=prompt_tokens)
+        return cls(
+            finish_reason="error", error=error, latency_s=latency_s, prompt_tokens=prompt_tokens
+        )
 
 
 class Engine(abc.ABC):

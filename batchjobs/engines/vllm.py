@@ -68,22 +68,32 @@ class VLLMEngine(Engine):
             EngineDeadError = RuntimeError  # noqa: N806
         self._dead_errors = (EngineDeadError,)
         self.version = vllm.__version__
-        self.params = SamplingParams(**sampling_kwargs(spec.sampling))
+        self._sampling_params = SamplingParams
+        self._base_kwargs = sampling_kwargs(spec.sampling)
+        self.params = SamplingParams(**self._base_kwargs)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(spec)))
         self._closed = False
 
     async def generate(self, request: Request) -> Result:
         t0 = time.perf_counter()
         final = None
+        params = self.params
+        if request.params:
+            try:
+                params = self._sampling_params(**{**self._base_kwargs, **request.params})
+            except Exception as exc:  # noqa: BLE001 - vLLM validates in the constructor
+                return Result.failed(f"invalid per-row sampling parameters {request.params}: {exc}")
         try:
-            async for out in self.engine.generate(request.prompt, self.params, request.request_id):
+            async for out in self.engine.generate(request.prompt, params, request.request_id):
                 final = out
         except self._dead_errors as exc:
             raise EngineDead(f"vLLM engine died: {exc}") from exc
         except Exception as exc:  # noqa: BLE001
             # vLLM rejects one request by raising from generate() (too long, empty, bad
             # params: ValueError or VLLMValidationError); that is a row error, not a job error.
-            return Result.failed(f"rejected by engine: {type(exc).__name__}: {exc}", time.perf_counter() - t0)
+            return Result.failed(
+                f"rejected by engine: {type(exc).__name__}: {exc}", time.perf_counter() - t0
+            )
         latency = time.perf_counter() - t0
         if final is None or not final.outputs:
             return Result.failed("engine returned no output", latency)

@@ -1,0 +1,474 @@
+"""Benchmark batchjobs against raw vLLM ``LLM.generate`` and Ray Data's LLM processor.
+
+Each mode runs in its own process, on the same prompts, in the same invocation, so the
+ratios printed at the end compare like with like on a noisy machine. Wall times are end
+to end (engine start included); start-up is also reported so it can be excluded.
+
+    python bench/bench.py run --model models/tiny-llama --workload longtail --n 2000 \
+        --modes raw,batchjobs --engine-args '{"enforce_eager": true}' --out bench/results/cpu.json
+
+Workloads (deterministic, seeded):
+  fixed      every prompt asks for --max-tokens tokens (ignore_eos)
+  longtail   output lengths 64/256/512/1536 with weights 50/30/15/5 (scaled by --tail-scale)
+  prefix     20 long shared prefixes x N/20 questions, shuffled
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "his",
+    "her",
+    "an",
+    "were",
+    "are",
+    "which",
+    "this",
+    "be",
+    "or",
+    "has",
+    "had",
+    "not",
+    "but",
+    "first",
+    "one",
+    "their",
+    "its",
+    "new",
+    "after",
+    "who",
+    "they",
+    "two",
+    "have",
+    "more",
+    "other",
+    "all",
+    "into",
+    "model",
+    "token",
+    "batch",
+    "engine",
+    "shard",
+    "score",
+    "review",
+    "price",
+    "order",
+    "city",
+    "river",
+    "music",
+    "science",
+    "data",
+    "question",
+    "answer",
+    "summary",
+    "document",
+    "night",
+    "job",
+    "cost",
+    "run",
+    "write",
+    "read",
+    "explain",
+    "list",
+    "number",
+    "story",
+]
+
+
+# ---------------------------------------------------------------- workloads
+def make_rows(
+    workload: str, n: int, prompt_words: int, max_tokens: int, tail_scale: float, seed: int = 0
+):
+    rng = random.Random(seed)
+    rows = []
+    if workload == "prefix":
+        prefixes = [" ".join(rng.choice(WORDS) for _ in range(prompt_words)) for _ in range(20)]
+        for i in range(n):
+            q = " ".join(rng.choice(WORDS) for _ in range(max(8, prompt_words // 10)))
+            rows.append(
+                {
+                    "id": f"r{i:06d}",
+                    "prompt": f"{prefixes[i % 20]}\nQuestion {i}: {q}?",
+                    "max_tokens": max_tokens,
+                }
+            )
+        rng.shuffle(rows)
+        return rows
+    lengths = [64, 256, 512, 1536]
+    for i in range(n):
+        mt = (
+            max_tokens
+            if workload == "fixed"
+            else max(1, int(rng.choices(lengths, weights=[50, 30, 15, 5])[0] * tail_scale))
+        )
+        prompt = f"Request {i}. " + " ".join(rng.choice(WORDS) for _ in range(prompt_words))
+        rows.append({"id": f"r{i:06d}", "prompt": prompt, "max_tokens": mt})
+    return rows
+
+
+def write_shards(rows, out: Path, shards: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True, exist_ok=True)
+    per = -(-len(rows) // shards)
+    for k in range(shards):
+        part = rows[k * per : (k + 1) * per]
+        if part:
+            pq.write_table(pa.Table.from_pylist(part), out / f"part-{k:04d}.parquet")
+
+
+def read_rows(data: Path):
+    import pyarrow.parquet as pq
+
+    rows = []
+    for f in sorted(data.glob("*.parquet")):
+        rows += pq.read_table(f).to_pylist()
+    return rows
+
+
+# ---------------------------------------------------------------- modes (child processes)
+def engine_kwargs(a) -> dict:
+    kw = {"model": a.model, "max_model_len": a.max_model_len, **json.loads(a.engine_args)}
+    if a.load_format:
+        kw["load_format"] = a.load_format
+    return kw
+
+
+def mode_raw(a) -> dict:
+    from vllm import LLM, SamplingParams
+
+    rows = read_rows(Path(a.data))
+    t0 = time.time()
+    llm = LLM(**engine_kwargs(a))
+    t_ready = time.time()
+    params = [
+        SamplingParams(max_tokens=r["max_tokens"], temperature=0.0, ignore_eos=True) for r in rows
+    ]
+    outs = llm.generate([r["prompt"] for r in rows], params, use_tqdm=False)
+    t_end = time.time()
+    return {
+        "rows": len(outs),
+        "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
+        "completion_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+        "startup_s": t_ready - t0,
+        "wall_s": t_end - t0,
+    }
+
+
+def mode_batchjobs(a) -> dict:
+    """batchjobs in this process (its driver RSS is what the monitor sees), as `batchjobs run` does."""
+    import yaml
+
+    from batchjobs.pipeline import run
+    from batchjobs.spec import load_spec
+
+    args = json.loads(a.engine_args)
+    if a.load_format:
+        args["load_format"] = a.load_format
+    spec = {
+        "name": "bench",
+        "input": {"path": str(Path(a.data)), "id_column": "id", "sampling_columns": {"max_tokens": "max_tokens"}},
+        "output": {"path": str(Path(a.workdir) / "batchjobs-out"), "mode": "overwrite"},
+        "engine": {"model": a.model, "max_model_len": a.max_model_len, "args": args, **json.loads(a.spec_engine)},
+        "sampling": {"max_tokens": a.max_tokens, "temperature": 0.0, "ignore_eos": True},
+        "resources": json.loads(a.resources),
+    }
+    path = Path(a.workdir) / "bench-spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    t0 = time.time()
+    s = run(load_spec(path), progress=lambda line: print(line, file=sys.stderr, flush=True))
+    wall = time.time() - t0
+    return {
+        "rows": s.rows,
+        "error_rows": s.error_rows,
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.completion_tokens,
+        "startup_s": max((r["startup_s"] for r in s.replicas.values()), default=0.0),
+        "wall_s": wall,
+        "cost_usd": s.cost_usd,
+    }
+
+
+def mode_raydata(a) -> dict:
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    t0 = time.time()
+    if a.raydata_cpu:
+        ray.init(num_cpus=8, num_gpus=1)  # logical GPU: lets the processor schedule on CPU
+    else:
+        ray.init()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    kw = engine_kwargs(a)
+    model = kw.pop("model")
+    config = vLLMEngineProcessorConfig(
+        model_source=model,
+        engine_kwargs=kw,
+        batch_size=a.raydata_batch_size,
+        concurrency=1,
+        chat_template_stage=False,
+        tokenize_stage=False,
+        detokenize_stage=False,
+    )
+    processor = build_processor(
+        config,
+        preprocess=lambda row: dict(
+            prompt=row["prompt"],
+            sampling_params=dict(
+                max_tokens=int(row["max_tokens"]), temperature=0.0, ignore_eos=True
+            ),
+        ),
+        postprocess=lambda row: dict(
+            id=row["id"],
+            text=row["generated_text"],
+            num_input_tokens=row["num_input_tokens"],
+            num_generated_tokens=row["num_generated_tokens"],
+        ),
+    )
+    ds = processor(ray.data.read_parquet(a.data))
+    out = Path(a.workdir) / "raydata-out"
+    ds.write_parquet(str(out))
+    wall = time.time() - t0
+    import pyarrow.dataset as pds
+
+    t = pds.dataset(str(out), format="parquet").to_table()
+    return {
+        "rows": t.num_rows,
+        "prompt_tokens": int(sum(t.column("num_input_tokens").to_pylist())),
+        "completion_tokens": int(sum(t.column("num_generated_tokens").to_pylist())),
+        "startup_s": None,
+        "wall_s": wall,
+    }
+
+
+MODES = {"raw": mode_raw, "batchjobs": mode_batchjobs, "raydata": mode_raydata}
+
+
+# ---------------------------------------------------------------- monitoring
+class Monitor:
+    """Samples GPU busy fraction and memory (NVML), and the child's process-tree RSS."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.samples = 0
+        self.busy = 0
+        self.peak_gpu_mem = 0
+        self.peak_driver_rss = 0
+        self.stop = threading.Event()
+        self.nvml = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handles = [
+                pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())
+            ]
+        except Exception:  # noqa: BLE001 - no GPU here
+            self.nvml = None
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        import psutil
+
+        proc = psutil.Process(self.pid)
+        while not self.stop.wait(0.2):
+            with contextlib.suppress(psutil.Error):
+                self.peak_driver_rss = max(self.peak_driver_rss, proc.memory_info().rss)
+            if self.nvml:
+                utils = [self.nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles]
+                mem = sum(self.nvml.nvmlDeviceGetMemoryInfo(h).used for h in self.handles)
+                self.samples += 1
+                self.busy += sum(u > 0 for u in utils) / len(utils)
+                self.peak_gpu_mem = max(self.peak_gpu_mem, mem)
+
+    def result(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        return {
+            "gpu_busy_frac": self.busy / self.samples if self.samples else None,
+            "peak_gpu_mem_gib": self.peak_gpu_mem / 2**30 if self.nvml else None,
+            "driver_peak_rss_mib": self.peak_driver_rss / 2**20,
+        }
+
+
+# ---------------------------------------------------------------- orchestration
+def run_all(a) -> None:
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / f"data-{a.workload}-{a.n}"
+    if not data.exists():
+        write_shards(
+            make_rows(a.workload, a.n, a.prompt_words, a.max_tokens, a.tail_scale), data, a.shards
+        )
+    results = (
+        json.loads(Path(a.out).read_text()) if a.out and Path(a.out).exists() and a.append else []
+    )
+    for mode in a.modes.split(","):
+        res_file = work / f"result-{mode}.json"
+        res_file.unlink(missing_ok=True)
+        argv = [
+            sys.executable,
+            __file__,
+            "child",
+            mode,
+            "--data",
+            str(data),
+            "--result",
+            str(res_file),
+        ] + a.child_args
+        t0 = time.time()
+        proc = subprocess.Popen(argv, cwd=REPO)
+        mon = Monitor(proc.pid)
+        rc = proc.wait()
+        extra = mon.result()
+        row = {
+            "mode": mode,
+            "workload": a.workload,
+            "n": a.n,
+            "rc": rc,
+            "elapsed_s": time.time() - t0,
+            **extra,
+        }
+        if rc == 0 and res_file.exists():
+            row.update(json.loads(res_file.read_text()))
+        results.append(row)
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+
+
+def print_table(results) -> None:
+    base = {}
+    for r in results:
+        if r["mode"] == "raw" and r.get("wall_s"):
+            base[(r["workload"], r["n"])] = r
+    hdr = f"{'mode':10} {'workload':9} {'rows':>6} {'wall s':>8} {'start s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'vs raw':>7} {'vs raw ex-start':>15} {'gpu busy':>8} {'gpu GiB':>8} {'drv MiB':>8}"
+    print(hdr)
+    for r in results:
+        if not r.get("wall_s"):
+            print(f"{r['mode']:10} {r['workload']:9} FAILED rc={r['rc']}")
+            continue
+        b = base.get((r["workload"], r["n"]))
+        out_tps = r["completion_tokens"] / r["wall_s"]
+        tot_tps = (r["completion_tokens"] + r["prompt_tokens"]) / r["wall_s"]
+        ratio = b["wall_s"] / r["wall_s"] if b else None
+        ex = None
+        if b and r.get("startup_s") is not None and b.get("startup_s") is not None:
+            ex = (b["wall_s"] - b["startup_s"]) / (r["wall_s"] - r["startup_s"])
+        r.update(
+            out_tok_s=out_tps, tot_tok_s=tot_tps, ratio_vs_raw=ratio, ratio_vs_raw_ex_startup=ex
+        )
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        print(
+            f"{r['mode']:10} {r['workload']:9} {r['rows']:>6} {r['wall_s']:>8.1f} {f(r.get('startup_s'), '8.1f')} "
+            f"{out_tps:>10.0f} {tot_tps:>10.0f} {f(ratio, '7.3f')} {f(ex, '15.3f')} {f(r.get('gpu_busy_frac'), '8.2f')} "
+            f"{f(r.get('peak_gpu_mem_gib'), '8.1f')} {f(r.get('driver_peak_rss_mib'), '8.0f')}"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp):
+        sp.add_argument("--model", required=True)
+        sp.add_argument("--max-model-len", type=int, default=2048)
+        sp.add_argument("--max-tokens", type=int, default=256)
+        sp.add_argument("--load-format", default=None)
+        sp.add_argument(
+            "--engine-args", default="{}", help="JSON: extra vLLM engine args for every mode"
+        )
+        sp.add_argument(
+            "--spec-engine", default="{}", help="JSON: extra batchjobs engine keys (env, ...)"
+        )
+        sp.add_argument(
+            "--resources", default='{"replicas": 1, "batch_size": 32, "max_inflight_batches": 32}'
+        )
+        sp.add_argument("--raydata-batch-size", type=int, default=64)
+        sp.add_argument("--raydata-cpu", action="store_true")
+        sp.add_argument("--workdir", default=str(REPO / "bench" / "results" / "work"))
+
+    r = sub.add_parser("run")
+    common(r)
+    r.add_argument("--workload", choices=["fixed", "longtail", "prefix"], default="longtail")
+    r.add_argument("--n", type=int, default=2000)
+    r.add_argument("--shards", type=int, default=8)
+    r.add_argument("--prompt-words", type=int, default=500)
+    r.add_argument("--tail-scale", type=float, default=1.0)
+    r.add_argument("--modes", default="raw,batchjobs")
+    r.add_argument("--out", default=None)
+    r.add_argument("--append", action="store_true")
+
+    c = sub.add_parser("child")
+    c.add_argument("mode", choices=sorted(MODES))
+    common(c)
+    c.add_argument("--data", required=True)
+    c.add_argument("--result", required=True)
+
+    a, rest = p.parse_known_args()
+    if a.cmd == "child":
+        res = MODES[a.mode](a)
+        Path(a.result).write_text(json.dumps(res))
+        return
+    # forward the common options to each child
+    a.child_args = (
+        [
+            "--model",
+            a.model,
+            "--max-model-len",
+            str(a.max_model_len),
+            "--max-tokens",
+            str(a.max_tokens),
+            "--engine-args",
+            a.engine_args,
+            "--spec-engine",
+            a.spec_engine,
+            "--resources",
+            a.resources,
+            "--raydata-batch-size",
+            str(a.raydata_batch_size),
+            "--workdir",
+            a.workdir,
+        ]
+        + (["--load-format", a.load_format] if a.load_format else [])
+        + (["--raydata-cpu"] if a.raydata_cpu else [])
+    )
+    run_all(a)
+
+
+if __name__ == "__main__":
+    main()
