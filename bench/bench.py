@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
 import subprocess
 import sys
@@ -195,9 +194,18 @@ def mode_batchjobs(a) -> dict:
         args["load_format"] = a.load_format
     spec = {
         "name": "bench",
-        "input": {"path": str(Path(a.data)), "id_column": "id", "sampling_columns": {"max_tokens": "max_tokens"}},
+        "input": {
+            "path": str(Path(a.data)),
+            "id_column": "id",
+            "sampling_columns": {"max_tokens": "max_tokens"},
+        },
         "output": {"path": str(Path(a.workdir) / "batchjobs-out"), "mode": "overwrite"},
-        "engine": {"model": a.model, "max_model_len": a.max_model_len, "args": args, **json.loads(a.spec_engine)},
+        "engine": {
+            "model": a.model,
+            "max_model_len": a.max_model_len,
+            "args": args,
+            **json.loads(a.spec_engine),
+        },
         "sampling": {"max_tokens": a.max_tokens, "temperature": 0.0, "ignore_eos": True},
         "resources": json.loads(a.resources),
     }
