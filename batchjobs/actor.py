@@ -124,6 +124,7 @@ class EngineActor:
                 "_engine_s": pa.array(share, pa.float64()),
                 "_replica": pa.array([self.replica] * n, pa.string()),
                 "_replica_startup_s": pa.array([self.startup_s] * n, pa.float64()),
+                "_replica_ready_at": pa.array([self.ready] * n, pa.float64()),
             }
         )
 

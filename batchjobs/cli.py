@@ -33,16 +33,13 @@ def _fail(exc: BatchJobError) -> None:
 @app.command()
 def validate(spec: Path, set_: SetOpt = None) -> None:
     """Check a job spec and its inputs (files, columns) without starting an engine."""
-    from batchjobs.pipeline import list_shards, preflight
+    from batchjobs.pipeline import list_shards, preflight_shards
     from batchjobs.spec import load_spec
 
     try:
         job = load_spec(spec, set_)
         shards = list_shards(job.input.path, job.input.format, job.input.storage_options)
-        for shard in shards:
-            preflight(
-                shard, job.input.prompt_column, job.input.id_column, job.input.storage_options
-            )
+        preflight_shards(job, shards)
         _check_engine_installed(job.engine.kind)
     except BatchJobError as exc:
         _fail(exc)
@@ -60,7 +57,7 @@ def run(
     ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
     summary_json: Annotated[
-        Optional[Path], typer.Option(help="Also write the summary here as JSON.")
+        Path | None, typer.Option(help="Also write the summary here as JSON.")
     ] = None,  # noqa: UP045
 ) -> None:
     """Run a job: read shards, generate with the engine, write Parquet and the manifest."""

@@ -67,12 +67,17 @@ def list_shards(path: str, fmt: str = "auto", storage_options: dict | None = Non
         files = [p for p in fs.glob(root) if fs.isfile(p)]
     elif fs.isdir(root):
         base = root.rstrip("/")
-        files = [p for p in fs.find(root) if _format_of(p, "auto")]
+        files = [p for p in fs.find(root) if _format_of(p, fmt)]
     elif fs.exists(root):
         base, files = posixpath.dirname(root), [root]
     else:
         raise InputError(f"input.path {path!r} does not exist")
-    files = [f for f in files if not posixpath.basename(f).startswith((".", "_"))]
+    # Hidden and underscore names (".cache/", "_staging/", "_SUCCESS") are never input.
+    files = [
+        f
+        for f in files
+        if not any(part.startswith((".", "_")) for part in _rel(f, base).split("/"))
+    ]
     if not files:
         raise InputError(
             f"input.path {path!r} matched no input files "
@@ -81,7 +86,7 @@ def list_shards(path: str, fmt: str = "auto", storage_options: dict | None = Non
     shards = []
     for f in sorted(files):
         info = fs.info(f)
-        rel = posixpath.relpath(f, base) if base else f
+        rel = _rel(f, base)
         kind = _format_of(f, fmt)
         if kind is None:
             raise InputError(f"{f}: cannot tell the format from the name; set input.format")
@@ -105,6 +110,10 @@ def list_shards(path: str, fmt: str = "auto", storage_options: dict | None = Non
     return shards
 
 
+def _rel(path: str, base: str) -> str:
+    return posixpath.relpath(path, base) if base else path
+
+
 def shard_id_for(rel: str, size: int, version: str) -> str:
     """A file-name-safe id: readable stem of the relative path + hash of path, size, version."""
     digest = hashlib.sha256(f"{rel}\0{size}\0{version}".encode()).hexdigest()[:10]
@@ -124,7 +133,11 @@ def _format_of(path: str, fmt: str) -> str | None:
 
 
 def preflight(
-    shard: Shard, prompt_column: str, id_column: str | None, storage_options=None
+    shard: Shard,
+    prompt_column: str,
+    id_column: str | None,
+    storage_options=None,
+    sampling_columns: dict[str, str] | None = None,
 ) -> None:
     """Check the first shard's columns before any engine starts (cheap: footer or first line)."""
     fs, path = filesystem(shard.url, storage_options)
@@ -139,6 +152,12 @@ def preflight(
                 raise InputError(
                     f"{shard.url}: no column {col!r} (columns: {', '.join(schema.names)}); "
                     f"set input.{'prompt_column' if col == prompt_column else 'id_column'}"
+                )
+        for param, col in (sampling_columns or {}).items():
+            if col not in schema.names:
+                raise InputError(
+                    f"{shard.url}: no column {col!r} for per-row {param} "
+                    f"(columns: {', '.join(schema.names)}); fix input.sampling_columns"
                 )
         ptype = schema.field(prompt_column).type
         if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype)):
@@ -263,7 +282,7 @@ def _read_jsonl(shard, fs, path, prompt_column, id_column, batch_rows, sampling_
 
 def _parse_line(line: bytes, lineno: int, url: str) -> tuple[dict, str | None]:
     try:
-        text = line.decode("utf-8")
+        text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as exc:
         return {}, f"{url} line {lineno}: not UTF-8 (byte {exc.start})"
     try:

@@ -66,14 +66,15 @@ def _write_part(fs, root: str, shard_id: str, part: pa.Table, schema: pa.Schema)
         raise OutputError(
             f"cannot write {fs.unstrip_protocol(path)}: {type(exc).__name__}: {exc}"
         ) from None
-    replicas: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for rep, eng, startup in zip(
+    replicas: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    for rep, eng, startup, ready_at in zip(
         part.column("_replica").to_pylist(),
         part.column("_engine_s").to_pylist(),
         part.column("_replica_startup_s").to_pylist(),
+        part.column("_replica_ready_at").to_pylist(),
     ):
         replicas[rep][0] += eng
-        replicas[rep][1] = startup
+        replicas[rep][1:] = [startup, ready_at]
     return {
         "shard_id": shard_id,
         "shard_rows": part.column(SHARD_ROWS)[0].as_py(),

@@ -186,10 +186,11 @@ class JobSpec(_Model):
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def redacted(self) -> dict[str, Any]:
-        """The spec as a dict with storage options (credentials) hidden, for logs and manifests."""
+        """The spec as a dict with storage options and engine env (credentials) hidden."""
         data = self.model_dump()
         for section in ("input", "output"):
             data[section]["storage_options"] = {k: "***" for k in data[section]["storage_options"]}
+        data["engine"]["env"] = {k: "***" for k in data["engine"]["env"]}
         return data
 
 

@@ -1,0 +1,372 @@
+"""Staged writes, per-shard commit, atomic small files, the manifest and cost arithmetic."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchjobs.cost import per_million, usd
+from batchjobs.errors import OutputError
+from batchjobs.manifest import COMMITTED, Manifest, ShardRecord
+from batchjobs.records import output_schema
+from batchjobs.sink import MANIFEST, STAGING, SUCCESS, SUMMARY_SCHEMA, OutputRoot, write_staged
+
+
+def _two_shard_batch(engine_output) -> pa.Table:
+    """Rows of shards s-a (3 of 4 rows, one error) and s-b (2 of 2 rows), out of order."""
+    return engine_output(
+        [
+            {
+                "shard_id": "s-a",
+                "row_index": 2,
+                "shard_rows": 4,
+                "prompt_tokens": 7,
+                "_engine_s": 0.25,
+            },
+            {"shard_id": "s-b", "row_index": 1, "shard_rows": 2, "completion_tokens": 9},
+            {"shard_id": "s-a", "row_index": 0, "shard_rows": 4, "error": "prompt too long"},
+            {"shard_id": "s-b", "row_index": 0, "shard_rows": 2, "_replica": "rep-b"},
+            {"shard_id": "s-a", "row_index": 1, "shard_rows": 4, "_engine_s": 1.0},
+        ]
+    )
+
+
+def _read_parquet_at(fs, path: str) -> pa.Table:
+    with fs.open(path, "rb") as fh:
+        return pq.read_table(io.BytesIO(fh.read()))
+
+
+def _staged(root: Path) -> dict[str, list[str]]:
+    staging = root / STAGING
+    if not staging.exists():
+        return {}
+    return {d.name: sorted(os.listdir(d)) for d in staging.iterdir()}
+
+
+# --------------------------------------------------------------------------- write_staged
+
+
+def test_write_staged_summaries(tmp_path, engine_output):
+    root = tmp_path / "out"
+    summary = write_staged(_two_shard_batch(engine_output), str(root), {}, None)
+    assert summary.schema == SUMMARY_SCHEMA
+    by_shard = {r["shard_id"]: r for r in summary.to_pylist()}
+    assert set(by_shard) == {"s-a", "s-b"}
+
+    a, b = by_shard["s-a"], by_shard["s-b"]
+    assert (a["shard_rows"], a["rows"], a["error_rows"]) == (4, 3, 1)
+    assert (b["shard_rows"], b["rows"], b["error_rows"]) == (2, 2, 0)
+    assert a["prompt_tokens"] == 7 + 10 + 10
+    assert a["completion_tokens"] == 5 * 3
+    assert b["prompt_tokens"] == 20
+    assert b["completion_tokens"] == 9 + 5
+    assert a["engine_s"] == pytest.approx(0.25 + 0.5 + 1.0)
+    assert b["engine_s"] == pytest.approx(1.0)
+    # per replica: [engine seconds, start-up seconds, ready-at time] (what Tracker.add unpacks)
+    assert json.loads(a["replicas"]) == {"rep-a": [pytest.approx(1.75), 3.0, 1000.0]}
+    assert json.loads(b["replicas"]) == {"rep-a": [0.5, 3.0, 1000.0], "rep-b": [0.5, 3.0, 1000.0]}
+
+    # one staged file per shard, named as the summary says
+    assert _staged(root) == {"s-a": [a["file"]], "s-b": [b["file"]]}
+    assert a["file"].endswith(".parquet") and a["file"] != b["file"]
+
+
+def test_staged_file_has_output_schema_sorted_by_row_index(tmp_path, engine_output):
+    root = tmp_path / "out"
+    summary = write_staged(_two_shard_batch(engine_output), str(root), {}, None)
+    a = next(r for r in summary.to_pylist() if r["shard_id"] == "s-a")
+    table = pq.read_table(root / STAGING / "s-a" / a["file"])
+    assert table.schema.remove_metadata().equals(output_schema(None))
+    assert table.column_names == [
+        "row_id",
+        "shard_id",
+        "row_index",
+        "text",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "latency_s",
+        "error",
+    ]
+    assert table.column("row_index").to_pylist() == [0, 1, 2]
+    assert table.column("row_id").to_pylist() == ["s-a:0", "s-a:1", "s-a:2"]
+    assert table.column("error").to_pylist() == ["prompt too long", None, None]
+    assert set(table.column("shard_id").to_pylist()) == {"s-a"}
+
+
+def test_staged_file_uses_id_column_name(tmp_path, engine_output):
+    root = tmp_path / "out"
+    batch = engine_output(
+        [
+            {"shard_id": "s", "row_index": 1, "shard_rows": 2, "row_id": "u-1"},
+            {"shard_id": "s", "row_index": 0, "shard_rows": 2, "row_id": "u-0"},
+        ]
+    )
+    (row,) = write_staged(batch, str(root), {}, "uid").to_pylist()
+    table = pq.read_table(root / STAGING / "s" / row["file"])
+    assert table.schema.remove_metadata().equals(output_schema("uid"))
+    assert table.column_names[0] == "uid"
+    assert "row_id" not in table.column_names
+    assert table.column("uid").to_pylist() == ["u-0", "u-1"]
+
+
+def test_write_staged_on_memory(memfs, engine_output):
+    summary = write_staged(_two_shard_batch(engine_output), "memory://out", {}, None)
+    for row in summary.to_pylist():
+        path = f"/out/{STAGING}/{row['shard_id']}/{row['file']}"
+        assert memfs.exists(path)
+        table = _read_parquet_at(memfs, path)
+        assert table.num_rows == row["rows"]
+        assert table.schema.remove_metadata().equals(output_schema(None))
+
+
+def test_write_staged_failure_is_an_output_error(tmp_path, engine_output):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the output root should be")
+    with pytest.raises(OutputError) as info:
+        write_staged(_two_shard_batch(engine_output), str(blocker), {}, None)
+    msg = str(info.value)
+    assert msg.startswith("cannot write ")
+    assert f"{blocker}/{STAGING}/" in msg
+
+
+# --------------------------------------------------------------------------- commit
+
+
+def test_commit_moves_reported_files_and_drops_strays(tmp_path, engine_output):
+    root = tmp_path / "out"
+    out = OutputRoot(str(root))
+    assert out.local
+    batch = engine_output([{"shard_id": "s", "row_index": i, "shard_rows": 4} for i in range(2)])
+    batch2 = engine_output([{"shard_id": "s", "row_index": i, "shard_rows": 4} for i in (2, 3)])
+    f1 = write_staged(batch, str(root), {}, None).column("file")[0].as_py()
+    f2 = write_staged(batch2, str(root), {}, None).column("file")[0].as_py()
+    # a retried write task that died after writing: its file is staged but never reported
+    stray = write_staged(batch2, str(root), {}, None).column("file")[0].as_py()
+    assert len(_staged(root)["s"]) == 3
+
+    final = out.commit("s", [f2, f1])
+    assert final == [str(root / "s" / name) for name in sorted([f1, f2])]
+    committed = sorted(p for p in os.listdir(root / "s") if p.endswith(".parquet"))
+    assert committed == sorted([f1, f2])
+    assert stray not in os.listdir(root / "s")
+    assert not (root / STAGING / "s").exists()
+    rows = pq.read_table(root / "s").column("row_index").to_pylist()
+    assert sorted(rows) == [0, 1, 2, 3]  # no duplicated rows from the stray file
+
+    out.remove_empty_staging()
+    assert not (root / STAGING).exists()
+
+
+def test_commit_replaces_an_earlier_partial_commit(tmp_path, engine_output):
+    root = tmp_path / "out"
+    out = OutputRoot(str(root))
+    (root / "s").mkdir(parents=True)
+    (root / "s" / "old.parquet").write_bytes(b"stale")
+    batch = engine_output([{"shard_id": "s", "row_index": 0, "shard_rows": 1}])
+    name = write_staged(batch, str(root), {}, None).column("file")[0].as_py()
+    out.commit("s", [name])
+    assert "old.parquet" not in os.listdir(root / "s")
+    assert name in os.listdir(root / "s")
+
+
+def test_commit_without_files_creates_success_marker(tmp_path):
+    root = tmp_path / "out"
+    out = OutputRoot(str(root))
+    assert out.commit("empty-shard", []) == []
+    assert (root / "empty-shard").is_dir()
+    assert os.listdir(root / "empty-shard") == [SUCCESS]
+
+
+def test_commit_on_memory_writes_success(memfs, engine_output):
+    out = OutputRoot("memory://out")
+    assert not out.local
+    batch = engine_output([{"shard_id": "s", "row_index": i, "shard_rows": 2} for i in range(2)])
+    name = write_staged(batch, "memory://out", {}, None).column("file")[0].as_py()
+    stray = write_staged(batch, "memory://out", {}, None).column("file")[0].as_py()
+
+    final = out.commit("s", [name])
+    assert final == [f"/out/s/{name}"]
+    assert memfs.exists(f"/out/s/{name}")
+    assert memfs.exists(f"/out/s/{SUCCESS}")
+    assert not memfs.exists(f"/out/s/{stray}")
+    assert not memfs.exists(f"/out/{STAGING}/s/{name}")
+    assert not memfs.exists(f"/out/{STAGING}/s/{stray}")
+    assert _read_parquet_at(memfs, f"/out/s/{name}").num_rows == 2
+
+
+def test_commit_without_files_on_memory(memfs):
+    out = OutputRoot("memory://out")
+    out.commit("e", [])
+    assert memfs.exists(f"/out/e/{SUCCESS}")
+
+
+def test_clear_shard_removes_staged_and_committed_output(tmp_path, engine_output):
+    root = tmp_path / "out"
+    out = OutputRoot(str(root))
+    (root / "s").mkdir(parents=True)
+    (root / "s" / "old.parquet").write_bytes(b"x")
+    write_staged(
+        engine_output([{"shard_id": "s", "row_index": 0, "shard_rows": 1}]), str(root), {}, None
+    )
+    out.clear_shard("s")
+    assert not (root / "s").exists()
+    assert not (root / STAGING / "s").exists()
+
+
+def test_write_atomic_replaces_content(tmp_path):
+    root = tmp_path / "out"
+    out = OutputRoot(str(root))
+    out.write_atomic("state.json", b"first")
+    out.write_atomic("state.json", b"second, longer")
+    assert (root / "state.json").read_bytes() == b"second, longer"
+    assert out.read("state.json") == b"second, longer"
+    assert os.listdir(root) == ["state.json"]  # no temporary file left behind
+    assert out.read("absent.json") is None
+
+
+def test_write_atomic_on_memory(memfs):
+    out = OutputRoot("memory://out")
+    out.write_atomic("state.json", b"first")
+    out.write_atomic("state.json", b"second")
+    assert memfs.cat("/out/state.json") == b"second"
+    assert out.read("state.json") == b"second"
+
+
+def test_is_empty_and_wipe(tmp_path):
+    out = OutputRoot(str(tmp_path / "out"))
+    assert out.is_empty()
+    out.write_atomic("x", b"1")
+    assert not out.is_empty()
+    out.wipe()
+    assert out.is_empty()
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _record(sid: str, **kw) -> ShardRecord:
+    rec = ShardRecord(
+        shard_id=sid,
+        source=f"file:///in/{sid}.jsonl",
+        status=COMMITTED,
+        rows=10,
+        error_rows=1,
+        prompt_tokens=100,
+        completion_tokens=50,
+        engine_s=2.5,
+        files=[f"/out/{sid}/part.parquet"],
+        engine="vllm",
+        model="/models/m",
+        fingerprint="abcdef0123456789",
+        started_at=1.5,
+        committed_at=2.25,
+    )
+    for k, v in kw.items():
+        setattr(rec, k, v)
+    rec.finalise(2, 3.0)
+    return rec
+
+
+def test_manifest_round_trip(tmp_path):
+    out = OutputRoot(str(tmp_path / "out"))
+    m = Manifest(out)
+    assert m.records == {}
+    m.records["s1"] = _record("s1")
+    m.records["s2"] = _record(
+        "s2",
+        status="pending",
+        fingerprint="other",
+        engine_s=0.0,
+        prompt_tokens=0,
+        completion_tokens=0,
+    )
+    m.save()
+    assert (tmp_path / "out" / MANIFEST).exists()
+
+    loaded = Manifest(OutputRoot(str(tmp_path / "out")))
+    assert loaded.records == m.records
+    assert loaded.records["s2"].usd_per_1m_tokens is None  # None survives the round trip
+    assert loaded.records["s1"].usd_per_1m_tokens == pytest.approx(
+        m.records["s1"].usd_per_1m_tokens
+    )
+    assert set(loaded.committed()) == {"s1"}
+    assert loaded.fingerprints() == {"abcdef0123456789"}
+    assert [r["shard_id"] for r in loaded.as_rows()] == ["s1", "s2"]
+
+
+def test_manifest_lines_are_json_records(tmp_path):
+    out = OutputRoot(str(tmp_path / "out"))
+    m = Manifest(out)
+    m.records["s1"] = _record("s1")
+    m.save()
+    lines = (tmp_path / "out" / MANIFEST).read_text().splitlines()
+    assert len(lines) == 1
+    assert json.loads(lines[0])["shard_id"] == "s1"
+    assert json.loads(lines[0])["status"] == COMMITTED
+
+
+@pytest.mark.parametrize(
+    "bad_line",
+    ["{not json}", '["a", "list"]', '{"shard_id": "x", "source": "y", "unknown_field": 1}'],
+)
+def test_corrupt_manifest_line_names_the_line(tmp_path, bad_line):
+    root = tmp_path / "out"
+    root.mkdir()
+    good = json.dumps({"shard_id": "a", "source": "s"})
+    (root / MANIFEST).write_text(f"{good}\n\n{bad_line}\n")
+    with pytest.raises(OutputError) as info:
+        Manifest(OutputRoot(str(root)))
+    msg = str(info.value)
+    assert f"{root}/{MANIFEST} line 3 is not a shard record" in msg
+    assert "--fresh" in msg
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def test_finalise_computes_cost_and_rates():
+    rec = ShardRecord(
+        shard_id="s", source="x", prompt_tokens=1000, completion_tokens=3000, engine_s=10.0
+    )
+    rec.finalise(gpus_per_replica=2, usd_per_gpu_hour=3.6)
+    assert rec.gpu_s == pytest.approx(20.0)
+    assert rec.cost_usd == pytest.approx(20.0 / 3600 * 3.6)  # 0.02
+    assert rec.usd_per_1m_tokens == pytest.approx(0.02 / 4000 * 1e6)  # 5.0
+    assert rec.usd_per_1m_output_tokens == pytest.approx(0.02 / 3000 * 1e6)
+    assert rec.tokens_per_s == pytest.approx(400.0)
+    assert rec.output_tokens_per_s == pytest.approx(300.0)
+
+
+def test_finalise_without_tokens_or_engine_time():
+    rec = ShardRecord(shard_id="s", source="x")
+    rec.finalise(gpus_per_replica=4, usd_per_gpu_hour=2.0)
+    assert rec.gpu_s == 0.0
+    assert rec.cost_usd == 0.0
+    assert rec.usd_per_1m_tokens is None
+    assert rec.usd_per_1m_output_tokens is None
+    assert rec.tokens_per_s is None
+    assert rec.output_tokens_per_s is None
+
+
+def test_finalise_prompt_tokens_only():
+    rec = ShardRecord(shard_id="s", source="x", prompt_tokens=500, engine_s=1.0)
+    rec.finalise(gpus_per_replica=1, usd_per_gpu_hour=36.0)
+    assert rec.cost_usd == pytest.approx(0.01)
+    assert rec.usd_per_1m_tokens == pytest.approx(20.0)
+    assert rec.usd_per_1m_output_tokens is None  # no output tokens to divide by
+    assert rec.output_tokens_per_s == 0.0
+
+
+def test_cost_helpers():
+    assert usd(3600.0, 2.5) == pytest.approx(2.5)
+    assert usd(0.0, 2.5) == 0.0
+    assert per_million(1.0, 500_000) == pytest.approx(2.0)
+    assert per_million(1.0, 0) is None
