@@ -112,7 +112,7 @@ class ResourcesSpec(_Model):
         ge=0,
         description="Times Ray may restart a dead engine actor (its batch is retried).",
     )
-    rows_per_file: int = Field(default=10000, ge=1, description="Rows per staged output file.")
+    rows_per_file: int = Field(default=1000, ge=1, description="Rows per staged output file.")
 
 
 class CostSpec(_Model):

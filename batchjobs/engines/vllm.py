@@ -57,6 +57,7 @@ class VLLMEngine(Engine):
         import vllm
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.sampling_params import RequestOutputKind
 
         try:
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -69,7 +70,13 @@ class VLLMEngine(Engine):
         self._dead_errors = (EngineDeadError,)
         self.version = vllm.__version__
         self._sampling_params = SamplingParams
-        self._base_kwargs = sampling_kwargs(spec.sampling)
+        # FINAL_ONLY: one output per request instead of one per generated token; streaming
+        # every token costs the actor a Python object per request per step (measured: 7% of
+        # throughput on an H200 with 2000 long-tailed requests in flight).
+        self._base_kwargs = {
+            **sampling_kwargs(spec.sampling),
+            "output_kind": RequestOutputKind.FINAL_ONLY,
+        }
         self.params = SamplingParams(**self._base_kwargs)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(spec)))
         self._closed = False
