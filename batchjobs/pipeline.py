@@ -187,7 +187,9 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
     ds = ray.data.from_items([s.to_dict() for s in plan.todo], override_num_blocks=len(plan.todo))
     ds = ds.map_batches(
         _read_fn,
-        fn_kwargs={"spec": raw, "batch_rows": max(res.batch_size, 256)},
+        # Read blocks of exactly one engine batch: Ray Data runs the batches of one task in
+        # sequence, so a task holding several would wait on each batch's longest request.
+        fn_kwargs={"spec": raw, "batch_rows": res.batch_size},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.5,

