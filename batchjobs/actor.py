@@ -128,6 +128,25 @@ class EngineActor:
             }
         )
 
+    def close(self) -> None:
+        """Shut the engine down and stop the loop thread. Safe to call twice."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            try:
+                self._on_loop(_close(engine))
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+
+    def __del__(self):
+        # Ray Data's only end-of-pool hook: its worker drops the UDF in __ray_shutdown__
+        # so that __del__ runs before the process exits. Closing here lets the engine
+        # stop its processes cleanly instead of dying with the actor (and logging errors).
+        self.close()
+
+
+async def _close(engine: Engine) -> None:
+    engine.close()
+
 
 async def _construct(factory: EngineFactory, spec: JobSpec) -> Engine:
     # Built on the engine loop so an async engine binds to the loop that will drive it.

@@ -32,9 +32,9 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(str(tiny_model))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray for every in-process test (started like `batchjobs run` would)."""
+    """A local Ray for the in-process tests of a module (started like `batchjobs run` would)."""
     import ray
 
     from batchjobs.pipeline import connect_ray

@@ -1,0 +1,42 @@
+"""On a CUDA host (BATCHJOBS_GPU_TESTS=1): the same pipeline on vLLM for GPUs.
+
+Run on the GPU machine with the bundle from ../shared/gpu/make_bundle.sh:
+    BATCHJOBS_GPU_TESTS=1 PYTHONPATH=/tmp/site:. python3 -m pytest tests/gpu -q
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+
+def test_generate_on_gpu_with_dummy_7b(tmp_path):
+    from batchjobs.models import build_model
+    from batchjobs.pipeline import run
+    from batchjobs.spec import parse_spec
+
+    model = build_model(tmp_path / "llama7b", "llama-7b")
+    (tmp_path / "in").mkdir()
+    prompts = [f"Request {i}: explain the cost of the night job" for i in range(64)]
+    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in" / "p.parquet")
+    spec = parse_spec(
+        {
+            "name": "gpu",
+            "input": {"path": str(tmp_path / "in")},
+            "output": {"path": str(tmp_path / "out")},
+            "engine": {
+                "model": str(model),
+                "max_model_len": 1024,
+                "args": {"load_format": "dummy"},
+            },
+            "sampling": {"max_tokens": 16, "ignore_eos": True},
+        }
+    )
+    summary = run(spec)
+    assert (summary.rows, summary.error_rows, summary.completion_tokens) == (64, 0, 64 * 16)
+    t = pds.dataset(str(tmp_path / "out"), format="parquet").to_table()
+    assert t.num_rows == 64 and t.column("error").null_count == 64
