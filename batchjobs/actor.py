@@ -5,10 +5,12 @@ actor at a time. Each call hands its rows to one asyncio loop that owns the engi
 waits for them; the engine therefore sees every in-flight row of every batch, and a batch
 that waits on one long request does not stop the others from feeding the engine.
 
-Cost accounting is done here because only the replica knows when it holds its devices:
-each completed batch claims the replica's wall time since the previous completion,
-split over its rows by token share. Summed over batches that is exactly the time from
-"engine ready" to "last batch done"; start-up is reported per replica as overhead.
+Cost accounting is done here because only the replica knows when it holds its devices.
+The engine is shared like a processor: at every instant, the replica's time is split
+equally over the requests in flight, so a row is charged the integral of 1/n(t) over its
+life. Summed over rows that is exactly the time the replica had work; the time it had
+none (idle) and its start-up are reported per replica as overhead. So Σ row charges +
+idle + start-up = the time the replica held its devices, up to its last completion.
 """
 
 from __future__ import annotations
@@ -69,8 +71,7 @@ class EngineActor:
             ) from exc
         self.ready = time.time()
         self.startup_s = self.ready - started
-        self._lock = threading.Lock()
-        self._last_tick = self.ready
+        self.clock = ShareClock(self.ready)
         log.info("replica %s ready in %.1fs", self.replica, self.startup_s)
 
     def _on_loop(self, coro):
@@ -82,32 +83,30 @@ class EngineActor:
         ids = batch.column(ROW_ID).to_pylist()
         params = [json.loads(p) if p else None for p in batch.column(PARAMS).to_pylist()]
         try:
-            results = self._on_loop(self._run(ids, prompts, input_errors, params))
+            pairs = self._on_loop(self._run(ids, prompts, input_errors, params))
         except EngineDead as exc:
             # Exit the process: Ray restarts the actor and retries this batch on it,
             # so no row is lost and none is written twice.
             log.error("replica %s: %s; exiting so Ray restarts it", self.replica, exc)
             os._exit(1)
-        with self._lock:
-            now = time.time()
-            held = now - self._last_tick
-            self._last_tick = now
-        return self._to_table(batch, results, held)
+        return self._to_table(batch, [r for r, _ in pairs], [c for _, c in pairs])
 
-    async def _run(self, ids, prompts, input_errors, params) -> list[Result]:
-        async def one(i: int) -> Result:
+    async def _run(self, ids, prompts, input_errors, params) -> list[tuple[Result, float]]:
+        async def one(i: int) -> tuple[Result, float]:
             if input_errors[i] is not None:
-                return Result.failed(input_errors[i])
+                return Result.failed(input_errors[i]), 0.0
             request = Request(f"{ids[i]}#{uuid.uuid4().hex[:8]}", prompts[i], params[i])
-            return await self.engine.generate(request)
+            mark = self.clock.start(time.time())
+            try:
+                result = await self.engine.generate(request)
+            finally:
+                charge = self.clock.stop(time.time(), mark)
+            return result, charge
 
         return await asyncio.gather(*(one(i) for i in range(len(prompts))))
 
-    def _to_table(self, batch: pa.Table, results: list[Result], held: float) -> pa.Table:
-        tokens = [r.prompt_tokens + r.completion_tokens for r in results]
-        total = sum(tokens)
+    def _to_table(self, batch: pa.Table, results: list[Result], charges: list[float]) -> pa.Table:
         n = len(results)
-        share = [t / total * held for t in tokens] if total else [held / n] * n
         return pa.table(
             {
                 ROW_ID: batch.column(ROW_ID),
@@ -121,10 +120,11 @@ class EngineActor:
                 "latency_s": pa.array([r.latency_s for r in results], pa.float32()),
                 "error": pa.array([r.error for r in results], pa.string()),
                 # Accounting columns: aggregated by the driver, not written to the output.
-                "_engine_s": pa.array(share, pa.float64()),
+                "_engine_s": pa.array(charges, pa.float64()),
                 "_replica": pa.array([self.replica] * n, pa.string()),
                 "_replica_startup_s": pa.array([self.startup_s] * n, pa.float64()),
                 "_replica_ready_at": pa.array([self.ready] * n, pa.float64()),
+                "_replica_idle_s": pa.array([self.clock.idle] * n, pa.float64()),
             }
         )
 
@@ -142,6 +142,38 @@ class EngineActor:
         # so that __del__ runs before the process exits. Closing here lets the engine
         # stop its processes cleanly instead of dying with the actor (and logging errors).
         self.close()
+
+
+class ShareClock:
+    """Splits a replica's time over its in-flight requests (processor sharing).
+
+    Every request accrues dt/n for each interval dt in which n requests were in flight;
+    intervals with none go to ``idle``. Only the engine loop thread calls ``start``/``stop``.
+    """
+
+    def __init__(self, t0: float):
+        self.t = t0
+        self.n = 0
+        self.acc = 0.0
+        self.idle = 0.0
+
+    def _advance(self, now: float) -> None:
+        dt = max(0.0, now - self.t)
+        if self.n:
+            self.acc += dt / self.n
+        else:
+            self.idle += dt
+        self.t = max(self.t, now)
+
+    def start(self, now: float) -> float:
+        self._advance(now)
+        self.n += 1
+        return self.acc
+
+    def stop(self, now: float, mark: float) -> float:
+        self._advance(now)
+        self.n -= 1
+        return self.acc - mark
 
 
 async def _close(engine: Engine) -> None:

@@ -264,11 +264,13 @@ class Tracker:
             rec.completion_tokens += row["completion_tokens"]
             rec.engine_s += row["engine_s"]
             self.files[sid].append(row["file"])
-            for rep, (eng, startup, ready_at) in json.loads(row["replicas"]).items():
+            for rep, (eng, startup, ready_at, idle) in json.loads(row["replicas"]).items():
                 r = self.replicas.setdefault(
-                    rep, {"engine_s": 0.0, "startup_s": startup, "ready_at": ready_at}
+                    rep,
+                    {"engine_s": 0.0, "startup_s": startup, "ready_at": ready_at, "idle_s": 0.0},
                 )
                 r["engine_s"] += eng
+                r["idle_s"] = max(r["idle_s"], idle)
             self.done_rows += row["rows"]
             self.done_err += row["error_rows"]
             self.done_ptok += row["prompt_tokens"]
@@ -387,7 +389,10 @@ def run(
         tracker.finish()
         plan.out.remove_empty_staging()
         summary.replicas = tracker.replicas
-        summary.overhead_s = sum(r["startup_s"] for r in tracker.replicas.values()) * gpus
+        # Overhead: replica time no row was charged for (start-up, waiting for work).
+        summary.overhead_s = (
+            sum(r["startup_s"] + r["idle_s"] for r in tracker.replicas.values()) * gpus
+        )
     for rec in plan.manifest.committed().values():
         if rec.shard_id in {s.shard_id for s in plan.todo}:
             summary.rows += rec.rows

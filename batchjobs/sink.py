@@ -66,15 +66,18 @@ def _write_part(fs, root: str, shard_id: str, part: pa.Table, schema: pa.Schema)
         raise OutputError(
             f"cannot write {fs.unstrip_protocol(path)}: {type(exc).__name__}: {exc}"
         ) from None
-    replicas: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
-    for rep, eng, startup, ready_at in zip(
+    # Per replica: [engine seconds charged to these rows, start-up, ready at, idle so far].
+    replicas: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+    for rep, eng, startup, ready_at, idle in zip(
         part.column("_replica").to_pylist(),
         part.column("_engine_s").to_pylist(),
         part.column("_replica_startup_s").to_pylist(),
         part.column("_replica_ready_at").to_pylist(),
+        part.column("_replica_idle_s").to_pylist(),
     ):
         replicas[rep][0] += eng
-        replicas[rep][1:] = [startup, ready_at]
+        replicas[rep][1:3] = [startup, ready_at]
+        replicas[rep][3] = max(replicas[rep][3], idle)
     return {
         "shard_id": shard_id,
         "shard_rows": part.column(SHARD_ROWS)[0].as_py(),

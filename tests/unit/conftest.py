@@ -85,6 +85,7 @@ ENGINE_OUTPUT_SCHEMA = pa.schema(
         ("_replica", pa.string()),
         ("_replica_startup_s", pa.float64()),
         ("_replica_ready_at", pa.float64()),
+        ("_replica_idle_s", pa.float64()),
     ]
 )
 
@@ -106,6 +107,7 @@ def _engine_output(rows: list[dict[str, Any]]) -> pa.Table:
             "_replica": "rep-a",
             "_replica_startup_s": 3.0,
             "_replica_ready_at": 1000.0,
+            "_replica_idle_s": 0.5,
         }
         d.update(r)
         full.append(d)

@@ -69,8 +69,11 @@ def test_write_staged_summaries(tmp_path, engine_output):
     assert a["engine_s"] == pytest.approx(0.25 + 0.5 + 1.0)
     assert b["engine_s"] == pytest.approx(1.0)
     # per replica: [engine seconds, start-up seconds, ready-at time] (what Tracker.add unpacks)
-    assert json.loads(a["replicas"]) == {"rep-a": [pytest.approx(1.75), 3.0, 1000.0]}
-    assert json.loads(b["replicas"]) == {"rep-a": [0.5, 3.0, 1000.0], "rep-b": [0.5, 3.0, 1000.0]}
+    assert json.loads(a["replicas"]) == {"rep-a": [pytest.approx(1.75), 3.0, 1000.0, 0.5]}
+    assert json.loads(b["replicas"]) == {
+        "rep-a": [0.5, 3.0, 1000.0, 0.5],
+        "rep-b": [0.5, 3.0, 1000.0, 0.5],
+    }
 
     # one staged file per shard, named as the summary says
     assert _staged(root) == {"s-a": [a["file"]], "s-b": [b["file"]]}
@@ -370,3 +373,20 @@ def test_cost_helpers():
     assert usd(0.0, 2.5) == 0.0
     assert per_million(1.0, 500_000) == pytest.approx(2.0)
     assert per_million(1.0, 0) is None
+
+
+def test_share_clock_splits_time_over_in_flight_requests():
+    from batchjobs.actor import ShareClock
+
+    c = ShareClock(0.0)
+    a = c.start(1.0)  # idle 0..1
+    b = c.start(2.0)  # a alone 1..2
+    ca = c.stop(4.0, a)  # a and b share 2..4: a gets 1
+    cb = c.stop(5.0, b)  # b alone 4..5
+    assert ca == pytest.approx(2.0) and cb == pytest.approx(2.0)
+    assert c.idle == pytest.approx(1.0)
+    d = c.start(7.0)  # idle 5..7
+    cd = c.stop(7.5, d)
+    assert cd == pytest.approx(0.5) and c.idle == pytest.approx(3.0)
+    # charges + idle = all the time since the clock started
+    assert ca + cb + cd + c.idle == pytest.approx(7.5)
