@@ -142,4 +142,4 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
     # Σ shard seconds + overhead (start-up + idle) = what the replica held, within the run
     assert summary.overhead_s == pytest.approx(rep["startup_s"] + rep["idle_s"], rel=1e-6)
     assert summary.gpu_s == pytest.approx(summary.engine_s + summary.overhead_s, rel=1e-6)
-    assert 0 < summary.engine_s and summary.gpu_s <= summary.wall_s
+    assert summary.engine_s > 0 and summary.gpu_s <= summary.wall_s
