@@ -18,10 +18,11 @@ from typing import Any
 import pyarrow as pa
 
 from batchjobs.errors import BatchJobError, OutputError, SpecError, unwrap
-from batchjobs.manifest import COMMITTED, Manifest, ShardRecord
+from batchjobs.manifest import Manifest, ShardRecord
 from batchjobs.readers import Shard, list_shards, preflight, read_shard
 from batchjobs.sink import OutputRoot, write_staged
 from batchjobs.spec import JobSpec
+from batchjobs.tracker import Tracker
 
 log = logging.getLogger("batchjobs")
 PREFLIGHT_ALL_UP_TO = 64  # shards; past that only the first is opened before the run
@@ -223,135 +224,13 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
     )
 
 
-class Tracker:
-    """Driver-side bookkeeping: per-shard sums, commit when complete, progress lines."""
-
-    def __init__(self, plan: Plan, gpus_per_replica: int, progress: Callable[[str], None] | None):
-        self.plan = plan
-        self.gpus = gpus_per_replica
-        self.price = plan.spec.cost.price_per_gpu_hour()
-        self.progress = progress
-        self.info = {"engine": plan.spec.engine.kind, "model": plan.spec.engine.model}
-        self.pending: dict[str, ShardRecord] = {}
-        self.files: dict[str, list[str]] = {}
-        self.expected: dict[str, int] = {}
-        self.replicas: dict[str, dict[str, float]] = {}
-        self.t0 = time.time()
-        self.last_print = 0.0
-        self.last_line = ""
-        self.total_bytes = sum(s.size for s in plan.todo) or 1
-        self.by_id = {s.shard_id: s for s in plan.todo}
-        self.done_rows = self.done_err = self.done_ptok = self.done_ctok = 0
-        self.committed = 0
-
-    def add(self, summary: pa.Table) -> None:
-        for row in summary.to_pylist():
-            sid = row["shard_id"]
-            rec = self.pending.get(sid)
-            if rec is None:
-                rec = self.pending[sid] = ShardRecord(
-                    shard_id=sid,
-                    source=self.by_id[sid].url,
-                    fingerprint=self.plan.fingerprint,
-                    started_at=time.time(),
-                    **self.info,
-                )
-                self.files[sid] = []
-                self.expected[sid] = row["shard_rows"]
-            rec.rows += row["rows"]
-            rec.error_rows += row["error_rows"]
-            rec.prompt_tokens += row["prompt_tokens"]
-            rec.completion_tokens += row["completion_tokens"]
-            rec.engine_s += row["engine_s"]
-            self.files[sid].append(row["file"])
-            for rep, (eng, startup, ready_at, idle) in json.loads(row["replicas"]).items():
-                r = self.replicas.setdefault(
-                    rep,
-                    {"engine_s": 0.0, "startup_s": startup, "ready_at": ready_at, "idle_s": 0.0},
-                )
-                r["engine_s"] += eng
-                r["idle_s"] = max(r["idle_s"], idle)
-            self.done_rows += row["rows"]
-            self.done_err += row["error_rows"]
-            self.done_ptok += row["prompt_tokens"]
-            self.done_ctok += row["completion_tokens"]
-            if rec.rows == self.expected[sid]:
-                self._commit(sid)
-            elif rec.rows > self.expected[sid]:
-                raise OutputError(
-                    f"shard {sid}: {rec.rows} rows staged, but it has {self.expected[sid]}"
-                )
-        self._maybe_print()
-
-    def _commit(self, sid: str) -> None:
-        rec = self.pending.pop(sid)
-        rec.files = self.plan.out.commit(sid, self.files.pop(sid))
-        rec.status = COMMITTED
-        rec.committed_at = time.time()
-        rec.finalise(self.gpus, self.price)
-        self.plan.manifest.records[sid] = rec
-        self.plan.manifest.save()
-        self.committed += 1
-
-    def finish(self) -> None:
-        """Commit shards that produced no rows (empty files); anything else left is lost work."""
-        seen = set(self.plan.manifest.committed()) | set(self.pending)
-        for shard in self.plan.todo:
-            if shard.shard_id not in seen and _count_rows(shard, self.plan.spec) == 0:
-                self.pending[shard.shard_id] = ShardRecord(
-                    shard_id=shard.shard_id,
-                    source=shard.url,
-                    fingerprint=self.plan.fingerprint,
-                    started_at=time.time(),
-                    **self.info,
-                )
-                self.files[shard.shard_id] = []
-                self._commit(shard.shard_id)
-        missing = [
-            s.shard_id for s in self.plan.todo if s.shard_id not in self.plan.manifest.committed()
-        ]
-        if missing:
-            raise OutputError(
-                f"{len(missing)} shard(s) did not receive all their rows: {', '.join(missing[:5])}"
-            )
-        self._maybe_print(force=True)
-
-    def _maybe_print(self, force: bool = False) -> None:
-        now = time.time()
-        if self.progress is None or (not force and now - self.last_print < 5):
-            return
-        elapsed = now - self.t0
-        seen_bytes = sum(self.by_id[s].size for s in self.expected)
-        total_rows = (
-            sum(self.expected.values()) * self.total_bytes / seen_bytes if seen_bytes else 0
-        )
-        frac = self.done_rows / total_rows if total_rows else 0.0
-        eta = f"{elapsed * (1 - frac) / frac:.0f}s" if 0 < frac < 1 else "-"
-        line = (
-            f"[{self.plan.spec.name}] {self.done_rows} rows ({frac:.0%}), {self.done_err} errors, "
-            f"{self.committed}/{len(self.plan.todo)} shards committed, "
-            f"{self.done_ctok / elapsed if elapsed else 0:.0f} output tok/s, ETA {eta}"
-        )
-        if line.split(" output tok/s")[0] != self.last_line.split(" output tok/s")[0] or not force:
-            self.progress(line)
-        self.last_print, self.last_line = now, line
-
-
-def _count_rows(shard: Shard, spec: JobSpec) -> int:
-    return sum(
-        t.num_rows
-        for t in read_shard(
-            shard, spec.input.prompt_column, spec.input.id_column, 4096, spec.input.storage_options
-        )
-    )
-
-
 def run(
     spec: JobSpec,
     *,
     fresh: bool = False,
     engine_factory: Callable | None = None,
     progress: Callable[[str], None] | None = None,
+    progress_every: float = 5.0,
 ) -> RunSummary:
     """Run a job to completion and return its summary; raise ``BatchJobError`` on failure."""
     started = time.time()
@@ -378,7 +257,7 @@ def run(
         gpus = (
             spec.gpus_per_replica() if device == "cuda" else 1
         )  # a CPU replica is priced as one unit
-        tracker = Tracker(plan, gpus, progress)
+        tracker = Tracker(plan, gpus, progress, progress_every)
         try:
             for batch in build_dataset(plan, device, engine_factory).iter_batches(
                 batch_size=None, batch_format="pyarrow"

@@ -1,0 +1,163 @@
+"""Fault tests on a real local Ray and the real vLLM CPU engine: engine actors killed mid-job,
+and a driver killed mid-job then rerun. Every input row must come out exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import REPO, spec_dict
+
+pytestmark = pytest.mark.integration
+
+
+def _write_shards(inp: Path, shards: int, rows: int) -> set[str]:
+    inp.mkdir()
+    ids = set()
+    for s in range(shards):
+        keys = [f"s{s}-r{i}" for i in range(rows)]
+        ids |= set(keys)
+        prompts = [f"list every number of the river {k}" for k in keys]
+        pq.write_table(pa.table({"id": keys, "prompt": prompts}), inp / f"part-{s}.parquet")
+    return ids
+
+
+def _engine_actor_pids() -> list[int]:
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if cmd.startswith("ray::MapWorker(MapBatches(EngineActor))"):
+            pids.append(p.info["pid"])
+    return pids
+
+
+def test_engine_actor_killed_three_times(tmp_path, tiny_model, ray_session):
+    from batchjobs.pipeline import run
+    from batchjobs.spec import parse_spec
+
+    # One batch of 2 rows at a time and 64 tokens each: slow enough that three kills land
+    # while work remains (a restarted replica finishes queued work in a burst).
+    ids = _write_shards(tmp_path / "in", shards=3, rows=100)
+    spec = parse_spec(
+        spec_dict(
+            tiny_model,
+            str(tmp_path / "in"),
+            str(tmp_path / "out"),
+            input={"id_column": "id"},
+            sampling={"max_tokens": 64, "ignore_eos": True},
+            resources={
+                "batch_size": 2,
+                "max_inflight_batches": 1,
+                "rows_per_file": 2,
+                "max_restarts": 8,
+            },
+        )
+    )
+    out_root = tmp_path / "out"
+    kills: list[tuple[int, int | None]] = []
+    finished = threading.Event()
+
+    def staged_files() -> int:
+        # write tasks stage a file per finished batch at once, so files on disk are the
+        # surest sign that a (restarted) replica is serving
+        return len(list(out_root.glob("*/*.parquet"))) + len(
+            list(out_root.glob("_staging/*/*.parquet"))
+        )
+
+    def killer() -> None:
+        target = 5
+        for _ in range(3):
+            while staged_files() < target and not finished.is_set():
+                time.sleep(0.1)
+            pids = _engine_actor_pids()
+            deadline = time.time() + 30
+            while not pids and time.time() < deadline and not finished.is_set():
+                time.sleep(0.2)
+                pids = _engine_actor_pids()
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+            kills.append((staged_files(), pids[0] if pids else None))
+            target = staged_files() + 3  # the next kill only after the restarted one served
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        summary = run(spec)
+    finally:
+        finished.set()
+    assert len(kills) == 3, kills
+    assert len({pid for _, pid in kills if pid}) == 3, kills  # three different processes
+    out = pds.dataset(str(out_root), format="parquet").to_table()
+    got = out.column("id").to_pylist()
+    assert len(got) == 300 and set(got) == ids  # nothing lost, nothing twice
+    assert out.column("error").null_count == 300
+    assert summary.rows == 300 and summary.completion_tokens == 300 * 64
+
+
+def test_driver_killed_then_rerun_skips_committed_shards(tmp_path, tiny_model):
+    ids = _write_shards(tmp_path / "in", shards=6, rows=60)
+    out = tmp_path / "out"
+    spec = spec_dict(
+        tiny_model,
+        str(tmp_path / "in"),
+        str(out),
+        input={"id_column": "id"},
+        sampling={"max_tokens": 24, "ignore_eos": True},
+        resources={"batch_size": 4, "max_inflight_batches": 2, "rows_per_file": 20},
+    )
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, "-m", "batchjobs.cli", "run", str(path)]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    manifest = out / "_manifest.jsonl"
+    deadline = time.time() + 400
+    committed = 0
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists():
+            committed = sum(
+                1 for line in manifest.read_text().splitlines() if '"committed"' in line
+            )
+            if committed >= 2:
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    first = {
+        r["shard_id"]: r["committed_at"]
+        for r in map(json.loads, manifest.read_text().splitlines())
+        if r["status"] == "committed"
+    }
+    assert 2 <= len(first) < 6
+    time.sleep(2)
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"shards: {6 - len(first)} run, {len(first)} skipped" in rerun.stdout
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(records) == 6 and all(r["status"] == "committed" for r in records)
+    # the shards committed before the kill were not redone: same commit time as before
+    assert {r["shard_id"]: r["committed_at"] for r in records if r["shard_id"] in first} == first
+    got = pds.dataset(str(out), format="parquet").to_table().column("id").to_pylist()
+    assert len(got) == 360 and set(got) == ids
+    assert not (out / "_staging").exists()
