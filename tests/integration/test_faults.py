@@ -161,3 +161,51 @@ def test_driver_killed_then_rerun_skips_committed_shards(tmp_path, tiny_model):
     got = pds.dataset(str(out), format="parquet").to_table().column("id").to_pylist()
     assert len(got) == 360 and set(got) == ids
     assert not (out / "_staging").exists()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 48 KiB tmpfs: the output filesystem fills up part way through the job."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_output_filesystem_failing_midway(tmp_path, tiny_model, small_fs):
+    ids = _write_shards(tmp_path / "in", shards=6, rows=60)
+    out = small_fs / "out"
+    spec = spec_dict(
+        tiny_model,
+        str(tmp_path / "in"),
+        str(out),
+        input={"id_column": "id"},
+        sampling={"max_tokens": 24, "ignore_eos": True},
+        resources={"batch_size": 4, "max_inflight_batches": 2, "rows_per_file": 20},
+    )
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, "-m", "batchjobs.cli", "run", str(path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert err and "No space left on device" in err[-1] and str(out) in err[-1]
+    # whatever was committed is whole; nothing else is visible to readers
+    manifest = out / "_manifest.jsonl"
+    records = (
+        [json.loads(line) for line in manifest.read_text().splitlines()]
+        if manifest.exists()
+        else []
+    )
+    committed = {r["shard_id"]: r["rows"] for r in records if r["status"] == "committed"}
+    assert len(committed) < 6
+    visible = [p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("_")]
+    assert sorted(visible) == sorted(committed)
+    for sid, rows in committed.items():
+        assert pq.read_table(out / sid).num_rows == rows == 60
+    assert len(ids) == 360
