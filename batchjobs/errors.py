@@ -11,6 +11,8 @@ Two kinds of failure are kept apart on purpose:
 
 from __future__ import annotations
 
+import re
+
 
 class BatchJobError(Exception):
     """Base of every error batchjobs raises on purpose. ``exit_code`` is what the CLI returns."""
@@ -59,4 +61,15 @@ def unwrap(exc: BaseException) -> BaseException:
         if not isinstance(nxt, BaseException):
             nxt = cur.__cause__ or cur.__context__
         cur = nxt
+    # Exception chains do not survive pickling: an error raised in a Ray worker and wrapped
+    # there (Ray Data's UserCodeException) arrives without its cause, but Ray keeps the
+    # remote traceback in the message. The last of our errors named there is the reason.
+    for name, message in reversed(_REMOTE.findall(str(exc))):
+        cls = _BY_NAME.get(name)
+        if cls is not None:
+            return cls(message.strip())
     return exc
+
+
+_REMOTE = re.compile(r"batchjobs\.errors\.(\w+): (.+)")
+_BY_NAME = {c.__name__: c for c in (BatchJobError, SpecError, InputError, EngineError, OutputError)}

@@ -217,6 +217,7 @@ def mode_batchjobs(a) -> dict:
         "prompt_tokens": s.prompt_tokens,
         "completion_tokens": s.completion_tokens,
         "ready_at": max(r["ready_at"] for r in s.replicas.values()),  # all replicas serving
+        "replicas": s.replicas,  # per replica: engine_s charged, startup_s, ready_at, idle_s
         "end_at": time.time(),
         "cost_usd": s.cost_usd,
     }

@@ -98,3 +98,25 @@ def test_unwrap_survives_cycles():
     b = FakeRayTaskError(a)
     a.cause = b
     assert unwrap(a) is a
+
+
+def test_unwrap_recovers_our_error_from_a_remote_traceback_text():
+    # Ray Data wraps a worker's exception in UserCodeException; the cause is lost in
+    # pickling but the remote traceback stays in the message.
+    from batchjobs.errors import OutputError
+
+    class UserCodeException(Exception):
+        pass
+
+    text = (
+        "ray::MapBatches(write_staged)() (pid=1)\n"
+        '  File "sink.py", line 60, in _write_part\n'
+        "batchjobs.errors.OutputError: cannot write /o/_staging/s/x.parquet: OSError: [Errno 28] No space left on device\n"
+        "\nThe above exception was the direct cause of the following exception:\n"
+    )
+    got = unwrap(UserCodeException(text))
+    assert isinstance(got, OutputError) and got.exit_code == 5
+    assert (
+        str(got)
+        == "cannot write /o/_staging/s/x.parquet: OSError: [Errno 28] No space left on device"
+    )
