@@ -48,7 +48,7 @@ SHAPES = {
     ),
 }
 
-_WORDS = [
+WORDS = [
     "the",
     "of",
     "and",
@@ -126,7 +126,7 @@ def corpus(lines: int = 4000, seed: int = 0) -> list[str]:
     """Deterministic pseudo-English text for training the tokenizer."""
     rng = random.Random(seed)
     return [
-        " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 30))) + "." for _ in range(lines)
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "." for _ in range(lines)
     ]
 
 

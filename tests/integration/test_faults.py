@@ -34,6 +34,22 @@ def _write_shards(inp: Path, shards: int, rows: int) -> set[str]:
     return ids
 
 
+def _cli_job(tmp_path: Path, model: Path, out: Path) -> tuple[list[str], dict]:
+    """A `batchjobs run` command over tmp_path/in (6 shards of 60 rows) into ``out``."""
+    spec = spec_dict(
+        model,
+        str(tmp_path / "in"),
+        str(out),
+        input={"id_column": "id"},
+        sampling={"max_tokens": 24, "ignore_eos": True},
+        resources={"batch_size": 4, "max_inflight_batches": 2, "rows_per_file": 20},
+    )
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    return [sys.executable, "-m", "batchjobs.cli", "run", str(path)], env
+
+
 def _engine_actor_pids() -> list[int]:
     pids = []
     for p in psutil.process_iter(["pid", "cmdline"]):
@@ -109,18 +125,7 @@ def test_engine_actor_killed_three_times(tmp_path, tiny_model, ray_session):
 def test_driver_killed_then_rerun_skips_committed_shards(tmp_path, tiny_model):
     ids = _write_shards(tmp_path / "in", shards=6, rows=60)
     out = tmp_path / "out"
-    spec = spec_dict(
-        tiny_model,
-        str(tmp_path / "in"),
-        str(out),
-        input={"id_column": "id"},
-        sampling={"max_tokens": 24, "ignore_eos": True},
-        resources={"batch_size": 4, "max_inflight_batches": 2, "rows_per_file": 20},
-    )
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [sys.executable, "-m", "batchjobs.cli", "run", str(path)]
+    cmd, env = _cli_job(tmp_path, tiny_model, out)
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
@@ -179,18 +184,7 @@ def small_fs(tmp_path):
 def test_output_filesystem_failing_midway(tmp_path, tiny_model, small_fs):
     ids = _write_shards(tmp_path / "in", shards=6, rows=60)
     out = small_fs / "out"
-    spec = spec_dict(
-        tiny_model,
-        str(tmp_path / "in"),
-        str(out),
-        input={"id_column": "id"},
-        sampling={"max_tokens": 24, "ignore_eos": True},
-        resources={"batch_size": 4, "max_inflight_batches": 2, "rows_per_file": 20},
-    )
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [sys.executable, "-m", "batchjobs.cli", "run", str(path)]
+    cmd, env = _cli_job(tmp_path, tiny_model, out)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 5, proc.stderr[-3000:]
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
