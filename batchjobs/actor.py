@@ -45,6 +45,10 @@ def make_engine(spec: JobSpec) -> Engine:
             from batchjobs.engines.vllm import VLLMEngine
 
             return VLLMEngine(spec)
+        case "trtllm":
+            from batchjobs.engines.trtllm import TRTLLMEngine
+
+            return TRTLLMEngine(spec)
     raise EngineError(f"engine.kind {spec.engine.kind!r} is not supported")
 
 

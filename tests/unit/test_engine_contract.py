@@ -1,0 +1,119 @@
+"""The engine contract: each adapter's normaliser turns its engine's own output objects
+into the same ``Result``. Objects are built to each engine's documented shapes, so this
+runs without vLLM or TensorRT-LLM; the vLLM path also runs for real in tests/integration."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from types import SimpleNamespace as NS
+
+import pytest
+
+from batchjobs.engines import trtllm, vllm
+from batchjobs.engines.base import FINISH_REASONS, Result
+
+
+def vllm_output(reason="stop", ids=(5, 6, 7), prompt=(1, 2)):
+    # vllm.RequestOutput: request_id str, prompt_token_ids, outputs[CompletionOutput]
+    comp = NS(text="abc", token_ids=list(ids), finish_reason=reason, logprobs=None)
+    return NS(request_id="r-1", prompt_token_ids=list(prompt), outputs=[comp], finished=True)
+
+
+def trtllm_output(reason="stop", ids=(5, 6, 7), prompt=(1, 2)):
+    # tensorrt_llm RequestOutput: request_id int, outputs[CompletionOutput], timings as
+    # timedelta under request_perf_metrics
+    comp = NS(
+        text="abc",
+        token_ids=list(ids),
+        finish_reason=reason,
+        logprobs=[],
+        stop_reason=None,
+        request_perf_metrics=NS(timing_metrics=NS(first_token_time=timedelta(seconds=0.2))),
+    )
+    return NS(
+        request_id=7, prompt="p", prompt_token_ids=list(prompt), outputs=[comp], finished=True
+    )
+
+
+ADAPTERS = {
+    "vllm": (vllm.normalize, vllm_output, {"stop": "stop", "length": "length", "abort": "abort"}),
+    "trtllm": (
+        trtllm.normalize,
+        trtllm_output,
+        {"stop": "stop", "length": "length", "timeout": "abort", "cancelled": "abort"},
+    ),
+}
+
+
+@pytest.fixture(params=sorted(ADAPTERS))
+def adapter(request):
+    return ADAPTERS[request.param]
+
+
+def test_success_is_normalised(adapter):
+    normalize, make, _ = adapter
+    r = normalize(make(), 0.25)
+    assert r == Result(
+        text="abc",
+        finish_reason="stop",
+        prompt_tokens=2,
+        completion_tokens=3,
+        latency_s=0.25,
+        error=None,
+        token_ids=[5, 6, 7],
+    )
+    assert all(isinstance(t, int) for t in r.token_ids)
+
+
+def test_finish_reasons_map_onto_one_vocabulary(adapter):
+    normalize, make, mapping = adapter
+    for theirs, ours in mapping.items():
+        r = normalize(make(reason=theirs), 0.1)
+        assert r.finish_reason == ours and r.finish_reason in FINISH_REASONS and r.error is None
+
+
+def test_unknown_finish_reason_is_an_error_row(adapter):
+    normalize, make, _ = adapter
+    r = normalize(make(reason="weird"), 0.1)
+    assert r.finish_reason == "error" and "weird" in r.error
+
+
+def test_no_output_is_an_error_row(adapter):
+    normalize, _, _ = adapter
+    r = normalize(NS(prompt_token_ids=[1], outputs=[]), 0.1)
+    assert r.finish_reason == "error" and r.error and r.completion_tokens == 0
+
+
+def test_trtllm_single_prompt_list_is_unwrapped():
+    assert trtllm.normalize([trtllm_output()], 0.1).completion_tokens == 3
+    assert trtllm.normalize([trtllm_output(), trtllm_output()], 0.1).finish_reason == "error"
+
+
+def test_trtllm_token_ids_become_ints():
+    import numpy as np
+
+    r = trtllm.normalize(trtllm_output(ids=np.array([3, 4], dtype=np.int32)), 0.1)
+    assert r.token_ids == [3, 4] and type(r.token_ids[0]) is int
+
+
+def test_trtllm_kwargs_map_the_spec(spec_dict):
+    from batchjobs.spec import parse_spec
+
+    spec_dict["engine"].update(
+        kind="trtllm", tensor_parallel_size=2, max_model_len=4096, max_num_seqs=128
+    )
+    spec_dict["sampling"] = {"max_tokens": 9, "stop": ["\n"], "seed": 3}
+    spec = parse_spec(spec_dict)
+    kw = trtllm.llm_kwargs(spec)
+    assert (
+        kw["tensor_parallel_size"] == 2
+        and kw["max_seq_len"] == 4096
+        and kw["max_batch_size"] == 128
+    )
+    sk = trtllm.sampling_kwargs(spec, {"max_tokens": 4})
+    assert (
+        sk["max_tokens"] == 4
+        and sk["stop"] == ["\n"]
+        and sk["seed"] == 3
+        and "min_tokens" not in sk
+    )
