@@ -203,3 +203,35 @@ def test_output_filesystem_failing_midway(tmp_path, tiny_model, small_fs):
     for sid, rows in committed.items():
         assert pq.read_table(out / sid).num_rows == rows == 60
     assert len(ids) == 360
+
+
+class _BrokenEngine:
+    """Stands in for an engine whose start fails (bad weights, out of memory)."""
+
+    def __init__(self, spec):
+        raise RuntimeError("CUDA out of memory while loading weights")
+
+
+def _broken_factory(spec):
+    return _BrokenEngine(spec)
+
+
+def test_engine_start_failure_fails_fast_with_one_clear_error(tmp_path, tiny_model, ray_session):
+    import ray
+
+    from batchjobs.errors import EngineError
+    from batchjobs.pipeline import run
+    from batchjobs.spec import parse_spec
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "in" / "p.parquet")
+    spec = parse_spec(spec_dict(tiny_model, str(tmp_path / "in"), str(tmp_path / "out")))
+    t0 = time.time()
+    with pytest.raises(EngineError) as err:
+        run(spec, engine_factory=_broken_factory)
+    assert time.time() - t0 < 120  # fails, does not hang on restarts
+    msg = str(err.value)
+    assert "failed to start" in msg and "CUDA out of memory while loading weights" in msg
+    assert str(tiny_model) in msg and "replica" in msg
+    assert not list((tmp_path / "out").glob("*/*.parquet"))
