@@ -15,6 +15,7 @@ from batchjobs.errors import OutputError
 from batchjobs.sink import MANIFEST, OutputRoot
 
 COMMITTED = "committed"
+SUPERSEDED = "superseded"  # its input file changed or vanished; output removed
 
 
 @dataclass

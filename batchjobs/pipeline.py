@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from batchjobs.errors import BatchJobError, OutputError, SpecError, unwrap
-from batchjobs.manifest import Manifest, ShardRecord
+from batchjobs.manifest import SUPERSEDED, Manifest, ShardRecord
 from batchjobs.readers import Shard, list_shards, preflight, read_shard
 from batchjobs.sink import OutputRoot, write_staged
 from batchjobs.spec import JobSpec
@@ -71,14 +71,28 @@ def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
     committed = manifest.committed()
     todo = [s for s in shards if s.shard_id not in committed]
     skipped = [committed[s.shard_id] for s in shards if s.shard_id in committed]
-    stale = set(committed) - {s.shard_id for s in shards}
-    if stale:
-        log.warning(
-            "%d committed shard(s) in %s no longer match an input file",
-            len(stale),
-            spec.output.path,
-        )
     return Plan(spec, shards, todo, skipped, out, manifest, fp)
+
+
+def retire_superseded(plan: Plan) -> None:
+    """Remove the output of committed shards whose input file changed or vanished.
+
+    A changed file is a new shard (its id hashes size and mtime/ETag), so the old shard's
+    rows would otherwise sit beside the new ones: readers would see both versions.
+    """
+    current = {s.shard_id for s in plan.shards}
+    gone = [r for sid, r in plan.manifest.committed().items() if sid not in current]
+    for rec in gone:
+        plan.out.clear_shard(rec.shard_id)
+        rec.status = SUPERSEDED
+        rec.files = []
+        log.warning(
+            "shard %s: its input %s changed or is gone; old output removed",
+            rec.shard_id,
+            rec.source,
+        )
+    if gone:
+        plan.manifest.save()
 
 
 @dataclass
@@ -269,6 +283,7 @@ def run(
         shards_skipped=len(plan.skipped),
         shards_run=len(plan.todo),
     )
+    retire_superseded(plan)
     if plan.todo:
         for shard in plan.todo:
             plan.out.clear_shard(shard.shard_id)

@@ -390,3 +390,39 @@ def test_share_clock_splits_time_over_in_flight_requests():
     assert cd == pytest.approx(0.5) and c.idle == pytest.approx(3.0)
     # charges + idle = all the time since the clock started
     assert ca + cb + cd + c.idle == pytest.approx(7.5)
+
+
+def test_changed_input_file_retires_the_old_shard_output(tmp_path, spec_dict):
+    import os
+
+    from batchjobs.manifest import COMMITTED, SUPERSEDED, Manifest, ShardRecord
+    from batchjobs.pipeline import plan_job, retire_superseded
+    from batchjobs.spec import parse_spec
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "a.jsonl").write_text('{"prompt": "x"}\n')
+    spec_dict["input"]["path"] = str(inp / "*.jsonl")
+    spec = parse_spec(spec_dict)
+    plan = plan_job(spec)
+    (old,) = plan.todo
+    # pretend the first run committed it
+    (tmp_path / "out" / old.shard_id).mkdir(parents=True)
+    (tmp_path / "out" / old.shard_id / "part.parquet").write_bytes(b"x")
+    plan.manifest.records[old.shard_id] = ShardRecord(
+        shard_id=old.shard_id,
+        source=old.url,
+        status=COMMITTED,
+        rows=1,
+        fingerprint=spec.fingerprint(),
+    )
+    plan.manifest.save()
+    # the input file changes: a new shard id
+    (inp / "a.jsonl").write_text('{"prompt": "x"}\n{"prompt": "y"}\n')
+    os.utime(inp / "a.jsonl", (1, 1))
+    plan = plan_job(spec)
+    assert [s.shard_id for s in plan.todo] != [old.shard_id]
+    retire_superseded(plan)
+    assert not (tmp_path / "out" / old.shard_id).exists()
+    rec = Manifest(plan.out).records[old.shard_id]
+    assert rec.status == SUPERSEDED and rec.files == []
