@@ -40,6 +40,28 @@ class Result:
             finish_reason="error", error=error, latency_s=latency_s, prompt_tokens=prompt_tokens
         )
 
+    @classmethod
+    def finished(
+        cls,
+        text: str,
+        token_ids: list[int],
+        engine_reason: object,
+        mapping: dict[str, str],
+        prompt_tokens: int,
+        latency_s: float,
+    ) -> Result:
+        """A completed request; a finish reason the mapping does not know is an error row."""
+        reason = mapping.get(str(engine_reason), "error") if engine_reason is not None else "error"
+        return cls(
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(token_ids),
+            latency_s=latency_s,
+            error=None if reason != "error" else f"finish reason {engine_reason!r}",
+            token_ids=token_ids,
+        )
+
 
 class Engine(abc.ABC):
     """One started engine. Construct it to start it; ``close`` to release its devices."""

@@ -41,16 +41,13 @@ def normalize(output: Any, latency_s: float) -> Result:
         return Result.failed("engine returned no completion", latency_s, prompt_tokens)
     comp = completions[0]
     token_ids = [int(t) for t in (comp.token_ids or ())]
-    raw_reason = getattr(comp, "finish_reason", None)
-    reason = _FINISH.get(str(raw_reason), "error") if raw_reason is not None else "error"
-    return Result(
-        text=comp.text,
-        finish_reason=reason,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=len(token_ids),
-        latency_s=latency_s,
-        error=None if reason != "error" else f"finish reason {raw_reason!r}",
-        token_ids=token_ids,
+    return Result.finished(
+        comp.text,
+        token_ids,
+        getattr(comp, "finish_reason", None),
+        _FINISH,
+        prompt_tokens,
+        latency_s,
     )
 
 

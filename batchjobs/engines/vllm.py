@@ -55,15 +55,9 @@ def normalize(final: Any, latency_s: float) -> Result:
     if final is None or not final.outputs:
         return Result.failed("engine returned no output", latency_s)
     comp = final.outputs[0]
-    reason = _FINISH.get(str(comp.finish_reason), "error")
-    return Result(
-        text=comp.text,
-        finish_reason=reason,
-        prompt_tokens=len(final.prompt_token_ids or ()),
-        completion_tokens=len(comp.token_ids),
-        latency_s=latency_s,
-        error=None if reason != "error" else f"finish reason {comp.finish_reason!r}",
-        token_ids=list(comp.token_ids),
+    prompt_tokens = len(final.prompt_token_ids or ())
+    return Result.finished(
+        comp.text, list(comp.token_ids), comp.finish_reason, _FINISH, prompt_tokens, latency_s
     )
 
 
