@@ -64,6 +64,7 @@ def test_engine_sees_every_in_flight_batch(tmp_path, tiny_model, ray_session):
     summary = run(spec, engine_factory=counting_factory)
     assert summary.rows == 320
     peak = max(int(t) for t in pq.read_table(tmp_path / "out").column("text").to_pylist())
-    # 6 batches of 8 in flight. Whole-shard blocks gave 2 tasks running their batches in
-    # sequence: a peak of 16.
-    assert peak >= 40, peak
+    # Up to 6 batches of 8 in flight (48). Whole-shard blocks allow at most 2 tasks that run
+    # their batches in sequence: a hard cap of 16. How close the peak gets to 48 depends on
+    # dispatch timing (32 seen under CI load), so the test checks it is past the old cap.
+    assert peak > 16, peak
