@@ -313,8 +313,9 @@ def run(
         summary.overhead_s = (
             sum(r["startup_s"] + r["idle_s"] for r in tracker.replicas.values()) * gpus
         )
+    ran = {s.shard_id for s in plan.todo}
     for rec in plan.manifest.committed().values():
-        if rec.shard_id in {s.shard_id for s in plan.todo}:
+        if rec.shard_id in ran:
             summary.rows += rec.rows
             summary.error_rows += rec.error_rows
             summary.prompt_tokens += rec.prompt_tokens

@@ -110,9 +110,8 @@ class Tracker:
                 )
                 self.files[shard.shard_id] = []
                 self._commit(shard.shard_id)
-        missing = [
-            s.shard_id for s in self.plan.todo if s.shard_id not in self.plan.manifest.committed()
-        ]
+        committed = self.plan.manifest.committed()
+        missing = [s.shard_id for s in self.plan.todo if s.shard_id not in committed]
         if missing:
             raise OutputError(
                 f"{len(missing)} shard(s) did not receive all their rows: {', '.join(missing[:5])}"
