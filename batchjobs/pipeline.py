@@ -183,11 +183,19 @@ def check_resources(spec: JobSpec, device: str) -> None:
             "Lower engine.tensor_parallel_size (and use more replicas)."
         )
     have = int(ray.cluster_resources().get("GPU", 0))
-    need = spec.resources.replicas * spec.gpus_per_replica()
+    res = spec.resources
+    # With autoscaling (min_replicas < replicas) only the minimum must fit now: the pool grows
+    # as nodes join. Without it, every replica must fit or the job would wait forever.
+    key, count = (
+        ("resources.min_replicas", res.min_replicas)
+        if res.min_replicas is not None
+        else ("resources.replicas", res.replicas)
+    )
+    need = count * spec.gpus_per_replica()
     if need > have:
         raise SpecError(
-            f"resources.replicas={spec.resources.replicas} × {spec.gpus_per_replica()} GPU(s) per "
-            f"replica needs {need} GPUs; the cluster has {have}. Lower resources.replicas or "
+            f"{key}={count} × {spec.gpus_per_replica()} GPU(s) per "
+            f"replica needs {need} GPUs; the cluster has {have}. Lower {key} or "
             "engine.tensor_parallel_size."
         )
 
@@ -195,7 +203,7 @@ def check_resources(spec: JobSpec, device: str) -> None:
 def _read_fn(batch: pa.Table, spec: dict, batch_rows: int):
     s = JobSpec.model_validate(spec)
     for row in batch.to_pylist():
-        yield from read_shard(
+        tables = read_shard(
             Shard(**row),
             s.input.prompt_column,
             s.input.id_column,
@@ -203,6 +211,23 @@ def _read_fn(batch: pa.Table, spec: dict, batch_rows: int):
             s.input.storage_options,
             s.input.sampling_columns,
         )
+        if s.input.order == "prefix":
+            tables = group_by_prefix(tables, batch_rows)
+        yield from tables
+
+
+def group_by_prefix(tables, batch_rows: int):
+    """Sort one shard's rows by prompt, so rows sharing a prefix sit in the same batches.
+
+    Sorting within a shard (not across the job) keeps reads streaming and shards committing
+    one by one; a global sort would hold every row back until the last shard is read.
+    """
+    parts = list(tables)
+    if not parts:
+        return
+    table = pa.concat_tables(parts).sort_by([("prompt", "ascending"), ("row_index", "ascending")])
+    for start in range(0, table.num_rows, batch_rows):
+        yield table.slice(start, batch_rows)
 
 
 def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = None):
@@ -241,7 +266,11 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
         batch_size=res.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(
-            size=res.replicas,
+            **(
+                {"size": res.replicas}
+                if res.min_replicas in (None, res.replicas)
+                else {"min_size": res.min_replicas, "max_size": res.replicas}
+            ),
             max_tasks_in_flight_per_actor=res.max_inflight_batches,
             max_concurrent_calls_per_actor=res.max_inflight_batches,
             enable_true_multi_threading=True,

@@ -40,6 +40,12 @@ class InputSpec(_Model):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (credentials stay out of logs)."
     )
+    order: Literal["prefix", "input"] = Field(
+        default="prefix",
+        description="prefix: sort each shard's rows by prompt before batching, so rows that "
+        "share a prefix reach the same replica together and hit its prefix cache; "
+        "input: keep file order. Output rows carry row_index either way.",
+    )
 
     @field_validator("sampling_columns")
     @classmethod
@@ -102,6 +108,12 @@ class SamplingSpec(_Model):
 
 class ResourcesSpec(_Model):
     replicas: int = Field(default=1, ge=1, description="Engine replicas (data parallel).")
+    min_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="Autoscaling: start with this many replicas and grow to `replicas` as "
+        "the cluster frees or adds GPUs. Default: exactly `replicas`.",
+    )
     batch_size: int = Field(default=32, ge=1, description="Rows per Ray Data batch.")
     max_inflight_batches: int = Field(
         default=16, ge=1, description="Batches fed to one replica at once (async)."
@@ -113,6 +125,16 @@ class ResourcesSpec(_Model):
         description="Times Ray may restart a dead engine actor (its batch is retried).",
     )
     rows_per_file: int = Field(default=1000, ge=1, description="Rows per staged output file.")
+
+    @field_validator("min_replicas")
+    @classmethod
+    def _min_not_above_max(cls, value: int | None, info) -> int | None:
+        replicas = info.data.get("replicas")
+        if value is not None and replicas is not None and value > replicas:
+            raise ValueError(
+                f"min_replicas ({value}) is above replicas ({replicas}), the autoscaling maximum"
+            )
+        return value
 
 
 class CostSpec(_Model):

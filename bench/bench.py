@@ -130,6 +130,7 @@ def mode_batchjobs(a) -> dict:
             "path": str(Path(a.data)),
             "id_column": "id",
             "sampling_columns": {"max_tokens": "max_tokens"},
+            **json.loads(a.spec_input),
         },
         "output": {"path": str(Path(a.workdir) / "batchjobs-out"), "mode": "overwrite"},
         "engine": {
@@ -220,7 +221,9 @@ class Monitor:
         self.pid = pid
         self.samples = 0
         self.busy = 0
+        self.trace: list[tuple[float, list[int]]] = []  # (time, utilisation % per GPU)
         self.peak_gpu_mem = 0
+        self.peak_mem_per_gpu: list[int] = []
         self.peak_driver_rss = 0
         self.stop = threading.Event()
         self.nvml = None
@@ -246,10 +249,14 @@ class Monitor:
                 self.peak_driver_rss = max(self.peak_driver_rss, proc.memory_info().rss)
             if self.nvml:
                 utils = [self.nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self.handles]
-                mem = sum(self.nvml.nvmlDeviceGetMemoryInfo(h).used for h in self.handles)
+                mems = [self.nvml.nvmlDeviceGetMemoryInfo(h).used for h in self.handles]
                 self.samples += 1
                 self.busy += sum(u > 0 for u in utils) / len(utils)
-                self.peak_gpu_mem = max(self.peak_gpu_mem, mem)
+                self.trace.append((time.time(), utils))
+                self.peak_gpu_mem = max(self.peak_gpu_mem, sum(mems))
+                self.peak_mem_per_gpu = [
+                    max(m, p) for m, p in zip(mems, self.peak_mem_per_gpu or [0] * len(mems))
+                ]
 
     def result(self) -> dict:
         self.stop.set()
@@ -257,7 +264,27 @@ class Monitor:
         return {
             "gpu_busy_frac": self.busy / self.samples if self.samples else None,
             "peak_gpu_mem_gib": self.peak_gpu_mem / 2**30 if self.nvml else None,
+            "peak_gpu_mem_gib_per_gpu": [round(m / 2**30, 1) for m in self.peak_mem_per_gpu],
             "driver_peak_rss_mib": self.peak_driver_rss / 2**20,
+        }
+
+    def busy_between(self, t0: float, t1: float) -> dict:
+        """Share of samples in [t0, t1] with a kernel running, per GPU that ran any work.
+
+        NVML's utilisation is the share of its sample period in which a kernel ran: this is
+        what starved feeding would lower, measured over generation only (start-up excluded).
+        """
+        window = [u for t, u in self.trace if t0 <= t <= t1]
+        if not window:
+            return {}
+        n = len(window[0])
+        used = [g for g in range(n) if any(u[g] > 0 for u in window)]
+        per_gpu = {g: sum(u[g] > 0 for u in window) / len(window) for g in used}
+        mean_util = {g: sum(u[g] for u in window) / len(window) / 100 for g in used}
+        return {
+            "gen_gpu_busy_frac": min(per_gpu.values()) if per_gpu else 0.0,
+            "gen_gpu_util_mean": sum(mean_util.values()) / len(mean_util) if mean_util else 0.0,
+            "gpus_used": len(used),
         }
 
 
@@ -297,6 +324,9 @@ def run_all(a) -> None:
             "n": a.n,
             "rc": rc,
             "elapsed_s": time.time() - t0,
+            "spec_input": a.spec_input,
+            "spec_engine": a.spec_engine,
+            "resources": a.resources if mode == "batchjobs" else None,
             **extra,
         }
         if rc == 0 and res_file.exists():
@@ -304,6 +334,8 @@ def run_all(a) -> None:
             # End to end = from the process start (imports included) to the last row written.
             row.update(res, wall_s=res["end_at"] - t0)
             row["startup_s"] = res["ready_at"] - t0 if res.get("ready_at") else None
+            if res.get("ready_at"):
+                row.update(mon.busy_between(res["ready_at"], res["end_at"]))
         results.append(row)
         if a.out:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -311,16 +343,22 @@ def run_all(a) -> None:
     print_table(results)
 
 
+def label(r: dict) -> str:
+    """Mode name, marked where a batchjobs run changed input or engine keys."""
+    extra = [v for v in (r.get("spec_input"), r.get("spec_engine")) if v and v != "{}"]
+    return r["mode"] + ("*" if extra else "")
+
+
 def print_table(results) -> None:
     base = {}
     for r in results:
         if r["mode"] == "raw" and r.get("wall_s"):
             base[(r["workload"], r["n"])] = r
-    hdr = f"{'mode':10} {'workload':9} {'rows':>6} {'wall s':>8} {'start s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'vs raw':>7} {'vs raw ex-start':>15} {'gpu busy':>8} {'gpu GiB':>8} {'drv MiB':>8}"
+    hdr = f"{'mode':10} {'workload':9} {'rows':>6} {'wall s':>8} {'start s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'vs raw':>7} {'vs raw ex-start':>15} {'gpu busy':>8} {'gen busy':>8} {'gpu GiB':>8} {'drv MiB':>8}"
     print(hdr)
     for r in results:
         if not r.get("wall_s"):
-            print(f"{r['mode']:10} {r['workload']:9} FAILED rc={r['rc']}")
+            print(f"{label(r):10} {r['workload']:9} FAILED rc={r['rc']}")
             continue
         b = base.get((r["workload"], r["n"]))
         out_tps = r["completion_tokens"] / r["wall_s"]
@@ -334,8 +372,8 @@ def print_table(results) -> None:
         )
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
         print(
-            f"{r['mode']:10} {r['workload']:9} {r['rows']:>6} {r['wall_s']:>8.1f} {f(r.get('startup_s'), '8.1f')} "
-            f"{out_tps:>10.0f} {tot_tps:>10.0f} {f(ratio, '7.3f')} {f(ex, '15.3f')} {f(r.get('gpu_busy_frac'), '8.2f')} "
+            f"{label(r):10} {r['workload']:9} {r['rows']:>6} {r['wall_s']:>8.1f} {f(r.get('startup_s'), '8.1f')} "
+            f"{out_tps:>10.0f} {tot_tps:>10.0f} {f(ratio, '7.3f')} {f(ex, '15.3f')} {f(r.get('gpu_busy_frac'), '8.2f')} {f(r.get('gen_gpu_util_mean'), '8.2f')} "
             f"{f(r.get('peak_gpu_mem_gib'), '8.1f')} {f(r.get('driver_peak_rss_mib'), '8.0f')}"
         )
 
@@ -356,6 +394,11 @@ def main() -> None:
         )
         sp.add_argument(
             "--spec-engine", default="{}", help="JSON: extra batchjobs engine keys (env, ...)"
+        )
+        sp.add_argument(
+            "--spec-input",
+            default="{}",
+            help='JSON: extra batchjobs input keys ({"order": "input"})',
         )
         sp.add_argument(
             "--resources", default='{"replicas": 1, "batch_size": 32, "max_inflight_batches": 32}'
@@ -399,6 +442,8 @@ def main() -> None:
             a.engine_args,
             "--spec-engine",
             a.spec_engine,
+            "--spec-input",
+            a.spec_input,
             "--resources",
             a.resources,
             "--raydata-batch-size",

@@ -4,6 +4,10 @@
 #   STEPS="raydata cli"       Ray Data LLM processor on the same data; one `batchjobs run` CLI job
 #   STEPS="fixed"             raw vs batchjobs, 256 output tokens each
 #   STEPS="dp tp2"            (2 GPUs) 1 vs 2 replicas; one replica with tensor_parallel_size 2
+#   STEPS="dp124"             (4 GPUs) 1, 2, 4 replicas (TP=1) of the 7B shape, fixed 256 tokens
+#   STEPS="prefix"            shared prefixes: raw vs batchjobs (grouped, default) vs batchjobs order=input
+#   STEPS="tp4_70b"           (4 GPUs) one replica, TP=4, Llama-3-70B shape; NCCL topology log
+#   STEPS="pytest"            tests/gpu through pytest
 set -o pipefail
 cd "$(dirname "$0")/../.."
 . bench/gpu/setup.sh
@@ -22,6 +26,28 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
             --resources "{\"replicas\":$r,\"batch_size\":64,\"max_inflight_batches\":16,\"num_cpus_per_replica\":1}" \
             --out $OUT/dp$r.json 2>&1 | tee $OUT/dp$r.log | grep -v "^(\|^\[" | tail -3
         done ;;
+    dp124)
+        for r in 1 2 4; do
+          python3 bench/bench.py run "${COMMON[@]}" --workload fixed --max-tokens 256 --modes batchjobs \
+            --resources "{\"replicas\":$r,\"batch_size\":64,\"max_inflight_batches\":16,\"num_cpus_per_replica\":1}" \
+            --out $OUT/dp.json --append 2>&1 | tee -a $OUT/dp.log | grep -v "^(\|^\[" | tail -4
+        done ;;
+    prefix) # 20 prefixes of ~1200 words x 100 questions, shuffled; short answers (prefill-bound)
+        P=(--model /tmp/llama7b --load-format dummy --max-model-len 4096 --prompt-words 1200 --n 2000
+           --shards 8 --workdir $W --workload prefix --max-tokens 64 --out $OUT/prefix.json --append
+           --resources '{"replicas":1,"batch_size":64,"max_inflight_batches":32,"num_cpus_per_replica":1}')
+        python3 bench/bench.py run "${P[@]}" --modes raw,batchjobs 2>&1 | tee -a $OUT/prefix.log | grep -v "^(\|^\[" | tail -4
+        python3 bench/bench.py run "${P[@]}" --modes batchjobs --spec-input '{"order":"input"}' 2>&1 | tee -a $OUT/prefix.log | grep -v "^(\|^\[" | tail -5 ;;
+    tp4_70b)
+        nvidia-smi topo -m | tee $OUT/topo.txt
+        [ -f /tmp/llama70b/config.json ] || python3 -m batchjobs.cli make-model /tmp/llama70b --shape llama3-70b
+        python3 bench/bench.py run --model /tmp/llama70b --load-format dummy --max-model-len 2048 --prompt-words 550 \
+          --n 512 --shards 4 --workdir /tmp/bench70 --workload fixed --max-tokens 128 --modes batchjobs \
+          --spec-engine '{"tensor_parallel_size": 4, "env": {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,GRAPH"}}' \
+          --resources '{"replicas":1,"batch_size":64,"max_inflight_batches":16,"num_cpus_per_replica":1}' \
+          --out $OUT/tp4-70b.json > $OUT/tp4-70b.log 2>&1; grep -v "NCCL INFO\|^(\|^\[" $OUT/tp4-70b.log | tail -4
+        grep -a "NCCL INFO" $OUT/tp4-70b.log | grep -a "via P2P\|NVLS\|Connected all\|comm 0x\|Trees\|Channel 00" | head -40 > $OUT/nccl.txt; wc -l $OUT/nccl.txt ;;
+    pytest) BATCHJOBS_GPU_TESTS=1 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -5 ;;
     tp2) python3 bench/bench.py run "${COMMON[@]}" --workload fixed --max-tokens 256 --modes batchjobs \
            --spec-engine '{"tensor_parallel_size": 2}' --out $OUT/tp2.json 2>&1 | tee $OUT/tp2.log | grep -v "^(\|^\[" | tail -3 ;;
     cli) /usr/bin/time -v python3 -m batchjobs.cli run jobs/nightly_scoring.yaml \

@@ -118,3 +118,41 @@ def test_replica_larger_than_any_node_is_refused(tmp_path, tiny_model, two_nodes
     )
     with pytest.raises(SpecError, match="needs 12 GPUs; the cluster has 8"):
         run(spec, engine_factory=probe_factory)
+
+
+def test_autoscaling_starts_on_the_minimum_and_grows_to_what_fits(
+    tmp_path, tiny_model, two_nodes_four_gpus
+):
+    """min_replicas=1, replicas=3 of TP=4 on 8 GPUs: accepted although 3 × 4 > 8 (only the
+    minimum must fit now); the pool grows past one replica and the job ends with every row,
+    each replica's 4 GPUs on one node."""
+    from batchjobs.pipeline import run
+    from batchjobs.spec import parse_spec
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(
+        pa.table({"prompt": [f"p{i}" for i in range(600)]}), tmp_path / "in" / "p.parquet"
+    )
+    spec = parse_spec(
+        spec_dict(
+            tiny_model,
+            str(tmp_path / "in"),
+            str(tmp_path / "out"),
+            engine={"tensor_parallel_size": 4, "device": "cuda"},
+            resources={
+                "replicas": 3,
+                "min_replicas": 1,
+                "batch_size": 5,
+                "max_inflight_batches": 1,
+                "num_cpus_per_replica": 0.5,
+            },
+        )
+    )
+    summary = run(spec, engine_factory=probe_factory)
+    assert summary.rows == 600
+    t = pq.read_table(tmp_path / "out")
+    assert sorted(t.column("row_index").to_pylist()) == list(range(600))
+    placements = set(t.column("text").to_pylist())
+    assert 1 <= len(placements) <= 2  # never more replicas than the GPUs hold
+    for p in placements:
+        assert len(p.split("|")[1].split(",")) == 4
