@@ -322,6 +322,8 @@ def run(
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        # Start feeding once the pool's minimum is up, so work spreads over every replica.
+        ctx.wait_for_min_actors_s = spec.resources.start_timeout_s or -1
         device = resolve_device(spec)
         check_resources(spec, device)
         gpus = (

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -125,6 +126,14 @@ class ResourcesSpec(_Model):
         description="Times Ray may restart a dead engine actor (its batch is retried).",
     )
     rows_per_file: int = Field(default=1000, ge=1, description="Rows per staged output file.")
+    start_timeout_s: int = Field(
+        default=1800,
+        ge=0,
+        description="Feed no replica until the first `min_replicas` (default: all) have "
+        "started, waiting at most this long. Otherwise the first replica up takes "
+        "max_inflight_batches batches at once and the others get what is left (measured: 4 "
+        "replicas, only 2 served rows). 0: feed each replica as soon as it is up.",
+    )
 
     @field_validator("min_replicas")
     @classmethod
@@ -152,6 +161,44 @@ class CostSpec(_Model):
         return self.usd_per_gpu_hour
 
 
+class CandidateSpec(EngineSpec):
+    """One engine configuration for the pilot: a name plus the `engine` keys it changes.
+
+    Only the keys a candidate sets replace the job's `engine` section (`args` and `env`
+    merge into the job's); the result is a complete engine section like any other.
+    """
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Names the candidate in the pilot table and its pilot output directory.",
+    )
+    model: str | None = Field(default=None, description="Default: the job's engine.model.")
+
+
+class PilotSpec(_Model):
+    candidates: list[CandidateSpec] = Field(
+        min_length=2,
+        description="Engine configurations to compare (`engine: auto`): each is the job's "
+        "engine section with these keys replaced. Candidates whose engine package is not "
+        "installed are skipped.",
+    )
+    rows: int = Field(
+        default=200,
+        ge=1,
+        description="Rows of the job's first shards that each candidate runs before the "
+        "cheapest ($ per 1M tokens, start-up amortised over the job) runs the job.",
+    )
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique_names(cls, candidates: list[CandidateSpec]) -> list[CandidateSpec]:
+        names = [c.name for c in candidates]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"candidate names must be unique ({', '.join(dupes)} repeated)")
+        return candidates
+
+
 class JobSpec(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     task: Literal["generate"] = "generate"
@@ -161,6 +208,11 @@ class JobSpec(_Model):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     cost: CostSpec = Field(default_factory=CostSpec)
+    pilot: PilotSpec | None = Field(
+        default=None,
+        description="Choose the engine by measured cost: run the first rows with each "
+        "candidate, then the job with the cheapest. Absent: run `engine` as it is.",
+    )
 
     @field_validator("input")
     @classmethod
@@ -184,6 +236,19 @@ class JobSpec(_Model):
                     f"current directory {Path.cwd()})"
                 )
         return engine
+
+    @field_validator("pilot")
+    @classmethod
+    def _candidate_models_exist(cls, pilot: PilotSpec | None) -> PilotSpec | None:
+        for i, cand in enumerate(pilot.candidates if pilot else []):
+            for key in ("model", "tokenizer"):
+                value = getattr(cand, key)
+                if value and not Path(value).expanduser().exists() and not _may_be_hub_name(value):
+                    raise ValueError(
+                        f"candidates[{i}].{key} {value!r} does not exist (relative paths "
+                        f"resolve against the current directory {Path.cwd()})"
+                    )
+        return pilot
 
     def gpus_per_replica(self) -> int:
         return self.engine.tensor_parallel_size * self.engine.pipeline_parallel_size
@@ -213,6 +278,8 @@ class JobSpec(_Model):
         for section in ("input", "output"):
             data[section]["storage_options"] = {k: "***" for k in data[section]["storage_options"]}
         data["engine"]["env"] = {k: "***" for k in data["engine"]["env"]}
+        for cand in (data.get("pilot") or {}).get("candidates", []):
+            cand["env"] = {k: "***" for k in cand["env"]}
         return data
 
 
@@ -286,7 +353,8 @@ def parse_spec(raw: dict[str, Any], source: str = "spec") -> JobSpec:
 
 def _describe(err: dict[str, Any]) -> str:
     loc = [str(p) for p in err["loc"]]
-    where = ".".join(loc) or "(top level)"
+    where = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".")
+    where = where or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
@@ -304,9 +372,19 @@ def _describe(err: dict[str, Any]) -> str:
 def _model_at(loc: list[str]) -> type[BaseModel] | None:
     model: type[BaseModel] = JobSpec
     for part in loc:
+        if part.isdigit():  # a list index: the item is the list's model
+            continue
         field = model.model_fields.get(part)
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        ann = _section_model(getattr(field, "annotation", None))
+        if ann is None:
             return None
         model = ann
     return model
+
+
+def _section_model(ann: Any) -> type[BaseModel] | None:
+    """The model of a section annotated ``Model``, ``Model | None`` or ``list[Model]``."""
+    for arg in (ann, *typing.get_args(ann)):
+        if typing.get_origin(arg) is None and isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
