@@ -40,12 +40,22 @@ def validate(spec: Path, set_: SetOpt = None) -> None:
         job = load_spec(spec, set_)
         shards = list_shards(job.input.path, job.input.format, job.input.storage_options)
         preflight_shards(job, shards)
-        _check_engine_installed(job.engine.kind)
+        _check_engines_installed(job)
     except BatchJobError as exc:
         _fail(exc)
     typer.echo(
         f"ok: {job.name}: {len(shards)} shard(s), engine {job.engine.kind} {job.engine.model}, fingerprint {job.fingerprint()}"
     )
+    if job.pilot is not None:
+        from batchjobs.pilot import apply_candidate, installed
+
+        for cand in job.pilot.candidates:
+            cj = apply_candidate(job, cand)
+            state = "" if installed(cj.engine.kind) else " (not installed: skipped)"
+            typer.echo(
+                f"pilot candidate {cand.name}: engine {cj.engine.kind}, "
+                f"fingerprint {cj.fingerprint()}{state}"
+            )
 
 
 @app.command()
@@ -67,7 +77,13 @@ def run(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         job = load_spec(spec, set_)
-        _check_engine_installed(job.engine.kind)
+        _check_engines_installed(job)
+        pilot = None
+        if job.pilot is not None:
+            from batchjobs.pilot import prepare
+
+            prepared = prepare(job, fresh=fresh, progress=None if quiet else _progress)
+            job, fresh, pilot = prepared.spec, prepared.fresh, prepared.report
         summary = run_job(job, fresh=fresh, progress=None if quiet else _progress)
     except BatchJobError as exc:
         _fail(exc)
@@ -75,8 +91,15 @@ def run(
         typer.echo("interrupted: committed shards are kept; rerun to finish the rest", err=True)
         raise typer.Exit(130) from None
     _print_summary(summary)
+    result = summary.to_dict()
+    if pilot is not None:
+        from batchjobs.pilot import summary_line
+
+        typer.echo(summary_line(pilot))
+        result["pilot"] = pilot
+        result["engine_chosen"] = pilot["chosen"]
     if summary_json:
-        summary_json.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        summary_json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 @app.command()
@@ -125,6 +148,16 @@ def manifest(output: str) -> None:
             _num(r.output_tokens_per_s, ".0f"),
         )
     Console(width=None if sys.stdout.isatty() else 200).print(table)
+    from batchjobs.pilot import PILOT_JSON, format_table, load_decision
+
+    try:
+        decision = load_decision(OutputRoot(output))
+    except (BatchJobError, OSError):
+        decision = None
+    if decision is not None:
+        typer.echo(f"engine chosen by pilot ({output.rstrip('/')}/{PILOT_JSON}):")
+        for line in format_table(decision):
+            typer.echo(line)
 
 
 @app.command("make-model")
@@ -146,6 +179,26 @@ def make_model(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {shape} model to {out}")
+
+
+def _check_engines_installed(job) -> None:
+    """The job's engine must be installed; with a pilot, at least one candidate's."""
+    if job.pilot is None:
+        _check_engine_installed(job.engine.kind)
+        return
+    from batchjobs.pilot import apply_candidate
+
+    kinds = [apply_candidate(job, c).engine.kind for c in job.pilot.candidates]
+    errors = []
+    for kind in dict.fromkeys(kinds):
+        try:
+            _check_engine_installed(kind)
+            return
+        except BatchJobError as exc:
+            errors.append(str(exc))
+    from batchjobs.errors import EngineError
+
+    raise EngineError("no pilot candidate's engine is installed: " + "; ".join(errors))
 
 
 def _check_engine_installed(kind: str) -> None:

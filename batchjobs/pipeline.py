@@ -47,10 +47,9 @@ def preflight_shards(spec: JobSpec, shards: list[Shard]) -> None:
         preflight(shard, i.prompt_column, i.id_column, i.storage_options, i.sampling_columns)
 
 
-def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
-    """List shards, check their columns, and decide what to skip; starts no engine."""
-    shards = list_shards(spec.input.path, spec.input.format, spec.input.storage_options)
-    preflight_shards(spec, shards[:PREFLIGHT_ALL_UP_TO])
+def open_output(spec: JobSpec, fresh: bool = False) -> OutputRoot:
+    """The output root, emptied first for --fresh or mode overwrite; mode error refuses a
+    non-empty one."""
     out = OutputRoot(spec.output.path, spec.output.storage_options)
     if fresh or spec.output.mode == "overwrite":
         out.wipe()
@@ -58,6 +57,14 @@ def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
         raise OutputError(
             f"output.path {spec.output.path!r} is not empty and output.mode is 'error'"
         )
+    return out
+
+
+def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
+    """List shards, check their columns, and decide what to skip; starts no engine."""
+    shards = list_shards(spec.input.path, spec.input.format, spec.input.storage_options)
+    preflight_shards(spec, shards[:PREFLIGHT_ALL_UP_TO])
+    out = open_output(spec, fresh)
     manifest = Manifest(out)
     fp = spec.fingerprint()
     other = manifest.fingerprints() - {fp}

@@ -228,26 +228,14 @@ class JobSpec(_Model):
     @field_validator("engine")
     @classmethod
     def _model_exists(cls, engine: EngineSpec) -> EngineSpec:
-        for key in ("model", "tokenizer"):
-            value = getattr(engine, key)
-            if value and not Path(value).expanduser().exists() and not _may_be_hub_name(value):
-                raise ValueError(
-                    f"{key} {value!r} does not exist (relative paths resolve against the "
-                    f"current directory {Path.cwd()})"
-                )
+        _check_model_paths(engine, "")
         return engine
 
     @field_validator("pilot")
     @classmethod
     def _candidate_models_exist(cls, pilot: PilotSpec | None) -> PilotSpec | None:
         for i, cand in enumerate(pilot.candidates if pilot else []):
-            for key in ("model", "tokenizer"):
-                value = getattr(cand, key)
-                if value and not Path(value).expanduser().exists() and not _may_be_hub_name(value):
-                    raise ValueError(
-                        f"candidates[{i}].{key} {value!r} does not exist (relative paths "
-                        f"resolve against the current directory {Path.cwd()})"
-                    )
+            _check_model_paths(cand, f"candidates[{i}].")
         return pilot
 
     def gpus_per_replica(self) -> int:
@@ -388,3 +376,14 @@ def _section_model(ann: Any) -> type[BaseModel] | None:
         if typing.get_origin(arg) is None and isinstance(arg, type) and issubclass(arg, BaseModel):
             return arg
     return None
+
+
+def _check_model_paths(engine: Any, where: str) -> None:
+    """Refuse a model or tokenizer that is neither a local path nor a hub name."""
+    for key in ("model", "tokenizer"):
+        value = getattr(engine, key)
+        if value and not Path(value).expanduser().exists() and not _may_be_hub_name(value):
+            raise ValueError(
+                f"{where}{key} {value!r} does not exist (relative paths resolve against the "
+                f"current directory {Path.cwd()})"
+            )
