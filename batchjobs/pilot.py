@@ -35,16 +35,21 @@ import pyarrow.parquet as pq
 
 from batchjobs.errors import BatchJobError, EngineError, OutputError
 from batchjobs.manifest import Manifest
-from batchjobs.readers import PARAMS, PROMPT, ROW_ID, Shard, filesystem, list_shards, read_shard
+from batchjobs.readers import (
+    PARAMS,
+    PROMPT,
+    ROW_ID,
+    Shard,
+    count_rows,
+    list_shards,
+    read_shard,
+)
 from batchjobs.sink import OutputRoot
 from batchjobs.spec import CandidateSpec, JobSpec
 
 PILOT_JSON = "_pilot.json"
 PILOT_DIR = "_pilot"
 ENGINE_MODULES = {"vllm": "vllm", "trtllm": "tensorrt_llm"}
-# JSON Lines inputs up to this size are counted line by line; past it, rows are estimated
-# from the bytes per row of the first JSON Lines shard.
-COUNT_JSONL_BYTES = 256 << 20
 OK, FAILED, NOT_INSTALLED = "ok", "failed", "not installed"
 
 Progress = Callable[[str], None] | None
@@ -133,36 +138,6 @@ def rank(table: list[dict[str, Any]], metric: str) -> str | None:
         return min(ok, key=lambda r: r[metric])["name"]
     measured = [r for r in table if r["status"] == OK]
     return measured[0]["name"] if measured else None
-
-
-def count_rows(shards: list[Shard], storage_options: dict | None = None) -> tuple[int, bool]:
-    """Rows in the shards and whether that is an estimate.
-
-    Parquet: the footer's row count. JSON Lines: non-empty lines, counted while the JSON
-    Lines total is at most ``COUNT_JSONL_BYTES``; past that, the first JSON Lines shard is
-    counted and the rest estimated from its bytes per row.
-    """
-    rows, estimated = 0, False
-    jsonl = [s for s in shards if s.format != "parquet"]
-    for shard in shards:
-        if shard.format == "parquet":
-            fs, path = filesystem(shard.url, storage_options)
-            with fs.open(path, "rb") as fh:
-                rows += pq.ParquetFile(fh).metadata.num_rows
-    if sum(s.size for s in jsonl) <= COUNT_JSONL_BYTES:
-        rows += sum(_count_lines(s, storage_options) for s in jsonl)
-    else:
-        first = _count_lines(jsonl[0], storage_options)
-        per_byte = first / jsonl[0].size if jsonl[0].size else 0.0
-        rows += first + round(sum(s.size for s in jsonl[1:]) * per_byte)
-        estimated = True
-    return rows, estimated
-
-
-def _count_lines(shard: Shard, storage_options: dict | None) -> int:
-    fs, path = filesystem(shard.url, storage_options)
-    with fs.open(path, "rb", compression="infer") as fh:
-        return sum(1 for line in fh if line.strip())
 
 
 # --------------------------------------------------------------------------- the pilot

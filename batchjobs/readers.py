@@ -342,3 +342,39 @@ def _make_batch(
             ),
         }
     )
+
+
+# JSON Lines inputs up to this size are counted line by line; past it, rows are estimated
+# from the bytes per row of the first JSON Lines shard.
+COUNT_JSONL_BYTES = 256 << 20
+
+
+def count_rows(shards: list[Shard], storage_options: dict | None = None) -> tuple[int, bool]:
+    """Rows in the shards and whether that is an estimate.
+
+    Parquet: the footer's row count. JSON Lines: non-empty lines, counted while the JSON
+    Lines total is at most ``COUNT_JSONL_BYTES``; past that, the first JSON Lines shard is
+    counted and the rest estimated from its bytes per row.
+    """
+    rows, estimated = 0, False
+    jsonl = [s for s in shards if s.format != "parquet"]
+    rows += sum(shard_rows(s, storage_options) for s in shards if s.format == "parquet")
+    if sum(s.size for s in jsonl) <= COUNT_JSONL_BYTES:
+        rows += sum(shard_rows(s, storage_options) for s in jsonl)
+    else:
+        first = shard_rows(jsonl[0], storage_options)
+        per_byte = first / jsonl[0].size if jsonl[0].size else 0.0
+        rows += first + round(sum(s.size for s in jsonl[1:]) * per_byte)
+        estimated = True
+    return rows, estimated
+
+
+def shard_rows(shard: Shard, storage_options: dict | None = None) -> int:
+    """A shard's row count, as ``read_shard`` will yield it: the Parquet footer's count, or
+    the non-empty lines of a JSON Lines file (one pass, no parsing)."""
+    fs, path = filesystem(shard.url, storage_options)
+    if shard.format == "parquet":
+        with fs.open(path, "rb") as fh:
+            return pq.ParquetFile(fh).metadata.num_rows
+    with fs.open(path, "rb", compression="infer") as fh:
+        return sum(1 for line in fh if line.strip())

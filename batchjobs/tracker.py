@@ -12,8 +12,7 @@ import pyarrow as pa
 
 from batchjobs.errors import OutputError
 from batchjobs.manifest import COMMITTED, ShardRecord
-from batchjobs.readers import Shard, read_shard
-from batchjobs.spec import JobSpec
+from batchjobs.readers import shard_rows
 
 if TYPE_CHECKING:
     from batchjobs.pipeline import Plan
@@ -100,7 +99,10 @@ class Tracker:
         """Commit shards that produced no rows (empty files); anything else left is lost work."""
         seen = set(self.plan.manifest.committed()) | set(self.pending)
         for shard in self.plan.todo:
-            if shard.shard_id not in seen and _count_rows(shard, self.plan.spec) == 0:
+            if (
+                shard.shard_id not in seen
+                and shard_rows(shard, self.plan.spec.input.storage_options) == 0
+            ):
                 self.pending[shard.shard_id] = ShardRecord(
                     shard_id=shard.shard_id,
                     source=shard.url,
@@ -137,15 +139,6 @@ class Tracker:
         if line.split(" output tok/s")[0] != self.last_line.split(" output tok/s")[0] or not force:
             self.progress(line)
         self.last_print, self.last_line = now, line
-
-
-def _count_rows(shard: Shard, spec: JobSpec) -> int:
-    return sum(
-        t.num_rows
-        for t in read_shard(
-            shard, spec.input.prompt_column, spec.input.id_column, 4096, spec.input.storage_options
-        )
-    )
 
 
 def engine_label(kind: str) -> str:

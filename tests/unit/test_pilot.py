@@ -11,10 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from batchjobs import pilot as pl
+from batchjobs import readers
 from batchjobs.cli import app
 from batchjobs.errors import EngineError, OutputError, SpecError
 from batchjobs.pipeline import RunSummary
-from batchjobs.readers import list_shards, read_shard
+from batchjobs.readers import count_rows, list_shards, read_shard
 from batchjobs.spec import parse_spec
 
 
@@ -192,9 +193,9 @@ def test_count_rows_parquet_footer_jsonl_lines_and_estimate(tmp_path, write_json
     (d / "b.jsonl").write_text('{"prompt": "y"}\n\n{"prompt": "z"}\n')
     pq.write_table(pa.table({"prompt": ["p"] * 11}), d / "c.parquet")
     shards = list_shards(str(d))
-    assert pl.count_rows(shards) == (20, False)
-    monkeypatch.setattr(pl, "COUNT_JSONL_BYTES", 10)
-    rows, estimated = pl.count_rows(shards)
+    assert count_rows(shards) == (20, False)
+    monkeypatch.setattr(readers, "COUNT_JSONL_BYTES", 10)
+    rows, estimated = count_rows(shards)
     assert estimated and rows == 11 + 7 + 2  # b.jsonl estimated from a.jsonl's bytes per row
 
 
