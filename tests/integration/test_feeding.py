@@ -5,6 +5,7 @@ requests it holds; generation itself is tested with vLLM in test_e2e.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 
 import pyarrow as pa
@@ -68,3 +69,26 @@ def test_engine_sees_every_in_flight_batch(tmp_path, tiny_model, ray_session):
     # their batches in sequence: a hard cap of 16. How close the peak gets to 48 depends on
     # dispatch timing (32 seen under CI load), so the test checks it is past the old cap.
     assert peak > 16, peak
+
+
+def test_empty_shards_are_committed_with_zero_rows(tmp_path, tiny_model, ray_session):
+    """A shard with no rows yields no batch: the driver commits it at the end, counted from
+    its footer (Parquet) or its non-empty lines (JSON Lines)."""
+    from batchjobs.manifest import COMMITTED
+    from batchjobs.pipeline import run
+    from batchjobs.spec import parse_spec
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "in" / "full.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "in" / "e.parquet")
+    (tmp_path / "in" / "blank.jsonl").write_text("\n  \n")
+    spec = parse_spec(spec_dict(tiny_model, str(tmp_path / "in"), str(tmp_path / "out")))
+    summary = run(spec, engine_factory=counting_factory)
+    assert (summary.rows, summary.shards_run) == (2, 3)
+    manifest = [json.loads(line) for line in (tmp_path / "out" / "_manifest.jsonl").open()]
+    assert sorted((r["status"], r["rows"]) for r in manifest) == [
+        (COMMITTED, 0),
+        (COMMITTED, 0),
+        (COMMITTED, 2),
+    ]
