@@ -10,7 +10,7 @@ to end (engine start included); start-up is also reported so it can be excluded.
 Workloads (deterministic, seeded):
   fixed      every prompt asks for --max-tokens tokens (ignore_eos)
   longtail   output lengths 64/256/512/1536 with weights 50/30/15/5 (scaled by --tail-scale)
-  prefix     20 long shared prefixes x N/20 questions, shuffled
+  prefix     --prefixes (20) long shared prefixes x N/prefixes questions, shuffled
 """
 
 from __future__ import annotations
@@ -36,18 +36,26 @@ WORDS = models.WORDS
 
 # ---------------------------------------------------------------- workloads
 def make_rows(
-    workload: str, n: int, prompt_words: int, max_tokens: int, tail_scale: float, seed: int = 0
+    workload: str,
+    n: int,
+    prompt_words: int,
+    max_tokens: int,
+    tail_scale: float,
+    seed: int = 0,
+    n_prefixes: int = 20,
 ):
     rng = random.Random(seed)
     rows = []
     if workload == "prefix":
-        prefixes = [" ".join(rng.choice(WORDS) for _ in range(prompt_words)) for _ in range(20)]
+        prefixes = [
+            " ".join(rng.choice(WORDS) for _ in range(prompt_words)) for _ in range(n_prefixes)
+        ]
         for i in range(n):
             q = " ".join(rng.choice(WORDS) for _ in range(max(8, prompt_words // 10)))
             rows.append(
                 {
                     "id": f"r{i:06d}",
-                    "prompt": f"{prefixes[i % 20]}\nQuestion {i}: {q}?",
+                    "prompt": f"{prefixes[i % n_prefixes]}\nQuestion {i}: {q}?",
                     "max_tokens": max_tokens,
                 }
             )
@@ -292,11 +300,13 @@ class Monitor:
 def run_all(a) -> None:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    data = work / f"data-{a.workload}-{a.n}"
+    tag = f"-p{a.prefixes}" if a.workload == "prefix" and a.prefixes != 20 else ""
+    data = work / f"data-{a.workload}-{a.n}{tag}"
     if not data.exists():
-        write_shards(
-            make_rows(a.workload, a.n, a.prompt_words, a.max_tokens, a.tail_scale), data, a.shards
+        rows = make_rows(
+            a.workload, a.n, a.prompt_words, a.max_tokens, a.tail_scale, n_prefixes=a.prefixes
         )
+        write_shards(rows, data, a.shards)
     results = (
         json.loads(Path(a.out).read_text()) if a.out and Path(a.out).exists() and a.append else []
     )
@@ -414,6 +424,9 @@ def main() -> None:
     r.add_argument("--shards", type=int, default=8)
     r.add_argument("--prompt-words", type=int, default=500)
     r.add_argument("--tail-scale", type=float, default=1.0)
+    r.add_argument(
+        "--prefixes", type=int, default=20, help="prefix workload: distinct shared prefixes"
+    )
     r.add_argument("--modes", default="raw,batchjobs")
     r.add_argument("--out", default=None)
     r.add_argument("--append", action="store_true")

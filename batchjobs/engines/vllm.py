@@ -90,7 +90,9 @@ class VLLMEngine(Engine):
             "output_kind": RequestOutputKind.FINAL_ONLY,
         }
         self.params = SamplingParams(**self._base_kwargs)
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(spec)))
+        self.engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**engine_args(spec)), **_offline_defaults()
+        )
         self._closed = False
 
     async def generate(self, request: Request) -> Result:
@@ -131,6 +133,23 @@ class VLLMEngine(Engine):
 
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "version": self.version}
+
+
+def _offline_defaults() -> dict[str, Any]:
+    """Ask vLLM for the defaults of its offline ``LLM`` class, not of an embedded engine.
+
+    ``AsyncLLM`` defaults to the engine context, whose scheduler limits are vLLM's generic
+    ones (max_num_seqs 128, max_num_batched_tokens 2048), while ``LLM`` gets the limits tuned
+    per device for offline batches (on an H100/H200: 1024 sequences, 16384 tokens per step;
+    on CPU 256 and 4096). A batch job is that offline workload, and raw ``LLM.generate`` is
+    the baseline it is measured against, so it gets the same limits. The spec's
+    ``engine.max_num_seqs`` / ``engine.args.max_num_batched_tokens`` still override them.
+    """
+    try:
+        from vllm.usage.usage_lib import UsageContext
+    except ImportError:  # pragma: no cover - layout of other vLLM versions
+        return {}
+    return {"usage_context": UsageContext.LLM_CLASS}
 
 
 def _stop(procs, grace_s: float = 5.0) -> None:

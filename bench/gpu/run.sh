@@ -6,6 +6,8 @@
 #   STEPS="dp tp2"            (2 GPUs) 1 vs 2 replicas; one replica with tensor_parallel_size 2
 #   STEPS="dp124"             (4 GPUs) 1, 2, 4 replicas (TP=1) of the 7B shape, fixed 256 tokens
 #   STEPS="prefix"            shared prefixes: raw vs batchjobs (grouped, default) vs batchjobs order=input
+#   STEPS="prefix200"         200 prefixes x 10 questions (more than the KV cache holds at once):
+#                             raw vs batchjobs (grouped) vs batchjobs order=input
 #   STEPS="tp4_70b"           (4 GPUs) one replica, TP=4, Llama-3-70B shape; NCCL topology log
 #   STEPS="pytest"            tests/gpu through pytest
 set -o pipefail
@@ -38,6 +40,12 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
            --resources '{"replicas":1,"batch_size":64,"max_inflight_batches":32,"num_cpus_per_replica":1}')
         python3 bench/bench.py run "${P[@]}" --modes raw,batchjobs 2>&1 | tee -a $OUT/prefix.log | grep -v "^(\|^\[" | tail -4
         python3 bench/bench.py run "${P[@]}" --modes batchjobs --spec-input '{"order":"input"}' 2>&1 | tee -a $OUT/prefix.log | grep -v "^(\|^\[" | tail -5 ;;
+    prefix200)
+        P=(--model /tmp/llama7b --load-format dummy --max-model-len 4096 --prompt-words 1200 --n 2000
+           --prefixes 200 --shards 8 --workdir $W --workload prefix --max-tokens 64 --out $OUT/prefix200.json --append
+           --resources '{"replicas":1,"batch_size":64,"max_inflight_batches":32,"num_cpus_per_replica":1}')
+        python3 bench/bench.py run "${P[@]}" --modes raw,batchjobs 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -4
+        python3 bench/bench.py run "${P[@]}" --modes batchjobs --spec-input '{"order":"input"}' 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -5 ;;
     tp4_70b)
         nvidia-smi topo -m | tee $OUT/topo.txt
         [ -f /tmp/llama70b/config.json ] || python3 -m batchjobs.cli make-model /tmp/llama70b --shape llama3-70b

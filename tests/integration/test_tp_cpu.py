@@ -35,11 +35,15 @@ pytestmark = [
 def _probing_factory(probe: str, spec):
     """Build the real vLLM engine, then record what vLLM made of the spec (in the actor)."""
     import psutil
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
 
     from batchjobs.engines.vllm import VLLMEngine
 
     engine = VLLMEngine(spec)
     parallel = engine.engine.vllm_config.parallel_config
+    sched = engine.engine.vllm_config.scheduler_config
+    tokens, seqs = AsyncEngineArgs.get_batch_defaults(parallel.world_size)
     procs = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
     workers = [p for p in procs if p.name().startswith("VLLM::Worker")]
     Path(probe).write_text(
@@ -50,6 +54,9 @@ def _probing_factory(probe: str, spec):
                 "backend": parallel.distributed_executor_backend,
                 "workers": sorted(p.name() for p in workers),
                 "pids": [[p.pid, p.create_time()] for p in workers],
+                # The scheduler limits vLLM's offline LLM class would choose here.
+                "limits": [sched.max_num_seqs, sched.max_num_batched_tokens],
+                "llm_class_limits": [seqs[UsageContext.LLM_CLASS], tokens[UsageContext.LLM_CLASS]],
             }
         )
     )
@@ -111,6 +118,10 @@ def test_tensor_parallel_2_on_cpu(tmp_path, tiny_model, ray_session):
     # The engine's close() stops vLLM's workers: they used to spin on both cores for up to
     # a minute after the job, slowing whatever started next.
     pids = seen.pop("pids")
+    # The engine runs with the limits vLLM tunes for offline batches (as LLM.generate does),
+    # not the embedded-engine defaults (128 sequences, 2048 tokens per step).
+    limits, llm_class = seen.pop("limits"), seen.pop("llm_class_limits")
+    assert limits == llm_class and limits != [128, 2048], (limits, llm_class)
     deadline = time.time() + 20
     while _alive(pids) and time.time() < deadline:
         time.sleep(0.5)
