@@ -207,6 +207,24 @@ def check_resources(spec: JobSpec, device: str) -> None:
         )
 
 
+def start_gate_s(spec: JobSpec) -> float:
+    """Ray Data's ``wait_for_min_actors_s`` for this job: -1 (no gate) or the timeout.
+
+    The gate feeds no replica until the pool's minimum is up, so the first replica to start
+    cannot take ``max_inflight_batches`` batches while the others start (measured: 4
+    replicas, 2 served rows). But Ray Data waits for it synchronously, holding back the
+    read tasks too: reads then start only when the engines are ready instead of during
+    their start-up (measured: 3-4 s of idle engine after start-up on an H200 host; on 2
+    CPU cores the readers' start-up took the engine's cores, 47 s of generation instead
+    of 35 s). With one replica there is nothing to spread, so there is no gate.
+    """
+    res = spec.resources
+    pool_min = res.min_replicas if res.min_replicas is not None else res.replicas
+    if pool_min <= 1 or not res.start_timeout_s:
+        return -1
+    return float(res.start_timeout_s)
+
+
 def _read_fn(batch: pa.Table, spec: dict, batch_rows: int):
     s = JobSpec.model_validate(spec)
     for row in batch.to_pylist():
@@ -237,6 +255,19 @@ def group_by_prefix(tables, batch_rows: int):
         yield table.slice(start, batch_rows)
 
 
+def io_concurrency() -> int | None:
+    """How many read (and write) tasks may run at once: no cap on a cluster we joined; on
+    the local cluster we start, about half the machine's cores.
+
+    Each concurrent task is a Ray worker process (~2.7 CPU-s to start, measured on 2 cores).
+    The local cluster declares at least 8 logical CPUs (see ``connect_ray``), so without a
+    cap a 2-core machine started 8 readers at once and they took the engine's cores.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    return max(2, (os.cpu_count() or 2) // 2)
+
+
 def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = None):
     """The Ray Data plan: one read task per shard, an engine actor pool, staged writes."""
     import ray
@@ -252,6 +283,7 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
         # Ray sets OMP_NUM_THREADS=num_cpus for an actor; the CPU engine wants every core.
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     ds = ray.data.from_items([s.to_dict() for s in plan.todo], override_num_blocks=len(plan.todo))
+    io = io_concurrency()
     ds = ds.map_batches(
         _read_fn,
         # Read blocks of exactly one engine batch: Ray Data runs the batches of one task in
@@ -260,6 +292,7 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.5,
+        concurrency=io,
     )
     # Ray Data merges what one read task yields into one block (a whole shard). An engine
     # task runs the batches of its block one after another, so a 250-row block is four
@@ -297,6 +330,7 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
         batch_size=res.rows_per_file,
         batch_format="pyarrow",
         num_cpus=0.5,
+        concurrency=io,
     )
 
 
@@ -329,8 +363,7 @@ def run(
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        # Start feeding once the pool's minimum is up, so work spreads over every replica.
-        ctx.wait_for_min_actors_s = spec.resources.start_timeout_s or -1
+        ctx.wait_for_min_actors_s = start_gate_s(spec)
         device = resolve_device(spec)
         check_resources(spec, device)
         gpus = (

@@ -129,10 +129,12 @@ class ResourcesSpec(_Model):
     start_timeout_s: int = Field(
         default=1800,
         ge=0,
-        description="Feed no replica until the first `min_replicas` (default: all) have "
-        "started, waiting at most this long. Otherwise the first replica up takes "
-        "max_inflight_batches batches at once and the others get what is left (measured: 4 "
-        "replicas, only 2 served rows). 0: feed each replica as soon as it is up.",
+        description="With more than one replica: feed none until the first `min_replicas` "
+        "(default: all) have started, waiting at most this long. Otherwise the first replica "
+        "up takes max_inflight_batches batches at once and the others get what is left "
+        "(measured: 4 replicas, only 2 served rows). Ray Data holds back the reads too while "
+        "it waits, so a job with one replica (nothing to spread) is never held. 0: feed each "
+        "replica as soon as it is up.",
     )
 
     @field_validator("min_replicas")

@@ -395,3 +395,21 @@ def test_price_per_gpu_hour_prefers_accelerator_price(spec_dict):
     assert parse_spec(spec_dict).cost.price_per_gpu_hour() == 4.0
     spec_dict["cost"]["accelerator"] = "A100"  # not in prices: the flat price applies
     assert parse_spec(spec_dict).cost.price_per_gpu_hour() == 1.5
+
+
+@pytest.mark.parametrize(
+    "resources, gate",
+    [
+        ({}, -1),  # one replica: nothing to spread, reads are not held back
+        ({"replicas": 4}, 1800.0),
+        ({"replicas": 4, "start_timeout_s": 60}, 60.0),
+        ({"replicas": 4, "start_timeout_s": 0}, -1),  # feed each replica as soon as it is up
+        ({"replicas": 4, "min_replicas": 1}, -1),  # the pool may run on one replica
+        ({"replicas": 4, "min_replicas": 2}, 1800.0),
+    ],
+)
+def test_replicas_are_gated_only_when_there_is_work_to_spread(spec_dict, resources, gate):
+    from batchjobs.pipeline import start_gate_s
+
+    spec_dict["resources"] = resources
+    assert start_gate_s(parse_spec(spec_dict)) == gate
