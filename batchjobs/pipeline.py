@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from batchjobs.errors import BatchJobError, OutputError, SpecError, unwrap
 from batchjobs.manifest import SUPERSEDED, Manifest, ShardRecord
-from batchjobs.readers import Shard, list_shards, preflight, read_shard
+from batchjobs.readers import Shard, count_rows, list_shards, preflight, read_shard
 from batchjobs.sink import OutputRoot, write_staged
 from batchjobs.spec import JobSpec
 from batchjobs.tracker import Tracker
@@ -219,8 +219,7 @@ def start_gate_s(spec: JobSpec) -> float:
     of 35 s). With one replica there is nothing to spread, so there is no gate.
     """
     res = spec.resources
-    pool_min = res.min_replicas if res.min_replicas is not None else res.replicas
-    if pool_min <= 1 or not res.start_timeout_s:
+    if pool_min(spec) <= 1 or not res.start_timeout_s:
         return -1
     return float(res.start_timeout_s)
 
@@ -253,6 +252,33 @@ def group_by_prefix(tables, batch_rows: int):
     table = pa.concat_tables(parts).sort_by([("prompt", "ascending"), ("row_index", "ascending")])
     for start in range(0, table.num_rows, batch_rows):
         yield table.slice(start, batch_rows)
+
+
+def pool_min(spec: JobSpec) -> int:
+    """Replicas the pool starts with (and never shrinks below)."""
+    res = spec.resources
+    return res.min_replicas if res.min_replicas is not None else res.replicas
+
+
+def tasks_per_replica(plan: Plan) -> int:
+    """Batches one replica may hold at once: ``max_inflight_batches``, or less in a job too
+    small to give every replica that many: then each replica's fair share of the job,
+    ceil(batches / replicas), so the first replica up cannot take the batches the others
+    would get (measured on 4 H200s before any fix: 2 of 4 replicas served a 32-batch job).
+
+    The pool stays work-conserving: a replica that finishes its share early takes more
+    while batches are left. Rows are counted only when the shards alone cannot make the
+    job big enough (every shard gives at least one batch), from Parquet footers or JSON
+    Lines lines.
+    """
+    res = plan.spec.resources
+    replicas = pool_min(plan.spec)
+    full = replicas * res.max_inflight_batches
+    if replicas <= 1 or len(plan.todo) >= full:
+        return res.max_inflight_batches
+    rows, _ = count_rows(plan.todo, plan.spec.input.storage_options)
+    batches = max(len(plan.todo), -(-rows // res.batch_size))
+    return max(1, min(res.max_inflight_batches, -(-batches // replicas)))
 
 
 def io_concurrency() -> int | None:
@@ -311,7 +337,7 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
                 if res.min_replicas in (None, res.replicas)
                 else {"min_size": res.min_replicas, "max_size": res.replicas}
             ),
-            max_tasks_in_flight_per_actor=res.max_inflight_batches,
+            max_tasks_in_flight_per_actor=tasks_per_replica(plan),
             max_concurrent_calls_per_actor=res.max_inflight_batches,
             enable_true_multi_threading=True,
         ),

@@ -117,7 +117,11 @@ class ResourcesSpec(_Model):
     )
     batch_size: int = Field(default=32, ge=1, description="Rows per Ray Data batch.")
     max_inflight_batches: int = Field(
-        default=16, ge=1, description="Batches fed to one replica at once (async)."
+        default=16,
+        ge=1,
+        description="Batches fed to one replica at once (async). In a job too small to "
+        "give every replica that many, each replica holds at most its share, "
+        "ceil(batches / replicas), at a time.",
     )
     num_cpus_per_replica: float = Field(default=1.0, ge=0)
     max_restarts: int = Field(

@@ -3,7 +3,8 @@
 On 4 H200s, 4 replicas of a 7B model served a 2000-row job with only 2 of them: the first
 replicas up took `max_inflight_batches` batches each, i.e. every batch, before the others
 had started. batchjobs now feeds no replica until the pool's minimum is up
-(`resources.start_timeout_s`). A stand-in engine that starts late in order of creation and
+(`resources.start_timeout_s`), and in a job smaller than replicas × max_inflight_batches
+no replica holds more than its fair share of batches at once. A stand-in engine that starts late in order of creation and
 holds each request for a while (a long decode) reproduces the GPU run on CPU."""
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ pytestmark = pytest.mark.integration
 
 
 class LateStarter(Engine):
-    """The k-th replica created starts 2k s late; each request takes 50 × 20 ms."""
+    """The k-th replica created starts 2k s late (plus engine.args.first_start_s); each
+    request takes 50 × 20 ms."""
 
     kind = "late"
 
@@ -38,13 +40,23 @@ class LateStarter(Engine):
                 break
             except FileExistsError:
                 k += 1
-        time.sleep(2.0 * k)
+        time.sleep(spec.engine.args.get("first_start_s", 0.0) + 2.0 * k)
         self.tag = str(os.getpid())
+        self.in_flight = self.peak = 0
 
     async def generate(self, request):
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
         for _ in range(50):
             await asyncio.sleep(0.02)
-        return Result(text=self.tag, finish_reason="stop", prompt_tokens=1, completion_tokens=1)
+        self.in_flight -= 1
+        # "<replica>:<most requests it held at once so far>"
+        return Result(
+            text=f"{self.tag}:{self.peak}",
+            finish_reason="stop",
+            prompt_tokens=1,
+            completion_tokens=1,
+        )
 
     def close(self):
         pass
@@ -54,7 +66,9 @@ def late_factory(spec):
     return LateStarter(spec)
 
 
-def test_late_replicas_get_their_share(tmp_path, tiny_model, ray_session):
+def _run_job(tmp_path, tiny_model, first_start_s=0.0, **resources) -> dict[str, int]:
+    """2000 rows in 8 shards (32 batches of 64) over 4 late-starting replicas; each
+    replica's peak of requests held at once, by replica."""
     from batchjobs.pipeline import run
     from batchjobs.spec import parse_spec
 
@@ -70,18 +84,41 @@ def test_late_replicas_get_their_share(tmp_path, tiny_model, ray_session):
             tiny_model,
             str(tmp_path / "in"),
             str(tmp_path / "out"),
+            engine={"args": {"first_start_s": first_start_s}},
             resources={
                 "replicas": 4,
                 "batch_size": 64,
                 "max_inflight_batches": 16,
                 "num_cpus_per_replica": 0.25,
+                **resources,
             },
         )
     )
     summary = run(spec, engine_factory=late_factory)
     assert summary.rows == 2000
-    served = Counter(pq.read_table(tmp_path / "out").column("text").to_pylist())
+    peaks: dict[str, int] = {}
+    for text in pq.read_table(tmp_path / "out").column("text").to_pylist():
+        replica, peak = text.split(":")
+        peaks[replica] = max(peaks.get(replica, 0), int(peak))
+    return peaks
+
+
+def test_late_replicas_get_their_share(tmp_path, tiny_model, ray_session):
+    _run_job(tmp_path, tiny_model)
+    served = Counter(
+        t.split(":")[0] for t in pq.read_table(tmp_path / "out").column("text").to_pylist()
+    )
     # With `start_timeout_s: 0` (feed each replica as soon as it is up) this failed here:
     # 3 replicas served rows, one of them 1064 of 2000.
     assert len(served) == 4, served
     assert max(served.values()) <= 1.5 * 2000 / 4, served
+
+
+def test_no_replica_takes_more_than_its_share_of_a_small_job(tmp_path, tiny_model, ray_session):
+    """Without the start gate, the first replica up is fed at once, but a job of 32 batches
+    over 4 replicas lets it hold only ceil(32 / 4) = 8 batches (512 rows) at a time, not
+    `max_inflight_batches` = 16 (1024 rows, half the job); it takes more only as it
+    finishes what it holds."""
+    # The first replica starts after 8 s, when every batch has been read and is waiting.
+    peaks = _run_job(tmp_path, tiny_model, first_start_s=8.0, start_timeout_s=0)
+    assert peaks and max(peaks.values()) <= 8 * 64, peaks

@@ -413,3 +413,36 @@ def test_replicas_are_gated_only_when_there_is_work_to_spread(spec_dict, resourc
 
     spec_dict["resources"] = resources
     assert start_gate_s(parse_spec(spec_dict)) == gate
+
+
+@pytest.mark.parametrize(
+    "rows, resources, per_replica",
+    [
+        (2000, {"replicas": 4}, 8),  # 32 batches of 64 over 4: a share of 8, not 16
+        (2000, {"replicas": 2}, 16),  # a share of 16 = max_inflight_batches
+        (2000, {"replicas": 4, "min_replicas": 2}, 16),  # shared over the 2 the pool starts with
+        (2000, {"replicas": 1}, 16),  # one replica: nothing to share
+        (100, {"replicas": 4}, 2),  # 8 shards of 12 rows: one batch each, 8 batches over 4
+        (200_000, {"replicas": 4}, 16),  # a big job: every replica can hold the full 16
+    ],
+)
+def test_a_replica_holds_at_most_its_share_of_a_small_job(
+    tmp_path, spec_dict, rows, resources, per_replica
+):
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batchjobs.pipeline import tasks_per_replica
+    from batchjobs.readers import list_shards
+
+    (tmp_path / "in").mkdir()
+    for s in range(8):
+        n = rows // 8
+        pq.write_table(pa.table({"prompt": ["x"] * n}), tmp_path / "in" / f"{s}.parquet")
+    spec_dict["input"] = {"path": str(tmp_path / "in"), "format": "parquet"}
+    spec_dict["resources"] = {"batch_size": 64, "max_inflight_batches": 16, **resources}
+    spec = parse_spec(spec_dict)
+    todo = list_shards(spec.input.path, "parquet", {})
+    assert tasks_per_replica(SimpleNamespace(spec=spec, todo=todo)) == per_replica
