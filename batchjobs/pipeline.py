@@ -297,7 +297,7 @@ def io_concurrency() -> int | None:
 def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = None):
     """The Ray Data plan: one read task per shard, an engine actor pool, staged writes."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from batchjobs.actor import EngineActor
 
@@ -309,7 +309,7 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
         # Ray sets OMP_NUM_THREADS=num_cpus for an actor; the CPU engine wants every core.
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     ds = ray.data.from_items([s.to_dict() for s in plan.todo], override_num_blocks=len(plan.todo))
-    io = io_concurrency()
+    io = TaskPoolStrategy(size=io_concurrency())
     ds = ds.map_batches(
         _read_fn,
         # Read blocks of exactly one engine batch: Ray Data runs the batches of one task in
@@ -318,7 +318,7 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.5,
-        concurrency=io,
+        compute=io,
     )
     # Ray Data merges what one read task yields into one block (a whole shard). An engine
     # task runs the batches of its block one after another, so a 250-row block is four
@@ -356,7 +356,7 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
         batch_size=res.rows_per_file,
         batch_format="pyarrow",
         num_cpus=0.5,
-        concurrency=io,
+        compute=io,
     )
 
 
