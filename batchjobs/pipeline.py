@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -297,9 +298,7 @@ def io_concurrency() -> int | None:
 def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = None):
     """The Ray Data plan: one read task per shard, an engine actor pool, staged writes."""
     import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
-
-    from batchjobs.actor import EngineActor
+    from ray.data import TaskPoolStrategy
 
     spec = plan.spec
     res = spec.resources
@@ -326,7 +325,33 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
     # block at once (measured: 2 GPUs no faster than 1). Blocks of one batch each keep
     # `max_inflight_batches` batches in flight per replica and spread work over replicas.
     ds = ds.repartition(target_num_rows_per_block=res.batch_size)
-    ds = ds.map_batches(
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter in Ray Data 2.60, so it goes through the
+        # deprecated **ray_remote_args; the warning would greet every run (it still works
+        # up to Ray 2.64).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = _engine_stage(ds, plan, device, env, raw, engine_factory)
+    return ds.map_batches(
+        write_staged,
+        fn_kwargs={
+            "root": spec.output.path,
+            "storage_options": spec.output.storage_options,
+            "id_column": spec.input.id_column,
+        },
+        batch_size=res.rows_per_file,
+        batch_format="pyarrow",
+        num_cpus=0.5,
+        compute=io,
+    )
+
+
+def _engine_stage(ds, plan: Plan, device: str, env: dict, raw: dict, engine_factory):
+    from ray.data import ActorPoolStrategy
+
+    from batchjobs.actor import EngineActor
+
+    spec, res = plan.spec, plan.spec.resources
+    return ds.map_batches(
         EngineActor,
         fn_constructor_kwargs={"spec": raw, "engine_factory": engine_factory},
         batch_size=res.batch_size,
@@ -345,18 +370,6 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
         num_cpus=res.num_cpus_per_replica,
         max_restarts=res.max_restarts,
         runtime_env={"env_vars": env},
-    )
-    return ds.map_batches(
-        write_staged,
-        fn_kwargs={
-            "root": spec.output.path,
-            "storage_options": spec.output.storage_options,
-            "id_column": spec.input.id_column,
-        },
-        batch_size=res.rows_per_file,
-        batch_format="pyarrow",
-        num_cpus=0.5,
-        compute=io,
     )
 
 
