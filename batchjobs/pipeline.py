@@ -19,8 +19,9 @@ from typing import Any
 import pyarrow as pa
 
 from batchjobs.errors import BatchJobError, OutputError, SpecError, unwrap
+from batchjobs.feeding import io_concurrency, pool_min, start_gate_s, tasks_per_replica
 from batchjobs.manifest import SUPERSEDED, Manifest, ShardRecord
-from batchjobs.readers import Shard, count_rows, list_shards, preflight, read_shard
+from batchjobs.readers import Shard, list_shards, preflight, read_shard
 from batchjobs.sink import OutputRoot, write_staged
 from batchjobs.spec import JobSpec
 from batchjobs.tracker import Tracker
@@ -194,11 +195,8 @@ def check_resources(spec: JobSpec, device: str) -> None:
     res = spec.resources
     # With autoscaling (min_replicas < replicas) only the minimum must fit now: the pool grows
     # as nodes join. Without it, every replica must fit or the job would wait forever.
-    key, count = (
-        ("resources.min_replicas", res.min_replicas)
-        if res.min_replicas is not None
-        else ("resources.replicas", res.replicas)
-    )
+    count = pool_min(spec)
+    key = "resources.min_replicas" if res.min_replicas is not None else "resources.replicas"
     need = count * spec.gpus_per_replica()
     if need > have:
         raise SpecError(
@@ -206,23 +204,6 @@ def check_resources(spec: JobSpec, device: str) -> None:
             f"replica needs {need} GPUs; the cluster has {have}. Lower {key} or "
             "engine.tensor_parallel_size."
         )
-
-
-def start_gate_s(spec: JobSpec) -> float:
-    """Ray Data's ``wait_for_min_actors_s`` for this job: -1 (no gate) or the timeout.
-
-    The gate feeds no replica until the pool's minimum is up, so the first replica to start
-    cannot take ``max_inflight_batches`` batches while the others start (measured: 4
-    replicas, 2 served rows). But Ray Data waits for it synchronously, holding back the
-    read tasks too: reads then start only when the engines are ready instead of during
-    their start-up (measured: 3-4 s of idle engine after start-up on an H200 host; on 2
-    CPU cores the readers' start-up took the engine's cores, 47 s of generation instead
-    of 35 s). With one replica there is nothing to spread, so there is no gate.
-    """
-    res = spec.resources
-    if pool_min(spec) <= 1 or not res.start_timeout_s:
-        return -1
-    return float(res.start_timeout_s)
 
 
 def _read_fn(batch: pa.Table, spec: dict, batch_rows: int):
@@ -253,46 +234,6 @@ def group_by_prefix(tables, batch_rows: int):
     table = pa.concat_tables(parts).sort_by([("prompt", "ascending"), ("row_index", "ascending")])
     for start in range(0, table.num_rows, batch_rows):
         yield table.slice(start, batch_rows)
-
-
-def pool_min(spec: JobSpec) -> int:
-    """Replicas the pool starts with (and never shrinks below)."""
-    res = spec.resources
-    return res.min_replicas if res.min_replicas is not None else res.replicas
-
-
-def tasks_per_replica(plan: Plan) -> int:
-    """Batches one replica may hold at once: ``max_inflight_batches``, or less in a job too
-    small to give every replica that many: then each replica's fair share of the job,
-    ceil(batches / replicas), so the first replica up cannot take the batches the others
-    would get (measured on 4 H200s before any fix: 2 of 4 replicas served a 32-batch job).
-
-    The pool stays work-conserving: a replica that finishes its share early takes more
-    while batches are left. Rows are counted only when the shards alone cannot make the
-    job big enough (every shard gives at least one batch), from Parquet footers or JSON
-    Lines lines.
-    """
-    res = plan.spec.resources
-    replicas = pool_min(plan.spec)
-    full = replicas * res.max_inflight_batches
-    if replicas <= 1 or len(plan.todo) >= full:
-        return res.max_inflight_batches
-    rows, _ = count_rows(plan.todo, plan.spec.input.storage_options)
-    batches = max(len(plan.todo), -(-rows // res.batch_size))
-    return max(1, min(res.max_inflight_batches, -(-batches // replicas)))
-
-
-def io_concurrency() -> int | None:
-    """How many read (and write) tasks may run at once: no cap on a cluster we joined; on
-    the local cluster we start, about half the machine's cores.
-
-    Each concurrent task is a Ray worker process (~2.7 CPU-s to start, measured on 2 cores).
-    The local cluster declares at least 8 logical CPUs (see ``connect_ray``), so without a
-    cap a 2-core machine started 8 readers at once and they took the engine's cores.
-    """
-    if os.environ.get("RAY_ADDRESS"):
-        return None
-    return max(2, (os.cpu_count() or 2) // 2)
 
 
 def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = None):
@@ -362,7 +303,7 @@ def _engine_stage(ds, plan: Plan, device: str, env: dict, raw: dict, engine_fact
                 if res.min_replicas in (None, res.replicas)
                 else {"min_size": res.min_replicas, "max_size": res.replicas}
             ),
-            max_tasks_in_flight_per_actor=tasks_per_replica(plan),
+            max_tasks_in_flight_per_actor=tasks_per_replica(spec, plan.todo),
             max_concurrent_calls_per_actor=res.max_inflight_batches,
             enable_true_multi_threading=True,
         ),

@@ -409,7 +409,7 @@ def test_price_per_gpu_hour_prefers_accelerator_price(spec_dict):
     ],
 )
 def test_replicas_are_gated_only_when_there_is_work_to_spread(spec_dict, resources, gate):
-    from batchjobs.pipeline import start_gate_s
+    from batchjobs.feeding import start_gate_s
 
     spec_dict["resources"] = resources
     assert start_gate_s(parse_spec(spec_dict)) == gate
@@ -429,12 +429,10 @@ def test_replicas_are_gated_only_when_there_is_work_to_spread(spec_dict, resourc
 def test_a_replica_holds_at_most_its_share_of_a_small_job(
     tmp_path, spec_dict, rows, resources, per_replica
 ):
-    from types import SimpleNamespace
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from batchjobs.pipeline import tasks_per_replica
+    from batchjobs.feeding import tasks_per_replica
     from batchjobs.readers import list_shards
 
     (tmp_path / "in").mkdir()
@@ -445,4 +443,4 @@ def test_a_replica_holds_at_most_its_share_of_a_small_job(
     spec_dict["resources"] = {"batch_size": 64, "max_inflight_batches": 16, **resources}
     spec = parse_spec(spec_dict)
     todo = list_shards(spec.input.path, "parquet", {})
-    assert tasks_per_replica(SimpleNamespace(spec=spec, todo=todo)) == per_replica
+    assert tasks_per_replica(spec, todo) == per_replica

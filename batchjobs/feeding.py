@@ -1,0 +1,67 @@
+"""How work reaches the engine replicas: when feeding starts, how many batches one
+replica may hold, how many read and write tasks run at once. Policies only; the Ray Data
+plan that applies them is in ``pipeline``."""
+
+from __future__ import annotations
+
+import os
+
+from batchjobs.readers import Shard, count_rows
+from batchjobs.spec import JobSpec
+
+
+def pool_min(spec: JobSpec) -> int:
+    """Replicas the pool starts with (and never shrinks below)."""
+    res = spec.resources
+    return res.min_replicas if res.min_replicas is not None else res.replicas
+
+
+def tasks_per_replica(spec: JobSpec, todo: list[Shard]) -> int:
+    """Batches one replica may hold at once: ``max_inflight_batches``, or less in a job too
+    small to give every replica that many: then each replica's fair share of the job,
+    ceil(batches / replicas), so the first replica up cannot take the batches the others
+    would get (measured on 4 H200s before any fix: 2 of 4 replicas served a 32-batch job).
+
+    The pool stays work-conserving: a replica that finishes its share early takes more
+    while batches are left. Rows are counted only when the shards alone cannot make the
+    job big enough (every shard gives at least one batch), from Parquet footers or JSON
+    Lines lines.
+    """
+    res = spec.resources
+    replicas = pool_min(spec)
+    full = replicas * res.max_inflight_batches
+    if replicas <= 1 or len(todo) >= full:
+        return res.max_inflight_batches
+    rows, _ = count_rows(todo, spec.input.storage_options)
+    batches = max(len(todo), -(-rows // res.batch_size))
+    return max(1, min(res.max_inflight_batches, -(-batches // replicas)))
+
+
+def io_concurrency() -> int | None:
+    """How many read (and write) tasks may run at once: no cap on a cluster we joined; on
+    the local cluster we start, about half the machine's cores.
+
+    Each concurrent task is a Ray worker process (~2.7 CPU-s to start, measured on 2 cores).
+    The local cluster declares at least 8 logical CPUs (see ``connect_ray``), so without a
+    cap a 2-core machine started 8 readers at once and they took the engine's cores.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    return max(2, (os.cpu_count() or 2) // 2)
+
+
+def start_gate_s(spec: JobSpec) -> float:
+    """Ray Data's ``wait_for_min_actors_s`` for this job: -1 (no gate) or the timeout.
+
+    The gate feeds no replica until the pool's minimum is up, so the first replica to start
+    cannot take ``max_inflight_batches`` batches while the others start (measured: 4
+    replicas, 2 served rows). But Ray Data waits for it synchronously, holding back the
+    read tasks too: reads then start only when the engines are ready instead of during
+    their start-up (measured: 3-4 s of idle engine after start-up on an H200 host; on 2
+    CPU cores the readers' start-up took the engine's cores, 47 s of generation instead
+    of 35 s). With one replica there is nothing to spread, so there is no gate.
+    """
+    res = spec.resources
+    if pool_min(spec) <= 1 or not res.start_timeout_s:
+        return -1
+    return float(res.start_timeout_s)
