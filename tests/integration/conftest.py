@@ -67,3 +67,15 @@ def spec_dict(model: Path, inp: str, out: str, **over) -> dict:
     for key, value in over.items():
         spec[key] = {**spec.get(key, {}), **value}
     return spec
+
+
+def prompt_shards(inp: Path, shards: int, rows: int) -> None:
+    """``shards`` Parquet files in ``inp`` of ``rows`` prompts each, "p<shard>-<row>"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inp.mkdir()
+    for s in range(shards):
+        pq.write_table(
+            pa.table({"prompt": [f"p{s}-{i}" for i in range(rows)]}), inp / f"{s}.parquet"
+        )

@@ -15,11 +15,10 @@ import sys
 import time
 from collections import Counter
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import spec_dict
+from conftest import prompt_shards, spec_dict
 
 from batchjobs.engines.base import Engine, Result
 
@@ -73,12 +72,7 @@ def _run_job(tmp_path, tiny_model, first_start_s=0.0, **resources) -> dict[str, 
     from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
-    (tmp_path / "in").mkdir()
-    for s in range(8):
-        pq.write_table(
-            pa.table({"prompt": [f"p{s}-{i}" for i in range(250)]}),
-            tmp_path / "in" / f"{s}.parquet",
-        )
+    prompt_shards(tmp_path / "in", shards=8, rows=250)
     spec = parse_spec(
         spec_dict(
             tiny_model,

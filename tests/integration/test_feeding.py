@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import spec_dict
+from conftest import prompt_shards, spec_dict
 
 from batchjobs.engines.base import Engine, Result
 
@@ -48,12 +48,8 @@ def test_engine_sees_every_in_flight_batch(tmp_path, tiny_model, ray_session):
     from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
-    (tmp_path / "in").mkdir()
-    for s in range(2):  # two big shards: each read task yields one 160-row block
-        pq.write_table(
-            pa.table({"prompt": [f"p{s}-{i}" for i in range(160)]}),
-            tmp_path / "in" / f"{s}.parquet",
-        )
+    # two big shards: each read task yields one 160-row block
+    prompt_shards(tmp_path / "in", shards=2, rows=160)
     spec = parse_spec(
         spec_dict(
             tiny_model,

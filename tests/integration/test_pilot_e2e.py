@@ -8,21 +8,13 @@ import json
 import pyarrow.dataset as pds
 import pytest
 import yaml
+from cli_text import cli_text
 from conftest import spec_dict
 from typer.testing import CliRunner
 
 from batchjobs.cli import app
 
 pytestmark = pytest.mark.integration
-
-
-def _text(result) -> str:
-    out = result.output or ""
-    try:
-        err = result.stderr or ""
-    except ValueError:  # older click: stderr not captured separately (already in output)
-        err = ""
-    return out if err and err in out else out + err
 
 
 def test_cli_pilot_two_vllm_configs_picks_cheapest_and_reuses_it(tmp_path, tiny_model, ray_session):
@@ -51,7 +43,7 @@ def test_cli_pilot_two_vllm_configs_picks_cheapest_and_reuses_it(tmp_path, tiny_
     runner = CliRunner()
 
     result = runner.invoke(app, ["run", str(path), "--summary-json", str(summary_path)])
-    text = _text(result)
+    text = cli_text(result)
     assert result.exit_code == 0, text[-4000:]
     assert "hunter2-value" not in text
 
@@ -84,12 +76,12 @@ def test_cli_pilot_two_vllm_configs_picks_cheapest_and_reuses_it(tmp_path, tiny_
     assert summary["pilot"]["chosen"] == chosen and summary["rows"] == 60
 
     shown = runner.invoke(app, ["manifest", str(out)])
-    assert shown.exit_code == 0, _text(shown)
+    assert shown.exit_code == 0, cli_text(shown)
     assert "engine chosen by pilot" in shown.output and f"chose {chosen!r}" in shown.output
 
     # a rerun on the same output reuses the recorded decision: no pilot, nothing to run
     again = runner.invoke(app, ["run", str(path)])
-    text = _text(again)
+    text = cli_text(again)
     assert again.exit_code == 0, text[-4000:]
     assert "pilot: reusing the decision" in text
     assert "shards: 0 run, 2 skipped" in again.output

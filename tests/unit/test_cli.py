@@ -8,6 +8,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_text import cli_text
 from typer.testing import CliRunner
 
 from batchjobs import cli
@@ -17,16 +18,6 @@ from batchjobs.readers import list_shards, read_shard
 from batchjobs.sink import MANIFEST, OutputRoot
 
 runner = CliRunner()
-
-
-def _text(result) -> str:
-    """stdout and stderr together, whether or not this click version mixes them."""
-    out = result.output or ""
-    try:
-        err = result.stderr or ""
-    except ValueError:  # older click: stderr not captured separately (already in output)
-        err = ""
-    return out if err and err in out else out + err
 
 
 @pytest.fixture
@@ -46,8 +37,8 @@ def test_validate_bad_spec_exits_2_with_key_path(spec_dict, write_yaml):
     spec_dict["engine"]["tensor_parallel_sise"] = 2
     path = write_yaml(spec_dict)
     result = runner.invoke(app, ["validate", str(path)])
-    assert result.exit_code == 2, _text(result)
-    text = _text(result)
+    assert result.exit_code == 2, cli_text(result)
+    text = cli_text(result)
     assert "error:" in text
     assert "engine.tensor_parallel_sise: unknown key" in text
     assert "did you mean 'tensor_parallel_size'?" in text
@@ -56,7 +47,7 @@ def test_validate_bad_spec_exits_2_with_key_path(spec_dict, write_yaml):
 
 def test_validate_good_spec_exits_0(good_spec, engine_installed):
     result = runner.invoke(app, ["validate", str(good_spec)])
-    assert result.exit_code == 0, _text(result)
+    assert result.exit_code == 0, cli_text(result)
     assert result.output.startswith("ok: unit-job: 1 shard(s), engine vllm ")
     assert "fingerprint " in result.output
 
@@ -64,15 +55,15 @@ def test_validate_good_spec_exits_0(good_spec, engine_installed):
 def test_validate_applies_set_overrides(good_spec, engine_installed):
     result = runner.invoke(app, ["validate", str(good_spec), "--set", "resources.replicas=0"])
     assert result.exit_code == 2
-    assert "resources.replicas: input should be greater than or equal to 1" in _text(result)
+    assert "resources.replicas: input should be greater than or equal to 1" in cli_text(result)
     ok = runner.invoke(app, ["validate", str(good_spec), "-s", "resources.replicas=2"])
-    assert ok.exit_code == 0, _text(ok)
+    assert ok.exit_code == 0, cli_text(ok)
 
 
 def test_validate_malformed_set_exits_2(good_spec, engine_installed):
     result = runner.invoke(app, ["validate", str(good_spec), "--set", "noequals"])
     assert result.exit_code == 2
-    assert "expected KEY=VALUE" in _text(result)
+    assert "expected KEY=VALUE" in cli_text(result)
 
 
 def test_validate_missing_input_exits_3(spec_dict, tmp_path, write_yaml, engine_installed):
@@ -80,7 +71,7 @@ def test_validate_missing_input_exits_3(spec_dict, tmp_path, write_yaml, engine_
     path = write_yaml(spec_dict)
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 3
-    assert f"input.path {str(tmp_path / 'nowhere')!r} does not exist" in _text(result)
+    assert f"input.path {str(tmp_path / 'nowhere')!r} does not exist" in cli_text(result)
 
 
 def test_validate_missing_prompt_column_exits_3(
@@ -90,7 +81,7 @@ def test_validate_missing_prompt_column_exits_3(
     path = write_yaml(spec_dict)
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 3
-    text = _text(result)
+    text = cli_text(result)
     assert "line 1: no column 'prompt' (columns: question)" in text
     assert "set input.prompt_column" in text
 
@@ -104,7 +95,7 @@ def test_validate_without_vllm_exits_4(good_spec, monkeypatch):
     )
     result = runner.invoke(app, ["validate", str(good_spec)])
     assert result.exit_code == 4
-    assert "engine.kind 'vllm' needs vLLM: pip install" in _text(result)
+    assert "engine.kind 'vllm' needs vLLM: pip install" in cli_text(result)
 
 
 def test_validate_and_read_agree_on_missing_parquet_sampling_column(
@@ -117,7 +108,7 @@ def test_validate_and_read_agree_on_missing_parquet_sampling_column(
     result = runner.invoke(app, ["validate", str(path)])
     if result.exit_code != 0:  # refusing up front is one acceptable fix
         assert result.exit_code == 3
-        assert "'mt'" in _text(result)
+        assert "'mt'" in cli_text(result)
         return
     # validate said ok: then reading the shard must work too
     (shard,) = list_shards(str(tmp_path / "in"))
@@ -130,14 +121,14 @@ def test_validate_and_read_agree_on_missing_parquet_sampling_column(
 def test_manifest_without_manifest_exits_1(tmp_path):
     result = runner.invoke(app, ["manifest", str(tmp_path)])
     assert result.exit_code == 1
-    assert f"no manifest records under {tmp_path}" in _text(result)
+    assert f"no manifest records under {tmp_path}" in cli_text(result)
 
 
 def test_manifest_corrupt_exits_5(tmp_path):
     (tmp_path / MANIFEST).write_text("{oops\n")
     result = runner.invoke(app, ["manifest", str(tmp_path)])
     assert result.exit_code == 5
-    assert "line 1 is not a shard record" in _text(result)
+    assert "line 1 is not a shard record" in cli_text(result)
 
 
 def test_manifest_prints_records(tmp_path):
@@ -157,7 +148,7 @@ def test_manifest_prints_records(tmp_path):
     m.save()
     assert json.loads((tmp_path / MANIFEST).read_text())["rows"] == 12
     result = runner.invoke(app, ["manifest", str(tmp_path)])
-    assert result.exit_code == 0, _text(result)
+    assert result.exit_code == 0, cli_text(result)
     out = result.output
     assert "shard-one" in out
     assert "committed" in out
@@ -167,5 +158,5 @@ def test_manifest_prints_records(tmp_path):
 
 def test_no_args_shows_help():
     result = runner.invoke(app, [])
-    assert "validate" in _text(result)
-    assert "manifest" in _text(result)
+    assert "validate" in cli_text(result)
+    assert "manifest" in cli_text(result)
