@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import random
 import subprocess
@@ -122,8 +123,12 @@ def mode_raw(a) -> dict:
     }
 
 
-def mode_batchjobs(a) -> dict:
-    """batchjobs in this process (its driver RSS is what the monitor sees), as `batchjobs run` does."""
+def mode_batchjobs(a, spawn: bool = False) -> dict:
+    """batchjobs in this process (its driver RSS is what the monitor sees), as `batchjobs run` does.
+
+    ``spawn``: vLLM starts its engine core as it does alone in a Ray actor (a fresh
+    interpreter), instead of from batchjobs' warm fork server (batchjobs/engines/warmstart.py).
+    """
     import yaml
 
     from batchjobs.pipeline import run
@@ -132,6 +137,12 @@ def mode_batchjobs(a) -> dict:
     args = json.loads(a.engine_args)
     if a.load_format:
         args["load_format"] = a.load_format
+    engine_extra = json.loads(a.spec_engine)
+    if spawn:
+        engine_extra["env"] = {
+            **engine_extra.get("env", {}),
+            "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+        }
     spec = {
         "name": "bench",
         "input": {
@@ -145,7 +156,7 @@ def mode_batchjobs(a) -> dict:
             "model": a.model,
             "max_model_len": a.max_model_len,
             "args": args,
-            **json.loads(a.spec_engine),
+            **engine_extra,
         },
         "sampling": {"max_tokens": a.max_tokens, "temperature": 0.0, "ignore_eos": True},
         "resources": json.loads(a.resources),
@@ -218,7 +229,12 @@ def mode_raydata(a) -> dict:
     }
 
 
-MODES = {"raw": mode_raw, "batchjobs": mode_batchjobs, "raydata": mode_raydata}
+MODES = {
+    "raw": mode_raw,
+    "batchjobs": mode_batchjobs,
+    "batchjobs_spawn": functools.partial(mode_batchjobs, spawn=True),
+    "raydata": mode_raydata,
+}
 
 
 # ---------------------------------------------------------------- monitoring
@@ -336,7 +352,7 @@ def run_all(a) -> None:
             "elapsed_s": time.time() - t0,
             "spec_input": a.spec_input,
             "spec_engine": a.spec_engine,
-            "resources": a.resources if mode == "batchjobs" else None,
+            "resources": a.resources if mode.startswith("batchjobs") else None,
             **extra,
         }
         if rc == 0 and res_file.exists():
@@ -364,11 +380,11 @@ def print_table(results) -> None:
     for r in results:
         if r["mode"] == "raw" and r.get("wall_s"):
             base[(r["workload"], r["n"])] = r
-    hdr = f"{'mode':10} {'workload':9} {'rows':>6} {'wall s':>8} {'start s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'vs raw':>7} {'vs raw ex-start':>15} {'gpu busy':>8} {'gen busy':>8} {'gpu GiB':>8} {'drv MiB':>8}"
+    hdr = f"{'mode':16} {'workload':9} {'rows':>6} {'wall s':>8} {'start s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'vs raw':>7} {'vs raw ex-start':>15} {'gpu busy':>8} {'gen busy':>8} {'gpu GiB':>8} {'drv MiB':>8}"
     print(hdr)
     for r in results:
         if not r.get("wall_s"):
-            print(f"{label(r):10} {r['workload']:9} FAILED rc={r['rc']}")
+            print(f"{label(r):16} {r['workload']:9} FAILED rc={r['rc']}")
             continue
         b = base.get((r["workload"], r["n"]))
         out_tps = r["completion_tokens"] / r["wall_s"]
@@ -382,7 +398,7 @@ def print_table(results) -> None:
         )
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
         print(
-            f"{label(r):10} {r['workload']:9} {r['rows']:>6} {r['wall_s']:>8.1f} {f(r.get('startup_s'), '8.1f')} "
+            f"{label(r):16} {r['workload']:9} {r['rows']:>6} {r['wall_s']:>8.1f} {f(r.get('startup_s'), '8.1f')} "
             f"{out_tps:>10.0f} {tot_tps:>10.0f} {f(ratio, '7.3f')} {f(ex, '15.3f')} {f(r.get('gpu_busy_frac'), '8.2f')} {f(r.get('gen_gpu_util_mean'), '8.2f')} "
             f"{f(r.get('peak_gpu_mem_gib'), '8.1f')} {f(r.get('driver_peak_rss_mib'), '8.0f')}"
         )

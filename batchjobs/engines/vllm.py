@@ -7,6 +7,7 @@ import gc
 import time
 from typing import Any
 
+from batchjobs.engines import warmstart
 from batchjobs.engines.base import Engine, EngineDead, Request, Result
 from batchjobs.spec import JobSpec, SamplingSpec
 
@@ -67,6 +68,8 @@ class VLLMEngine(Engine):
     kind = "vllm"
 
     def __init__(self, spec: JobSpec):
+        # First, so that the fork server imports vLLM while this process does (warmstart.py).
+        warm = warmstart.prestart()
         import vllm
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -91,9 +94,10 @@ class VLLMEngine(Engine):
             "output_kind": RequestOutputKind.FINAL_ONLY,
         }
         self.params = SamplingParams(**self._base_kwargs)
-        self.engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(**engine_args(spec)), **_offline_defaults()
-        )
+        with warmstart.engine_core_start(warm):
+            self.engine = AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**engine_args(spec)), **_offline_defaults()
+            )
         self._closed = False
 
     async def generate(self, request: Request) -> Result:

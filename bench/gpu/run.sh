@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # One GPU call: setup, then the steps named in $STEPS (default: all), results into $OUT.
+#   STEPS="warm"              raw LLM.generate on 16 prompts: fills vLLM's torch.compile cache, so the
+#                             first timed engine on a fresh machine does not compile (run F: +45 s)
 #   STEPS="longtail_raw_bj"   raw LLM.generate vs batchjobs, long-tailed outputs, 2000 prompts
+#                             (vLLM INFO logs of the engine actor kept in longtail.log)
+#   STEPS="startup"           200 prompts x 64 tokens: raw vs batchjobs (warm engine start) vs
+#                             batchjobs_spawn (vLLM's own spawn of its engine core in the actor)
+#   STEPS="dp2gate"           (2 GPUs) 2 replicas, start gate off (start_timeout_s 0) then default
 #   STEPS="raydata cli"       Ray Data LLM processor on the same data; one `batchjobs run` CLI job
 #   STEPS="fixed"             raw vs batchjobs, 256 output tokens each
 #   STEPS="dp tp2"            (2 GPUs) 1 vs 2 replicas; one replica with tensor_parallel_size 2
 #   STEPS="dp124"             (4 GPUs) 1, 2, 4 replicas (TP=1) of the 7B shape, fixed 256 tokens
 #   STEPS="prefix"            shared prefixes: raw vs batchjobs (grouped, default) vs batchjobs order=input
 #   STEPS="prefix200"         200 prefixes x 10 questions (more than the KV cache holds at once):
-#                             raw vs batchjobs (grouped) vs batchjobs order=input
+#                             raw vs batchjobs (grouped, the default)
+#   STEPS="prefix200_input"   the same, batchjobs with input.order=input (no grouping)
 #   STEPS="tp4_70b"           (4 GPUs) one replica, TP=4, Llama-3-70B shape; NCCL topology log
 #   STEPS="pytest"            tests/gpu through pytest
 set -o pipefail
@@ -16,10 +23,24 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/bench; COMMON=(--model /tmp/llama7b --load-format dummy --max-model-len 4096 --prompt-words 550
   --n 2000 --shards 8 --workdir $W --resources '{"replicas":1,"batch_size":64,"max_inflight_batches":32,"num_cpus_per_replica":1}')
+P200=(--model /tmp/llama7b --load-format dummy --max-model-len 4096 --prompt-words 1200 --n 2000
+  --prefixes 200 --shards 8 --workdir $W --workload prefix --max-tokens 64 --out $OUT/prefix200.json --append
+  --resources '{"replicas":1,"batch_size":64,"max_inflight_batches":32,"num_cpus_per_replica":1}')
 for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
   echo "=== $step $(date +%T)"
   case $step in
-    longtail_raw_bj) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes raw,batchjobs --out $OUT/longtail.json 2>&1 | tee $OUT/longtail.log | grep -v "^(\|^\[" | tail -40 ;;
+    longtail_raw_bj) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes raw,batchjobs \
+           --spec-engine '{"env":{"VLLM_LOGGING_LEVEL":"INFO"}}' --out $OUT/longtail.json 2>&1 | tee $OUT/longtail.log | grep -v "^(\|^\[" | tail -5 ;;
+    warm) python3 bench/bench.py run "${COMMON[@]}" --n 16 --workload fixed --max-tokens 16 --modes raw \
+           --workdir /tmp/warm 2>&1 | tail -2 ;;
+    startup) python3 bench/bench.py run "${COMMON[@]}" --n 200 --workload fixed --max-tokens 64 --modes raw,batchjobs,batchjobs_spawn \
+           --out $OUT/startup.json 2>&1 | tee $OUT/startup.log | grep -v "^(\|^\[" | tail -5 ;;
+    dp2gate)
+        for t in 0 1800; do
+          python3 bench/bench.py run "${COMMON[@]}" --workload fixed --max-tokens 256 --modes batchjobs \
+            --resources "{\"replicas\":2,\"batch_size\":64,\"max_inflight_batches\":16,\"num_cpus_per_replica\":1,\"start_timeout_s\":$t}" \
+            --out $OUT/dp2gate.json --append 2>&1 | tee -a $OUT/dp2gate.log | grep -v "^(\|^\[" | tail -3
+        done ;;
     raydata) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes raydata --out $OUT/longtail-raydata.json 2>&1 | tee $OUT/raydata.log | tail -30 ;;
     fixed) python3 bench/bench.py run "${COMMON[@]}" --workload fixed --max-tokens 256 --modes raw,batchjobs --out $OUT/fixed.json 2>&1 | tee $OUT/fixed.log | grep -v "^(\|^\[" | tail -30 ;;
     dp) # data parallel: 1 vs 2 replicas (TP=1) of the 7B shape, fixed 256 output tokens
@@ -40,12 +61,9 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
            --resources '{"replicas":1,"batch_size":64,"max_inflight_batches":32,"num_cpus_per_replica":1}')
         python3 bench/bench.py run "${P[@]}" --modes raw,batchjobs 2>&1 | tee -a $OUT/prefix.log | grep -v "^(\|^\[" | tail -4
         python3 bench/bench.py run "${P[@]}" --modes batchjobs --spec-input '{"order":"input"}' 2>&1 | tee -a $OUT/prefix.log | grep -v "^(\|^\[" | tail -5 ;;
-    prefix200)
-        P=(--model /tmp/llama7b --load-format dummy --max-model-len 4096 --prompt-words 1200 --n 2000
-           --prefixes 200 --shards 8 --workdir $W --workload prefix --max-tokens 64 --out $OUT/prefix200.json --append
-           --resources '{"replicas":1,"batch_size":64,"max_inflight_batches":32,"num_cpus_per_replica":1}')
-        python3 bench/bench.py run "${P[@]}" --modes raw,batchjobs 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -4
-        python3 bench/bench.py run "${P[@]}" --modes batchjobs --spec-input '{"order":"input"}' 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -5 ;;
+    prefix200) python3 bench/bench.py run "${P200[@]}" --modes raw,batchjobs 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -4 ;;
+    prefix200_input) # the same, batchjobs in file order (no grouping)
+        python3 bench/bench.py run "${P200[@]}" --modes batchjobs --spec-input '{"order":"input"}' 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -5 ;;
     tp4_70b)
         nvidia-smi topo -m | tee $OUT/topo.txt
         [ -f /tmp/llama70b/config.json ] || python3 -m batchjobs.cli make-model /tmp/llama70b --shape llama3-70b

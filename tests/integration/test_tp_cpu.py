@@ -46,6 +46,8 @@ def _probing_factory(probe: str, spec):
     tokens, seqs = AsyncEngineArgs.get_batch_defaults(parallel.world_size)
     procs = [p for p in psutil.Process().children(recursive=True) if p.is_running()]
     workers = [p for p in procs if p.name().startswith("VLLM::Worker")]
+    cores = list({w.parent().pid: w.parent() for w in workers}.values())  # vLLM's engine core
+    servers = [c.parent() for c in cores]
     Path(probe).write_text(
         json.dumps(
             {
@@ -53,7 +55,11 @@ def _probing_factory(probe: str, spec):
                 "world_size": parallel.world_size,
                 "backend": parallel.distributed_executor_backend,
                 "workers": sorted(p.name() for p in workers),
-                "pids": [[p.pid, p.create_time()] for p in workers],
+                "pids": [[p.pid, p.create_time()] for p in workers + cores + servers],
+                # Warm start: the engine core is forked from the fork server that imported
+                # vLLM beside the actor, not spawned by the actor (engines/warmstart.py).
+                "engine_core_parents": [[" ".join(p.cmdline()), p.ppid()] for p in servers],
+                "actor": os.getpid(),
                 # The scheduler limits vLLM's offline LLM class would choose here.
                 "limits": [sched.max_num_seqs, sched.max_num_batched_tokens],
                 "llm_class_limits": [seqs[UsageContext.LLM_CLASS], tokens[UsageContext.LLM_CLASS]],
@@ -118,6 +124,9 @@ def test_tensor_parallel_2_on_cpu(tmp_path, tiny_model, ray_session):
     # The engine's close() stops vLLM's workers: they used to spin on both cores for up to
     # a minute after the job, slowing whatever started next.
     pids = seen.pop("pids")
+    parents, actor = seen.pop("engine_core_parents"), seen.pop("actor")
+    assert len(parents) == 1, parents
+    assert "multiprocessing.forkserver" in parents[0][0] and parents[0][1] == actor, parents
     # The engine runs with the limits vLLM tunes for offline batches (as LLM.generate does),
     # not the embedded-engine defaults (128 sequences, 2048 tokens per step).
     limits, llm_class = seen.pop("limits"), seen.pop("llm_class_limits")
@@ -127,7 +136,7 @@ def test_tensor_parallel_2_on_cpu(tmp_path, tiny_model, ray_session):
         time.sleep(0.5)
     left = _alive(pids)
     _kill(left)
-    assert not left, f"vLLM worker processes {left} outlived the job"
+    assert not left, f"vLLM processes {left} (workers, engine core, fork server) outlived the job"
     # vLLM really ran the model split over two TP workers (TP=1 gives one "VLLM::Worker")
     assert seen == {
         "tp": 2,

