@@ -26,6 +26,10 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import select
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from multiprocessing.context import ForkServerContext, ForkServerProcess
 
@@ -36,15 +40,62 @@ PRELOAD = ["vllm.v1.engine.core"]
 
 
 class WarmProcess(ForkServerProcess):
-    """A fork-server process that runs with the environment it was created under."""
+    """A fork-server process that runs with the environment it was created under, and
+    ends when the process that started it ends."""
 
     environ: dict[str, str] | None = None
+    owner: int | None = None
+
+    def start(self):
+        self.owner = os.getpid()
+        super().start()
 
     def run(self):
         if self.environ is not None:
             os.environ.clear()
             os.environ.update(self.environ)
+        if self.owner is not None:
+            follow(self.owner)
         super().run()
+
+
+def follow(owner: int, grace_s: float = 10.0) -> None:
+    """End this process when ``owner`` ends.
+
+    A child of the fork server is not a child of the actor: when Ray kills the actor, its
+    cleanup of the actor's children does not reach it, and the child itself holds the fork
+    server's liveness pipe open, so the server does not exit either. Left alone, an engine
+    core kept its GPU memory after its actor was gone (seen on an H200: the next engine
+    found 8.8 of 140 GiB free). So a thread waits on a pidfd of the owner; when the owner
+    is gone it asks this process to stop (SIGTERM: vLLM shuts down its workers) and kills it
+    ``grace_s`` later.
+    """
+    try:
+        pidfd = os.pidfd_open(owner)
+    except (AttributeError, OSError):  # no pidfd (old kernel), or the owner is gone already
+        pidfd = None
+
+    def watch():
+        if pidfd is not None:
+            select.select([pidfd], [], [])
+        else:
+            while _alive(owner):
+                time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="follow-owner", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class WarmContext(ForkServerContext):

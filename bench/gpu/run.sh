@@ -83,4 +83,7 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
            --summary-json $OUT/cli-summary.json 2>&1 | tee $OUT/cli.log | grep -v "^(\|^\[36m" | tail -25
          python3 -m batchjobs.cli manifest /tmp/cli-out | tee $OUT/cli-manifest.txt ;;
   esac
+  # Nothing may hold a GPU between steps (a leaked engine core would fail the next engine).
+  sleep 2; echo "after $step: GPU MiB used $(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | paste -sd/)," \
+    "fork servers/engine cores left: $(pgrep -fc 'multiprocessing.forkserver|VLLM::Engine' || true)"
 done

@@ -1,0 +1,85 @@
+"""The warm engine start's process rules, with real processes and no vLLM.
+
+An owner process (standing in for the engine actor) starts children through WarmContext,
+the context vLLM is handed. The children must see the owner's environment as it was when
+the context was made (not the fork server's), and must not outlive the owner: when the
+actor dies, an orphaned engine core would keep its GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+OWNER = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    from batchjobs.engines.warmstart import WarmContext
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        os.environ["WARM_TEST_VAR"] = "set-before-the-context"
+        ctx = WarmContext(dict(os.environ))
+        os.environ["WARM_TEST_VAR"] = "set-after-the-context"
+        env = ctx.Process(target=subprocess.call,
+                          args=(["sh", "-c", f'echo "$WARM_TEST_VAR" > {out}/env'],))
+        env.start(); env.join()
+        sleeper = ctx.Process(target=time.sleep, args=(600,))
+        sleeper.start()
+        with open(f"{out}/pids", "w") as f:
+            f.write(f"{os.getpid()} {sleeper.pid} {os.getppid()}")
+        time.sleep(600)
+    """
+)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] == "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def _wait(path: Path, timeout: float) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        time.sleep(0.1)
+    raise AssertionError(f"{path} was not written in {timeout}s")
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs os.pidfd_open (Linux)")
+def test_children_take_the_owners_environment_and_die_with_it(tmp_path):
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    owner = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    try:
+        pids = _wait(tmp_path / "pids", 30)
+        owner_pid, child_pid, _ = map(int, pids.split())
+        assert (tmp_path / "env").read_text().strip() == "set-before-the-context"
+        assert not _gone(child_pid)
+        # The child is the fork server's, not the owner's: killing the owner does not
+        # reach it through the process tree.
+        with open(f"/proc/{child_pid}/stat") as f:
+            assert int(f.read().split(")")[1].split()[1]) != owner_pid
+        os.kill(owner_pid, signal.SIGKILL)
+        owner.wait(10)
+        deadline = time.time() + 15
+        while not _gone(child_pid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _gone(child_pid), "the warm-started child outlived its owner"
+    finally:
+        owner.kill()
+        if (tmp_path / "pids").exists():
+            with contextlib.suppress(ProcessLookupError, ValueError, IndexError):
+                os.kill(int((tmp_path / "pids").read_text().split()[1]), signal.SIGKILL)
