@@ -1,9 +1,12 @@
 """The engine actor: one engine per Ray actor, fed by many Ray Data batches at once.
 
-Ray Data calls ``__call__`` from up to ``resources.max_inflight_batches`` threads of the
-actor at a time. Each call hands its rows to one asyncio loop that owns the engine and
-waits for them; the engine therefore sees every in-flight row of every batch, and a batch
-that waits on one long request does not stop the others from feeding the engine.
+Ray Data calls ``__call__`` from up to ``feeding.inflight_batches`` threads of the actor at
+a time. Each call hands its rows to one asyncio loop that owns the engine and waits for
+them. In-flight work is capped per request, not per batch: a ``Gate`` lets at most
+``max_inflight_requests`` rows into the engine, in arrival order, and admits the next row
+the moment one finishes. A batch whose other rows are done but whose longest request still
+runs holds no engine slot, so long-tailed outputs do not drain the engine as long as the
+replica holds more rows than the gate admits.
 
 Cost accounting is done here because only the replica knows when it holds its devices.
 The engine is shared like a processor: at every instant, the replica's time is split
@@ -16,6 +19,7 @@ idle + start-up = the time the replica held its devices, up to its last completi
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -76,7 +80,14 @@ class EngineActor:
         self.ready = time.time()
         self.startup_s = self.ready - started
         self.clock = ShareClock(self.ready)
-        log.info("replica %s ready in %.1fs", self.replica, self.startup_s)
+        self.limit = inflight_limit(self.spec, self.engine)
+        self.gate = self._on_loop(_make_gate(self.limit))
+        log.info(
+            "replica %s ready in %.1fs; at most %s requests in its engine",
+            self.replica,
+            self.startup_s,
+            self.limit or "unlimited",
+        )
 
     def _on_loop(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -100,11 +111,12 @@ class EngineActor:
             if input_errors[i] is not None:
                 return Result.failed(input_errors[i]), 0.0
             request = Request(f"{ids[i]}#{uuid.uuid4().hex[:8]}", prompts[i], params[i])
-            mark = self.clock.start(time.time())
-            try:
-                result = await self.engine.generate(request)
-            finally:
-                charge = self.clock.stop(time.time(), mark)
+            async with self.gate:
+                mark = self.clock.start(time.time())
+                try:
+                    result = await self.engine.generate(request)
+                finally:
+                    charge = self.clock.stop(time.time(), mark)
             return result, charge
 
         return await asyncio.gather(*(one(i) for i in range(len(prompts))))
@@ -129,6 +141,9 @@ class EngineActor:
                 "_replica_startup_s": pa.array([self.startup_s] * n, pa.float64()),
                 "_replica_ready_at": pa.array([self.ready] * n, pa.float64()),
                 "_replica_idle_s": pa.array([self.clock.idle] * n, pa.float64()),
+                "_replica_limit": pa.array([self.limit or 0] * n, pa.int64()),
+                "_replica_inflight_s": pa.array([self.clock.inflight_s] * n, pa.float64()),
+                "_replica_busy_s": pa.array([self.clock.busy] * n, pa.float64()),
             }
         )
 
@@ -148,11 +163,63 @@ class EngineActor:
         self.close()
 
 
+def inflight_limit(spec: JobSpec, engine: Engine) -> int | None:
+    """Requests this replica keeps in its engine: the spec's ``max_inflight_requests``, else
+    twice what the engine runs at once (so its scheduler always has the next request
+    waiting), else no limit (an engine that states none)."""
+    if spec.resources.max_inflight_requests:
+        return spec.resources.max_inflight_requests
+    runs = engine.max_concurrency()
+    return 2 * runs if runs else None
+
+
+class Gate:
+    """At most ``limit`` holders at once, let in strictly in arrival order (``None``: no
+    limit). Used on the engine loop only; not thread-safe."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.inside = 0
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+
+    async def __aenter__(self) -> None:
+        if self.limit is None or (self.inside < self.limit and not self.waiting):
+            self.inside += 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self.waiting.append(turn)
+        try:
+            await turn  # _leave hands its place over: `inside` is already counted
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._leave()  # admitted and cancelled at once: pass the place on
+            else:
+                self.waiting.remove(turn)
+            raise
+
+    async def __aexit__(self, *exc) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        while self.waiting:
+            turn = self.waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.inside -= 1
+
+
+async def _make_gate(limit: int | None) -> Gate:
+    return Gate(limit)  # built on the engine loop, where it is used
+
+
 class ShareClock:
     """Splits a replica's time over its in-flight requests (processor sharing).
 
     Every request accrues dt/n for each interval dt in which n requests were in flight;
-    intervals with none go to ``idle``. Only the engine loop thread calls ``start``/``stop``.
+    intervals with none go to ``idle``. ``inflight_s`` / ``busy`` is the mean number of
+    requests in the engine while it had any: the measure of whether feeding kept it full.
+    Only the engine loop thread calls ``start``/``stop``.
     """
 
     def __init__(self, t0: float):
@@ -160,11 +227,15 @@ class ShareClock:
         self.n = 0
         self.acc = 0.0
         self.idle = 0.0
+        self.busy = 0.0
+        self.inflight_s = 0.0
 
     def _advance(self, now: float) -> None:
         dt = max(0.0, now - self.t)
         if self.n:
             self.acc += dt / self.n
+            self.busy += dt
+            self.inflight_s += dt * self.n
         else:
             self.idle += dt
         self.t = max(self.t, now)

@@ -233,7 +233,24 @@ def _print_summary(s) -> None:
         f"tokens: {s.prompt_tokens} in, {s.completion_tokens} out; "
         f"{s.tokens_per_s:.0f} tok/s total, {s.output_tokens_per_s:.0f} output tok/s\n"
         f"cost: {s.gpu_s:.1f} GPU-s (start-up overhead {s.overhead_s:.1f}s) = ${s.cost_usd:.4f}\n"
-        f"output: {s.output} (manifest: {s.output.rstrip('/')}/_manifest.jsonl)"
+        + _replica_line(s.replicas)
+        + f"output: {s.output} (manifest: {s.output.rstrip('/')}/_manifest.jsonl)"
+    )
+
+
+def _replica_line(replicas: dict) -> str:
+    """Start-up and how full the engines were kept: the first things to look at when a job
+    runs slower than expected."""
+    if not replicas:
+        return ""
+    reps = list(replicas.values())
+    start = max(r["startup_s"] for r in reps)
+    mean = sum(r.get("mean_inflight", 0.0) for r in reps) / len(reps)
+    caps = sorted({r.get("inflight_limit", 0) for r in reps})
+    cap = "no cap" if caps == [0] else "cap " + "/".join(str(c) for c in caps)
+    return (
+        f"replicas: {len(reps)}, ready after {start:.1f}s; "
+        f"{mean:.0f} requests in each engine on average ({cap})\n"
     )
 
 

@@ -16,8 +16,42 @@ def pool_min(spec: JobSpec) -> int:
     return res.min_replicas if res.min_replicas is not None else res.replicas
 
 
+# Requests an engine runs at once when the spec does not say: vLLM's max_num_seqs for its
+# offline LLM class on an H100/H200. Only sizes the default batch window; the replica reads
+# the engine's real limit once it has started.
+ENGINE_SEQS_GUESS = 1024
+HOLD_FACTOR = 4  # rows a replica holds per request it keeps in the engine
+MAX_AUTO_BATCHES = 512  # Ray Data runs one thread per batch held
+
+
+def inflight_requests_guess(spec: JobSpec) -> int:
+    """The request cap the replica will most likely use: the spec's, else twice the
+    engine's max_num_seqs (as set, or as vLLM picks it on an H100/H200)."""
+    res = spec.resources
+    return res.max_inflight_requests or 2 * (spec.engine.max_num_seqs or ENGINE_SEQS_GUESS)
+
+
+def inflight_batches(spec: JobSpec) -> int:
+    """Batches one replica may hold: the spec's ``max_inflight_batches``, or enough batches
+    for ``HOLD_FACTOR`` rows per request the replica keeps in its engine.
+
+    Why so many: Ray Data gets a batch back only when its slowest row is done. Meanwhile
+    the batch's finished rows hold their slots, so a replica that held only as many rows as
+    the engine runs would see its engine drain whenever outputs are long-tailed (simulated
+    on 20,000 rows with lengths 64/256/512/1536 at 50/30/15/5 % and 1024 engine slots:
+    2048 rows held gave 0.41 of raw ``LLM.generate``'s throughput, 4096 gave 0.77, 8192
+    matched it; ``bench/inflight_sim.py``). The replica, not the batch count, caps what
+    enters the engine (``max_inflight_requests``).
+    """
+    res = spec.resources
+    if res.max_inflight_batches is not None:
+        return res.max_inflight_batches
+    rows = HOLD_FACTOR * inflight_requests_guess(spec)
+    return max(1, min(MAX_AUTO_BATCHES, -(-rows // res.batch_size)))
+
+
 def tasks_per_replica(spec: JobSpec, todo: list[Shard]) -> int:
-    """Batches one replica may hold at once: ``max_inflight_batches``, or less in a job too
+    """Batches one replica may hold at once: ``inflight_batches``, or less in a job too
     small to give every replica that many: then each replica's fair share of the job,
     ceil(batches / replicas), so the first replica up cannot take the batches the others
     would get (measured on 4 H200s before any fix: 2 of 4 replicas served a 32-batch job).
@@ -29,12 +63,12 @@ def tasks_per_replica(spec: JobSpec, todo: list[Shard]) -> int:
     """
     res = spec.resources
     replicas = pool_min(spec)
-    full = replicas * res.max_inflight_batches
-    if replicas <= 1 or len(todo) >= full:
-        return res.max_inflight_batches
+    window = inflight_batches(spec)
+    if replicas <= 1 or len(todo) >= replicas * window:
+        return window
     rows, _ = count_rows(todo, spec.input.storage_options)
     batches = max(len(todo), -(-rows // res.batch_size))
-    return max(1, min(res.max_inflight_batches, -(-batches // replicas)))
+    return max(1, min(window, -(-batches // replicas)))
 
 
 def io_concurrency() -> int | None:
@@ -54,7 +88,7 @@ def start_gate_s(spec: JobSpec) -> float:
     """Ray Data's ``wait_for_min_actors_s`` for this job: -1 (no gate) or the timeout.
 
     The gate feeds no replica until the pool's minimum is up, so the first replica to start
-    cannot take ``max_inflight_batches`` batches while the others start (measured: 4
+    cannot take ``inflight_batches`` batches while the others start (measured: 4
     replicas, 2 served rows). But Ray Data waits for it synchronously, holding back the
     read tasks too: reads then start only when the engines are ready instead of during
     their start-up (measured: 3-4 s of idle engine after start-up on an H200 host; on 2

@@ -19,7 +19,13 @@ from typing import Any
 import pyarrow as pa
 
 from batchjobs.errors import BatchJobError, OutputError, SpecError, unwrap
-from batchjobs.feeding import io_concurrency, pool_min, start_gate_s, tasks_per_replica
+from batchjobs.feeding import (
+    inflight_batches,
+    io_concurrency,
+    pool_min,
+    start_gate_s,
+    tasks_per_replica,
+)
 from batchjobs.manifest import SUPERSEDED, Manifest, ShardRecord
 from batchjobs.readers import Shard, list_shards, preflight, read_shard
 from batchjobs.sink import OutputRoot, write_staged
@@ -264,7 +270,7 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
     # task runs the batches of its block one after another, so a 250-row block is four
     # waits on each batch's longest request, and the first replica to start takes every
     # block at once (measured: 2 GPUs no faster than 1). Blocks of one batch each keep
-    # `max_inflight_batches` batches in flight per replica and spread work over replicas.
+    # a replica's whole batch window in flight and spread work over replicas.
     ds = ds.repartition(target_num_rows_per_block=res.batch_size)
     with warnings.catch_warnings():
         # max_restarts has no named parameter in Ray Data 2.60, so it goes through the
@@ -304,7 +310,7 @@ def _engine_stage(ds, plan: Plan, device: str, env: dict, raw: dict, engine_fact
                 else {"min_size": res.min_replicas, "max_size": res.replicas}
             ),
             max_tasks_in_flight_per_actor=tasks_per_replica(spec, plan.todo),
-            max_concurrent_calls_per_actor=res.max_inflight_batches,
+            max_concurrent_calls_per_actor=inflight_batches(spec),
             enable_true_multi_threading=True,
         ),
         num_gpus=spec.gpus_per_replica() if device == "cuda" else 0,

@@ -18,6 +18,7 @@ BOOKKEEPING_COLUMNS: dict[str, pa.DataType] = {"shard_id": pa.string(), "row_ind
 INTERNAL_COLUMNS = frozenset(
     {"shard_rows", "prompt", "input_error", "params"}
     | {"_engine_s", "_replica", "_replica_startup_s", "_replica_ready_at", "_replica_idle_s"}
+    | {"_replica_busy_s", "_replica_inflight_s", "_replica_limit"}
 )
 RESERVED = frozenset(GENERATE_COLUMNS) | frozenset(BOOKKEEPING_COLUMNS) | INTERNAL_COLUMNS
 DEFAULT_ID_COLUMN = "row_id"

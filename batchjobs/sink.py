@@ -66,18 +66,24 @@ def _write_part(fs, root: str, shard_id: str, part: pa.Table, schema: pa.Schema)
         raise OutputError(
             f"cannot write {fs.unstrip_protocol(path)}: {type(exc).__name__}: {exc}"
         ) from None
-    # Per replica: [engine seconds charged to these rows, start-up, ready at, idle so far].
-    replicas: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
-    for rep, eng, startup, ready_at, idle in zip(
+    # Per replica: [engine seconds charged to these rows, start-up, ready at, then, so far:
+    # idle s, busy s, request-seconds in the engine; and its request limit].
+    replicas: dict[str, list[float]] = defaultdict(lambda: [0.0] * 7)
+    for rep, eng, startup, ready_at, *so_far, limit in zip(
         part.column("_replica").to_pylist(),
         part.column("_engine_s").to_pylist(),
         part.column("_replica_startup_s").to_pylist(),
         part.column("_replica_ready_at").to_pylist(),
         part.column("_replica_idle_s").to_pylist(),
+        part.column("_replica_busy_s").to_pylist(),
+        part.column("_replica_inflight_s").to_pylist(),
+        part.column("_replica_limit").to_pylist(),
     ):
-        replicas[rep][0] += eng
-        replicas[rep][1:3] = [startup, ready_at]
-        replicas[rep][3] = max(replicas[rep][3], idle)
+        r = replicas[rep]
+        r[0] += eng
+        r[1:3] = [startup, ready_at]
+        r[3:6] = [max(a, b) for a, b in zip(r[3:6], so_far)]
+        r[6] = limit
     return {
         "shard_id": shard_id,
         "shard_rows": part.column(SHARD_ROWS)[0].as_py(),

@@ -116,11 +116,21 @@ class ResourcesSpec(_Model):
         "the cluster frees or adds GPUs. Default: exactly `replicas`.",
     )
     batch_size: int = Field(default=32, ge=1, description="Rows per Ray Data batch.")
-    max_inflight_batches: int = Field(
-        default=16,
+    max_inflight_requests: int | None = Field(
+        default=None,
         ge=1,
-        description="Batches fed to one replica at once (async). In a job too small to "
-        "give every replica that many, each replica holds at most its share, "
+        description="Requests one replica keeps in its engine at once; the rest of the rows "
+        "it holds wait in the replica and go in, in order, as requests finish. Default: twice "
+        "the engine's own limit (vLLM's max_num_seqs: 1024 on an H100/H200, 256 on CPU).",
+    )
+    max_inflight_batches: int | None = Field(
+        default=None,
+        ge=1,
+        description="Batches Ray Data hands one replica at once. A batch goes back only when "
+        "its slowest row is done, so a replica must hold many more rows than it keeps in the "
+        "engine, or the engine runs dry while batches wait on their longest request. Default: "
+        "enough for 4 × max_inflight_requests rows (2048 × 4 rows when both are unset). In a "
+        "job too small to give every replica that many, each holds at most its share, "
         "ceil(batches / replicas), at a time.",
     )
     num_cpus_per_replica: float = Field(default=1.0, ge=0)

@@ -66,13 +66,8 @@ class Tracker:
             rec.completion_tokens += row["completion_tokens"]
             rec.engine_s += row["engine_s"]
             self.files[sid].append(row["file"])
-            for rep, (eng, startup, ready_at, idle) in json.loads(row["replicas"]).items():
-                r = self.replicas.setdefault(
-                    rep,
-                    {"engine_s": 0.0, "startup_s": startup, "ready_at": ready_at, "idle_s": 0.0},
-                )
-                r["engine_s"] += eng
-                r["idle_s"] = max(r["idle_s"], idle)
+            for rep, values in json.loads(row["replicas"]).items():
+                self._add_replica(rep, *values)
             self.done_rows += row["rows"]
             self.done_err += row["error_rows"]
             self.done_ptok += row["prompt_tokens"]
@@ -84,6 +79,19 @@ class Tracker:
                     f"shard {sid}: {rec.rows} rows staged, but it has {self.expected[sid]}"
                 )
         self._maybe_print()
+
+    def _add_replica(self, rep, eng, startup, ready_at, idle, busy, inflight_s, limit) -> None:
+        r = self.replicas.setdefault(
+            rep,
+            {"engine_s": 0.0, "startup_s": startup, "ready_at": ready_at, "idle_s": 0.0},
+        )
+        r["engine_s"] += eng
+        r["idle_s"] = max(r["idle_s"], idle)
+        # Mean requests in the engine while it had any, and the cap it ran under (0: none).
+        if busy >= r.get("busy_s", 0.0):
+            r["busy_s"] = busy
+            r["mean_inflight"] = inflight_s / busy if busy else 0.0
+        r["inflight_limit"] = int(limit)
 
     def _commit(self, sid: str) -> None:
         rec = self.pending.pop(sid)

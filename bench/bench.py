@@ -326,19 +326,25 @@ def run_all(a) -> None:
     results = (
         json.loads(Path(a.out).read_text()) if a.out and Path(a.out).exists() and a.append else []
     )
+    variants = json.loads(a.variants)
     for mode in a.modes.split(","):
-        res_file = work / f"result-{mode}.json"
+        # "batchjobs:NAME": batchjobs with --resources updated by --variants' NAME entry
+        base_mode, _, variant = mode.partition(":")
+        resources = {**json.loads(a.resources), **variants.get(variant, {})}
+        res_file = work / f"result-{mode.replace(':', '-')}.json"
         res_file.unlink(missing_ok=True)
         argv = [
             sys.executable,
             __file__,
             "child",
-            mode,
+            base_mode,
             "--data",
             str(data),
             "--result",
             str(res_file),
         ] + a.child_args
+        if variant:
+            argv += ["--resources", json.dumps(resources)]
         t0 = time.time()
         proc = subprocess.Popen(argv, cwd=REPO)
         mon = Monitor(proc.pid)
@@ -352,7 +358,7 @@ def run_all(a) -> None:
             "elapsed_s": time.time() - t0,
             "spec_input": a.spec_input,
             "spec_engine": a.spec_engine,
-            "resources": a.resources if mode.startswith("batchjobs") else None,
+            "resources": json.dumps(resources) if mode.startswith("batchjobs") else None,
             **extra,
         }
         if rc == 0 and res_file.exists():
@@ -443,7 +449,16 @@ def main() -> None:
     r.add_argument(
         "--prefixes", type=int, default=20, help="prefix workload: distinct shared prefixes"
     )
-    r.add_argument("--modes", default="raw,batchjobs")
+    r.add_argument(
+        "--modes",
+        default="raw,batchjobs",
+        help="comma-separated; batchjobs:NAME runs batchjobs with the resources of --variants NAME",
+    )
+    r.add_argument(
+        "--variants",
+        default="{}",
+        help='JSON: {"NAME": {resource keys}}, e.g. {"old": {"max_inflight_batches": 16}}',
+    )
     r.add_argument("--out", default=None)
     r.add_argument("--append", action="store_true")
 

@@ -81,6 +81,12 @@ class Engine(abc.ABC):
         """Engine kind and version, recorded in the manifest."""
         return {"kind": self.kind}
 
+    def max_concurrency(self) -> int | None:
+        """How many requests the engine runs at once (vLLM's ``max_num_seqs``), or None if
+        it has no such limit. The actor keeps twice this many in the engine by default, so
+        the engine's scheduler always has the next request waiting when one finishes."""
+        return None
+
 
 class EngineDead(Exception):
     """The engine cannot serve further requests; the actor must exit so Ray restarts it."""

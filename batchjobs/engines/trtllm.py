@@ -122,3 +122,8 @@ class TRTLLMEngine(Engine):
 
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "version": self.version}
+
+    def max_concurrency(self) -> int | None:
+        # The LLM API's resolved max_batch_size (the spec's engine.max_num_seqs, if set).
+        resolved = getattr(getattr(self.llm, "args", None), "max_batch_size", None)
+        return resolved or self.spec.engine.max_num_seqs

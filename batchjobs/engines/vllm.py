@@ -140,6 +140,12 @@ class VLLMEngine(Engine):
     def info(self) -> dict[str, Any]:
         return {"kind": self.kind, "version": self.version}
 
+    def max_concurrency(self) -> int | None:
+        # As resolved by vLLM for this device and usage context (1024 on an H100/H200 for
+        # the offline LLM class, 256 on CPU), or the spec's engine.max_num_seqs.
+        config = getattr(self.engine, "vllm_config", None)
+        return getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None)
+
 
 def _offline_defaults() -> dict[str, Any]:
     """Ask vLLM for the defaults of its offline ``LLM`` class, not of an embedded engine.

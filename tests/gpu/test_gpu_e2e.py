@@ -6,6 +6,8 @@ Run on the GPU machine with the bundle from ../shared/gpu/make_bundle.sh:
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
@@ -40,3 +42,25 @@ def test_generate_on_gpu_with_dummy_7b(tmp_path):
     assert (summary.rows, summary.error_rows, summary.completion_tokens) == (64, 0, 64 * 16)
     t = pds.dataset(str(tmp_path / "out"), format="parquet").to_table()
     assert t.num_rows == 64 and t.column("error").null_count == 64
+    # The replica caps requests in its engine at twice vLLM's max_num_seqs (1024 for the
+    # offline LLM class on an H100/H200, so 2048; whatever vLLM resolved on other GPUs).
+    (rep,) = summary.replicas.values()
+    print("replica:", rep)
+    assert rep["inflight_limit"] >= 2 * 256 and rep["inflight_limit"] % 2 == 0, rep
+    # Warm start forks vLLM's engine core from a fork server that is not the actor's child:
+    # nothing of it may outlive the job and hold the GPU (seen once on an H200).
+    deadline = time.time() + 30
+    while _engine_processes() and time.time() < deadline:
+        time.sleep(1)
+    assert not _engine_processes(), _engine_processes()
+
+
+def _engine_processes() -> list[str]:
+    import psutil
+
+    names = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        if p.info["name"].startswith("VLLM::") or "multiprocessing.forkserver" in line:
+            names.append(f"{p.pid} {p.info['name']} {line[:80]}")
+    return names

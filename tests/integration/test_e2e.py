@@ -55,6 +55,7 @@ def test_cli_jsonl_to_parquet_with_bad_rows_resume_and_refusal(tmp_path, tiny_mo
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: it: 17 rows (4 errors)" in proc.stdout
+    assert "requests in each engine on average (cap " in proc.stdout
 
     t = _read_output(out)
     assert t.num_rows == 17
@@ -139,6 +140,8 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
     (rep,) = summary.replicas.values()
     assert summary.engine_s == pytest.approx(rep["engine_s"], rel=1e-6)
     assert rep["startup_s"] > 0 and rep["idle_s"] >= 0
+    # 40 rows went into an engine that admits many more: all were in at once at the start
+    assert 1 <= rep["mean_inflight"] <= n and rep["inflight_limit"] >= n
     # Σ shard seconds + overhead (start-up + idle) = what the replica held, within the run
     assert summary.overhead_s == pytest.approx(rep["startup_s"] + rep["idle_s"], rel=1e-6)
     assert summary.gpu_s == pytest.approx(summary.engine_s + summary.overhead_s, rel=1e-6)

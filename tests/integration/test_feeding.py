@@ -1,6 +1,8 @@
-"""The engine must see `max_inflight_batches × batch_size` rows at once, however the input
-is sharded: that is what keeps continuous batching full. A stand-in engine counts the
-requests it holds; generation itself is tested with vLLM in test_e2e.py."""
+"""What keeps continuous batching full: the engine must see the replica's whole batch
+window at once, however the input is sharded, and rows that wait behind a batch's slowest
+request must not hold engine slots (in-flight work is capped per request, not per batch).
+Stand-in engines count the requests they hold; generation itself is tested with vLLM in
+test_e2e.py."""
 
 from __future__ import annotations
 
@@ -88,3 +90,81 @@ def test_empty_shards_are_committed_with_zero_rows(tmp_path, tiny_model, ray_ses
         (COMMITTED, 0),
         (COMMITTED, 2),
     ]
+
+
+class StragglerEngine(Engine):
+    """Every request whose prompt starts with "slow" waits until ``FAST_DONE`` fast requests
+    have finished (or gives up after ``PATIENCE_S``); fast ones take 10 ms."""
+
+    FAST_DONE = 20
+    PATIENCE_S = 20.0
+
+    def __init__(self, spec):
+        self.now = 0
+        self.peak = 0
+        self.fast_done = 0
+        self.enough = asyncio.Event()
+
+    async def generate(self, request):
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            if request.prompt.startswith("slow"):
+                try:
+                    await asyncio.wait_for(self.enough.wait(), self.PATIENCE_S)
+                    text = "released"
+                except asyncio.TimeoutError:
+                    text = "timed out"
+            else:
+                await asyncio.sleep(0.01)
+                self.fast_done += 1
+                if self.fast_done >= self.FAST_DONE:
+                    self.enough.set()
+                text = "fast"
+            return Result(text=f"{text} {self.peak}", finish_reason="stop", completion_tokens=1)
+        finally:
+            self.now -= 1
+
+    def close(self):
+        pass
+
+    def max_concurrency(self):
+        return 4  # so the replica keeps at most 8 requests in the engine
+
+
+def straggler_factory(spec):
+    return StragglerEngine(spec)
+
+
+def test_rows_behind_a_slow_request_do_not_hold_engine_slots(tmp_path, tiny_model, ray_session):
+    """Batches of 4 rows, the first of each slow: a slow request ends only once 20 fast
+    requests have ended. The replica keeps at most 8 requests in the engine (twice the
+    stand-in's limit of 4) and holds 16 batches. Capped per request, finished rows free their
+    slots and the rows of later batches take them, so 20 fast requests finish while the slow
+    ones wait. Capped per batch (the engine sees 2 batches of 4 = 8 rows, as before), only
+    the 6 fast rows of the first two batches could finish: every slow request would time out.
+    """
+    from batchjobs.pipeline import run
+    from batchjobs.spec import parse_spec
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    (tmp_path / "in").mkdir()
+    prompts = [("slow" if i % 4 == 0 else "fast") + f"-{i}" for i in range(64)]
+    pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in" / "s.parquet")
+    spec = parse_spec(
+        spec_dict(
+            tiny_model,
+            str(tmp_path / "in"),
+            str(tmp_path / "out"),
+            input={"order": "input"},  # keep one slow row at the head of every batch
+            resources={"replicas": 1, "batch_size": 4, "max_inflight_batches": 16},
+        )
+    )
+    summary = run(spec, engine_factory=straggler_factory)
+    assert summary.rows == 64 and summary.error_rows == 0
+    texts = pq.read_table(tmp_path / "out").column("text").to_pylist()
+    outcomes = sorted({t.split()[0] for t in texts})
+    assert outcomes == ["fast", "released"], outcomes  # no slow request timed out
+    assert max(int(t.split()[1]) for t in texts) <= 8  # the request cap held
+    (replica,) = summary.replicas.values()
+    assert replica["inflight_limit"] == 8

@@ -146,6 +146,10 @@ def test_tensor_parallel_2_on_cpu(tmp_path, tiny_model, ray_session):
     }
     assert (summary.rows, summary.error_rows, summary.shards_run) == (8, 0, 1)
     assert len(summary.replicas) == 1
+    # The replica keeps twice what this vLLM engine runs at once in it (max_num_seqs as vLLM
+    # resolved it), capping in-flight work per request.
+    (rep,) = summary.replicas.values()
+    assert rep["inflight_limit"] == 2 * limits[0], (rep, limits)
     rows = {r["id"]: r for r in pds.dataset(str(out), format="parquet").to_table().to_pylist()}
     assert set(rows) == set(prompts)
     for k in prompts:

@@ -86,6 +86,9 @@ ENGINE_OUTPUT_SCHEMA = pa.schema(
         ("_replica_startup_s", pa.float64()),
         ("_replica_ready_at", pa.float64()),
         ("_replica_idle_s", pa.float64()),
+        ("_replica_limit", pa.int64()),
+        ("_replica_inflight_s", pa.float64()),
+        ("_replica_busy_s", pa.float64()),
     ]
 )
 
@@ -108,6 +111,9 @@ def _engine_output(rows: list[dict[str, Any]]) -> pa.Table:
             "_replica_startup_s": 3.0,
             "_replica_ready_at": 1000.0,
             "_replica_idle_s": 0.5,
+            "_replica_limit": 512,
+            "_replica_inflight_s": 30.0,
+            "_replica_busy_s": 10.0,
         }
         d.update(r)
         full.append(d)

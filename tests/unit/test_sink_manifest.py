@@ -68,11 +68,14 @@ def test_write_staged_summaries(tmp_path, engine_output):
     assert b["completion_tokens"] == 9 + 5
     assert a["engine_s"] == pytest.approx(0.25 + 0.5 + 1.0)
     assert b["engine_s"] == pytest.approx(1.0)
-    # per replica: [engine seconds, start-up seconds, ready-at time] (what Tracker.add unpacks)
-    assert json.loads(a["replicas"]) == {"rep-a": [pytest.approx(1.75), 3.0, 1000.0, 0.5]}
+    # per replica (what Tracker.add unpacks): [engine seconds, start-up s, ready-at time,
+    # idle s, busy s, request-seconds in the engine, request limit]
+    assert json.loads(a["replicas"]) == {
+        "rep-a": [pytest.approx(1.75), 3.0, 1000.0, 0.5, 10.0, 30.0, 512]
+    }
     assert json.loads(b["replicas"]) == {
-        "rep-a": [0.5, 3.0, 1000.0, 0.5],
-        "rep-b": [0.5, 3.0, 1000.0, 0.5],
+        "rep-a": [0.5, 3.0, 1000.0, 0.5, 10.0, 30.0, 512],
+        "rep-b": [0.5, 3.0, 1000.0, 0.5, 10.0, 30.0, 512],
     }
 
     # one staged file per shard, named as the summary says

@@ -1,0 +1,137 @@
+"""In-flight work is capped per request, not per batch: the replica's gate, its defaults,
+and the batch window that keeps the gate supplied."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from batchjobs.actor import Gate, ShareClock, inflight_limit
+from batchjobs.engines.base import Engine, Result
+from batchjobs.feeding import inflight_batches
+from batchjobs.spec import parse_spec
+
+
+def test_gate_admits_at_most_limit_in_arrival_order():
+    async def main():
+        gate = Gate(3)
+        order, inside, peak = [], 0, 0
+        release = {i: asyncio.Event() for i in range(8)}
+
+        async def request(i):
+            nonlocal inside, peak
+            async with gate:
+                order.append(i)
+                inside += 1
+                peak = max(peak, inside)
+                await release[i].wait()
+                inside -= 1
+
+        tasks = [asyncio.create_task(request(i)) for i in range(8)]
+        await asyncio.sleep(0.01)
+        assert order == [0, 1, 2]  # the limit holds; the rest wait
+        # Finishing out of order (a long request stays) admits the next in line at once.
+        release[1].set()
+        await asyncio.sleep(0.01)
+        assert order == [0, 1, 2, 3]
+        for i in (0, 2, 3, 4, 5, 6, 7):
+            release[i].set()
+        await asyncio.gather(*tasks)
+        assert order == list(range(8)) and peak == 3
+        assert gate.inside == 0 and not gate.waiting
+
+    asyncio.run(main())
+
+
+def test_gate_passes_a_cancelled_waiters_place_on():
+    async def main():
+        gate = Gate(1)
+        hold = asyncio.Event()
+        admitted = []
+
+        async def request(i, wait):
+            async with gate:
+                admitted.append(i)
+                if wait:
+                    await hold.wait()
+
+        first = asyncio.create_task(request(0, True))
+        second = asyncio.create_task(request(1, False))
+        third = asyncio.create_task(request(2, False))
+        await asyncio.sleep(0.01)
+        second.cancel()  # gives up while waiting
+        await asyncio.sleep(0.01)
+        hold.set()
+        await asyncio.gather(first, third)
+        assert admitted == [0, 2]
+        assert gate.inside == 0 and not gate.waiting
+
+    asyncio.run(main())
+
+
+def test_gate_without_limit_never_waits():
+    async def main():
+        gate = Gate(None)
+        for _ in range(10_000):
+            await gate.__aenter__()
+        assert gate.inside == 10_000 and not gate.waiting
+
+    asyncio.run(main())
+
+
+def test_share_clock_reports_mean_requests_in_engine():
+    c = ShareClock(0.0)
+    a = c.start(1.0)  # idle 0..1
+    b = c.start(2.0)  # 1 request 1..2
+    c.stop(4.0, a)  # 2 requests 2..4
+    c.stop(5.0, b)  # 1 request 4..5
+    assert c.busy == pytest.approx(4.0) and c.idle == pytest.approx(1.0)
+    assert c.inflight_s == pytest.approx(1 + 4 + 1)  # request-seconds
+    assert c.inflight_s / c.busy == pytest.approx(1.5)
+
+
+class _Engine(Engine):
+    def __init__(self, runs):
+        self.runs = runs
+
+    async def generate(self, request):
+        return Result(text="")
+
+    def close(self):
+        pass
+
+    def max_concurrency(self):
+        return self.runs
+
+
+@pytest.mark.parametrize(
+    "resources, runs, limit",
+    [
+        ({}, 256, 512),  # twice what the engine runs at once (vLLM CPU: max_num_seqs 256)
+        ({}, 1024, 2048),  # an H100/H200
+        ({"max_inflight_requests": 100}, 256, 100),  # the spec decides
+        ({}, None, None),  # an engine without a stated limit: no cap
+    ],
+)
+def test_replica_request_limit(spec_dict, resources, runs, limit):
+    spec_dict["resources"] = resources
+    assert inflight_limit(parse_spec(spec_dict), _Engine(runs)) == limit
+
+
+@pytest.mark.parametrize(
+    "resources, engine, batches",
+    [
+        # 4 x 2048 rows (2 x 1024 requests) in batches of 32, the defaults
+        ({}, {}, 256),
+        ({"batch_size": 64}, {}, 128),
+        ({"batch_size": 64}, {"max_num_seqs": 256}, 32),  # 4 x 2 x 256 rows
+        ({"batch_size": 64, "max_inflight_requests": 1000}, {}, 63),  # 4000 rows
+        ({"batch_size": 1}, {}, 512),  # at most 512 batches: one thread each
+        ({"max_inflight_batches": 7}, {}, 7),  # the spec decides
+    ],
+)
+def test_batch_window_holds_several_times_the_request_limit(spec_dict, resources, engine, batches):
+    spec_dict["resources"] = resources
+    spec_dict["engine"].update(engine)
+    assert inflight_batches(parse_spec(spec_dict)) == batches
