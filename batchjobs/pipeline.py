@@ -27,6 +27,7 @@ from batchjobs.feeding import (
     tasks_per_replica,
 )
 from batchjobs.manifest import SUPERSEDED, Manifest, ShardRecord
+from batchjobs.ordering import group_by_prefix, read_groups
 from batchjobs.readers import Shard, list_shards, preflight, read_shard
 from batchjobs.sink import OutputRoot, write_staged
 from batchjobs.spec import JobSpec
@@ -213,33 +214,24 @@ def check_resources(spec: JobSpec, device: str) -> None:
 
 
 def _read_fn(batch: pa.Table, spec: dict, batch_rows: int):
+    """Ray Data UDF: read one group of shards; with ``order: prefix`` sort it as one."""
     s = JobSpec.model_validate(spec)
     for row in batch.to_pylist():
-        tables = read_shard(
-            Shard(**row),
-            s.input.prompt_column,
-            s.input.id_column,
-            batch_rows,
-            s.input.storage_options,
-            s.input.sampling_columns,
+        tables = (
+            table
+            for shard in json.loads(row["shards"])
+            for table in read_shard(
+                Shard(**shard),
+                s.input.prompt_column,
+                s.input.id_column,
+                batch_rows,
+                s.input.storage_options,
+                s.input.sampling_columns,
+            )
         )
         if s.input.order == "prefix":
             tables = group_by_prefix(tables, batch_rows)
         yield from tables
-
-
-def group_by_prefix(tables, batch_rows: int):
-    """Sort one shard's rows by prompt, so rows sharing a prefix sit in the same batches.
-
-    Sorting within a shard (not across the job) keeps reads streaming and shards committing
-    one by one; a global sort would hold every row back until the last shard is read.
-    """
-    parts = list(tables)
-    if not parts:
-        return
-    table = pa.concat_tables(parts).sort_by([("prompt", "ascending"), ("row_index", "ascending")])
-    for start in range(0, table.num_rows, batch_rows):
-        yield table.slice(start, batch_rows)
 
 
 def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = None):
@@ -254,7 +246,11 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
     if device == "cpu":
         # Ray sets OMP_NUM_THREADS=num_cpus for an actor; the CPU engine wants every core.
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    ds = ray.data.from_items([s.to_dict() for s in plan.todo], override_num_blocks=len(plan.todo))
+    groups = read_groups(plan.todo, spec.input.order, spec.input.prefix_group_mb)
+    ds = ray.data.from_items(
+        [{"shards": json.dumps([s.to_dict() for s in group])} for group in groups],
+        override_num_blocks=len(groups),
+    )
     io = TaskPoolStrategy(size=io_concurrency())
     ds = ds.map_batches(
         _read_fn,

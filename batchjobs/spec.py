@@ -43,9 +43,18 @@ class InputSpec(_Model):
     )
     order: Literal["prefix", "input"] = Field(
         default="prefix",
-        description="prefix: sort each shard's rows by prompt before batching, so rows that "
-        "share a prefix reach the same replica together and hit its prefix cache; "
-        "input: keep file order. Output rows carry row_index either way.",
+        description="prefix: sort rows by prompt before batching, so rows that share a "
+        "prefix reach the engine together and hit its prefix cache; the sort spans each read "
+        "group of shards (prefix_group_mb). input: keep file order. Output rows carry "
+        "row_index either way.",
+    )
+    prefix_group_mb: int = Field(
+        default=64,
+        ge=0,
+        description="With order: prefix, consecutive shards of up to this many MB (as "
+        "stored) are read by one task and sorted as one, so rows sharing a prefix meet even "
+        "when the input spreads them over shards. The shards of a group finish (and commit) "
+        "at about the same time. 0: sort each shard alone.",
     )
 
     @field_validator("sampling_columns")

@@ -127,6 +127,13 @@ class VLLMEngine(Engine):
             self._closed = True
             workers = _engine_processes()
             engine, self.engine = self.engine, None
+            # Stop the output handler before the engine core: vLLM 0.24 shuts the core down
+            # first, its monitor then reports "engine core exited unexpectedly" and the still
+            # running handler logs an EngineDeadError traceback after every successful job
+            # (seen on an H200). Every request has finished here; the handler has no work.
+            handler = getattr(engine, "output_handler", None)
+            if handler is not None and not handler.done():
+                handler.cancel()
             engine.shutdown()
             # AsyncLLM.__del__ calls shutdown() again. Let it run now, while the interpreter
             # is whole: left to process exit it ran with vLLM's modules torn down and printed

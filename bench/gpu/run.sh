@@ -15,6 +15,10 @@
 #   STEPS="prefix200"         200 prefixes x 10 questions (more than the KV cache holds at once):
 #                             raw vs batchjobs (grouped, the default)
 #   STEPS="prefix200_input"   the same, batchjobs with input.order=input (no grouping)
+#   STEPS="prefix200_shard"   the same, batchjobs sorting each shard alone (prefix_group_mb 0)
+#   STEPS="window"            8,000 long-tailed prompts, Llama-3-8B shape: raw vs batchjobs (per-request
+#                             cap, default batch window) vs the old per-batch window (32 batches
+#                             of 64); WINDOW_MODES picks modes (one call may not hold all three)
 #   STEPS="tp4_70b"           (4 GPUs) one replica, TP=4, Llama-3-70B shape; NCCL topology log
 #   STEPS="pytest"            tests/gpu through pytest
 set -o pipefail
@@ -62,6 +66,15 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
         python3 bench/bench.py run "${P[@]}" --modes raw,batchjobs 2>&1 | tee -a $OUT/prefix.log | grep -v "^(\|^\[" | tail -4
         python3 bench/bench.py run "${P[@]}" --modes batchjobs --spec-input '{"order":"input"}' 2>&1 | tee -a $OUT/prefix.log | grep -v "^(\|^\[" | tail -5 ;;
     prefix200) python3 bench/bench.py run "${P200[@]}" --modes raw,batchjobs 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -4 ;;
+    prefix200_shard) # the same, each shard sorted alone (the behaviour before read groups)
+        python3 bench/bench.py run "${P200[@]}" --modes batchjobs --spec-input '{"prefix_group_mb":0}' 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -5 ;;
+    window) # Llama-3-8B shape (GQA: the KV cache holds ~1024 sequences, so the engine is slot-bound)
+        [ -f /tmp/llama8b/config.json ] || python3 -m batchjobs.cli make-model /tmp/llama8b --shape llama3-8b
+        python3 bench/bench.py run --model /tmp/llama8b --load-format dummy --max-model-len 4096 --prompt-words 100 \
+           --n 8000 --shards 16 --workdir /tmp/bench8b --workload longtail \
+           --resources '{"replicas":1,"batch_size":64,"num_cpus_per_replica":1}' \
+           --variants '{"window2048": {"max_inflight_batches": 32, "max_inflight_requests": 100000}}' \
+           --modes "${WINDOW_MODES:-raw,batchjobs,batchjobs:window2048}" --out $OUT/window.json --append 2>&1 | tee -a $OUT/window.log | grep -v "^(\|^\[" | tail -5 ;;
     prefix200_input) # the same, batchjobs in file order (no grouping)
         python3 bench/bench.py run "${P200[@]}" --modes batchjobs --spec-input '{"order":"input"}' 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -5 ;;
     tp4_70b)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from batchjobs.pipeline import group_by_prefix
+from batchjobs.ordering import group_by_prefix, read_groups
 from batchjobs.readers import Shard, read_shard
 
 
@@ -49,3 +49,67 @@ def test_min_replicas_above_replicas_is_refused():
     assert ResourcesSpec(replicas=4, min_replicas=2).min_replicas == 2
     with pytest.raises(ValueError, match=r"min_replicas \(3\) is above replicas \(2\)"):
         ResourcesSpec(replicas=2, min_replicas=3)
+
+
+def _sized(name: str, mb: float) -> Shard:
+    return Shard(
+        shard_id=name, url=name, rel=name, format="parquet", size=int(mb * 2**20), version="v"
+    )
+
+
+def test_read_groups_bound_the_input_one_task_sorts():
+    shards = [_sized(n, mb) for n, mb in [("a", 30), ("b", 30), ("c", 10), ("d", 100), ("e", 1)]]
+    ids = lambda groups: [[s.shard_id for s in g] for g in groups]  # noqa: E731
+    # a+b = 60 MB; c would make 70 > 64; d alone is over the limit; e starts a new group
+    assert ids(read_groups(shards, "prefix", 64)) == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert ids(read_groups(shards, "prefix", 1000)) == [["a", "b", "c", "d", "e"]]
+    # file order, or grouping turned off: one shard per read task, as before
+    singletons = [["a"], ["b"], ["c"], ["d"], ["e"]]
+    assert ids(read_groups(shards, "input", 64)) == singletons
+    assert ids(read_groups(shards, "prefix", 0)) == singletons
+    assert read_groups([], "prefix", 64) == []
+
+
+def test_a_read_group_sorts_rows_of_all_its_shards_as_one(tmp_path):
+    """Three shards each hold questions about the same three documents: read as one group,
+    every batch holds one document's rows, whichever shard they came from."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from batchjobs.pipeline import _read_fn
+    from batchjobs.spec import parse_spec
+
+    docs = ["DOC A " * 20, "DOC B " * 20, "DOC C " * 20]
+    shards = []
+    for k in range(3):
+        path = tmp_path / f"s{k}.parquet"
+        pq.write_table(pa.table({"prompt": [f"{docs[i % 3]} q{k}-{i}" for i in range(6)]}), path)
+        shards.append(
+            Shard(
+                shard_id=f"s{k}",
+                url=str(path),
+                rel=path.name,
+                format="parquet",
+                size=1,
+                version="v",
+            )
+        )
+    spec = parse_spec(
+        {
+            "name": "g",
+            "input": {"path": str(tmp_path / "*.parquet")},
+            "output": {"path": str(tmp_path / "out")},
+            "engine": {"model": str(tmp_path)},
+        }
+    ).model_dump()
+    batch = pa.table({"shards": [json.dumps([s.to_dict() for s in shards])]})
+    batches = list(_read_fn(batch, spec, batch_rows=6))
+    assert [b.num_rows for b in batches] == [6, 6, 6]
+    for b, doc in zip(batches, docs):
+        assert all(p.startswith(doc) for p in b.column("prompt").to_pylist())
+        assert len(set(b.column("shard_id").to_pylist())) == 3  # rows of every shard
+    rows = pa.concat_tables(batches)
+    assert sorted(
+        zip(rows.column("shard_id").to_pylist(), rows.column("row_index").to_pylist())
+    ) == [(f"s{k}", i) for k in range(3) for i in range(6)]
