@@ -93,7 +93,7 @@ def run(
     _print_summary(summary)
     result = summary.to_dict()
     if pilot is not None:
-        from batchjobs.pilot import summary_line
+        from batchjobs.projection import summary_line
 
         typer.echo(summary_line(pilot))
         result["pilot"] = pilot
@@ -148,7 +148,8 @@ def manifest(output: str) -> None:
             _num(r.output_tokens_per_s, ".0f"),
         )
     Console(width=None if sys.stdout.isatty() else 200).print(table)
-    from batchjobs.pilot import PILOT_JSON, format_table, load_decision
+    from batchjobs.pilot import PILOT_JSON, load_decision
+    from batchjobs.projection import format_table
 
     try:
         decision = load_decision(OutputRoot(output))

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from batchjobs import pilot as pl
-from batchjobs import readers
+from batchjobs import projection, readers
 from batchjobs.cli import app
 from batchjobs.errors import EngineError, OutputError, SpecError
 from batchjobs.pipeline import RunSummary
@@ -144,7 +144,7 @@ def _measured(**over):
 
 
 def test_projection_amortises_start_up_over_the_job():
-    p = pl.project(_measured(), expected_rows=1000, replicas=4, usd_per_gpu_hour=3.0)
+    p = projection.project(_measured(), expected_rows=1000, replicas=4, usd_per_gpu_hour=3.0)
     # 100 tokens/row × 1000 rows; 2 GPUs × (40 s × 4 replicas + 2 s × 1000/10)
     assert p["tokens_per_row"] == 100
     assert p["expected_tokens"] == 100_000
@@ -153,7 +153,9 @@ def test_projection_amortises_start_up_over_the_job():
     assert p["gpu_s_per_1m_tokens"] == pytest.approx(7200.0)
     assert p["usd_per_1m_tokens"] == pytest.approx(6.0)
     assert (
-        pl.project(_measured(prompt_tokens=0, completion_tokens=0), 10, 1, 1.0)["usd_per_1m_tokens"]
+        projection.project(_measured(prompt_tokens=0, completion_tokens=0), 10, 1, 1.0)[
+            "usd_per_1m_tokens"
+        ]
         is None
     )
 
@@ -164,10 +166,18 @@ def test_job_size_decides_between_quick_start_and_fast_engine():
 
     def winner(rows):
         table = [
-            {"name": "quick-start", "status": "ok", **pl.project(quick_start, rows, 1, 2.0)},
-            {"name": "fast-engine", "status": "ok", **pl.project(fast_engine, rows, 1, 2.0)},
+            {
+                "name": "quick-start",
+                "status": "ok",
+                **projection.project(quick_start, rows, 1, 2.0),
+            },
+            {
+                "name": "fast-engine",
+                "status": "ok",
+                **projection.project(fast_engine, rows, 1, 2.0),
+            },
         ]
-        return pl.rank(table, "usd_per_1m_tokens")
+        return projection.rank(table, "usd_per_1m_tokens")
 
     assert winner(100) == "quick-start"  # start-up dominates a small job
     assert winner(100_000) == "fast-engine"  # throughput dominates a large one
@@ -180,11 +190,11 @@ def test_rank_skips_failed_and_breaks_ties_by_order():
         {"name": "b", "status": "ok", "usd_per_1m_tokens": 2.0, "gpu_s_per_1m_tokens": 8.0},
         {"name": "c", "status": "not installed"},
     ]
-    assert pl.rank(table, "usd_per_1m_tokens") == "a"
-    assert pl.rank(table, "gpu_s_per_1m_tokens") == "b"
-    assert pl.rank(table[:1], "usd_per_1m_tokens") is None
-    assert pl.metric_for(0.0) == "gpu_s_per_1m_tokens"
-    assert pl.metric_for(0.5) == "usd_per_1m_tokens"
+    assert projection.rank(table, "usd_per_1m_tokens") == "a"
+    assert projection.rank(table, "gpu_s_per_1m_tokens") == "b"
+    assert projection.rank(table[:1], "usd_per_1m_tokens") is None
+    assert projection.metric_for(0.0) == "gpu_s_per_1m_tokens"
+    assert projection.metric_for(0.5) == "usd_per_1m_tokens"
 
 
 def test_count_rows_parquet_footer_jsonl_lines_and_estimate(tmp_path, write_jsonl, monkeypatch):
