@@ -17,21 +17,22 @@ def pool_min(spec: JobSpec) -> int:
 
 
 # Requests an engine runs at once when the spec does not say: vLLM's max_num_seqs for its
-# offline LLM class on an H100/H200. Only sizes the default batch window; the replica reads
-# the engine's real limit once it has started.
-ENGINE_SEQS_GUESS = 1024
+# offline LLM class on an H100/H200, and on CPU. Only sizes the default batch window; the
+# replica reads the engine's real limit once it has started.
+ENGINE_SEQS_GUESS = {"cuda": 1024, "cpu": 256}
 HOLD_FACTOR = 4  # rows a replica holds per request it keeps in the engine
 MAX_AUTO_BATCHES = 512  # Ray Data runs one thread per batch held
 
 
-def inflight_requests_guess(spec: JobSpec) -> int:
+def inflight_requests_guess(spec: JobSpec, device: str = "cuda") -> int:
     """The request cap the replica will most likely use: the spec's, else twice the
-    engine's max_num_seqs (as set, or as vLLM picks it on an H100/H200)."""
+    engine's max_num_seqs (as set, or as vLLM picks it on an H100/H200 or a CPU)."""
     res = spec.resources
-    return res.max_inflight_requests or 2 * (spec.engine.max_num_seqs or ENGINE_SEQS_GUESS)
+    seqs = spec.engine.max_num_seqs or ENGINE_SEQS_GUESS.get(device, ENGINE_SEQS_GUESS["cuda"])
+    return res.max_inflight_requests or 2 * seqs
 
 
-def inflight_batches(spec: JobSpec) -> int:
+def inflight_batches(spec: JobSpec, device: str = "cuda") -> int:
     """Batches one replica may hold: the spec's ``max_inflight_batches``, or enough batches
     for ``HOLD_FACTOR`` rows per request the replica keeps in its engine.
 
@@ -46,11 +47,11 @@ def inflight_batches(spec: JobSpec) -> int:
     res = spec.resources
     if res.max_inflight_batches is not None:
         return res.max_inflight_batches
-    rows = HOLD_FACTOR * inflight_requests_guess(spec)
+    rows = HOLD_FACTOR * inflight_requests_guess(spec, device)
     return max(1, min(MAX_AUTO_BATCHES, -(-rows // res.batch_size)))
 
 
-def tasks_per_replica(spec: JobSpec, todo: list[Shard]) -> int:
+def tasks_per_replica(spec: JobSpec, todo: list[Shard], device: str = "cuda") -> int:
     """Batches one replica may hold at once: ``inflight_batches``, or less in a job too
     small to give every replica that many: then each replica's fair share of the job,
     ceil(batches / replicas), so the first replica up cannot take the batches the others
@@ -63,7 +64,7 @@ def tasks_per_replica(spec: JobSpec, todo: list[Shard]) -> int:
     """
     res = spec.resources
     replicas = pool_min(spec)
-    window = inflight_batches(spec)
+    window = inflight_batches(spec, device)
     if replicas <= 1 or len(todo) >= replicas * window:
         return window
     rows, _ = count_rows(todo, spec.input.storage_options)

@@ -305,8 +305,8 @@ def _engine_stage(ds, plan: Plan, device: str, env: dict, raw: dict, engine_fact
                 if res.min_replicas in (None, res.replicas)
                 else {"min_size": res.min_replicas, "max_size": res.replicas}
             ),
-            max_tasks_in_flight_per_actor=tasks_per_replica(spec, plan.todo),
-            max_concurrent_calls_per_actor=inflight_batches(spec),
+            max_tasks_in_flight_per_actor=tasks_per_replica(spec, plan.todo, device),
+            max_concurrent_calls_per_actor=inflight_batches(spec, device),
             enable_true_multi_threading=True,
         ),
         num_gpus=spec.gpus_per_replica() if device == "cuda" else 0,
@@ -345,6 +345,10 @@ def run(
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        # Ray Data starts a thread per map task that polls the process's memory every
+        # second, for stats batchjobs never reads; with hundreds of batches in flight per
+        # engine actor that is CPU taken from the engine's front end.
+        ctx.memory_usage_poll_interval_s = None
         ctx.wait_for_min_actors_s = start_gate_s(spec)
         device = resolve_device(spec)
         check_resources(spec, device)

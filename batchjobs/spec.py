@@ -138,7 +138,8 @@ class ResourcesSpec(_Model):
         description="Batches Ray Data hands one replica at once. A batch goes back only when "
         "its slowest row is done, so a replica must hold many more rows than it keeps in the "
         "engine, or the engine runs dry while batches wait on their longest request. Default: "
-        "enough for 4 × max_inflight_requests rows (2048 × 4 rows when both are unset). In a "
+        "enough for 4 × max_inflight_requests rows (both unset: 4 × 2048 rows on a GPU, 4 × "
+        "512 on CPU, at most 512 batches). In a "
         "job too small to give every replica that many, each holds at most its share, "
         "ceil(batches / replicas), at a time.",
     )

@@ -135,3 +135,11 @@ def test_batch_window_holds_several_times_the_request_limit(spec_dict, resources
     spec_dict["resources"] = resources
     spec_dict["engine"].update(engine)
     assert inflight_batches(parse_spec(spec_dict)) == batches
+
+
+def test_batch_window_on_cpu_follows_the_cpu_engines_limit(spec_dict):
+    # vLLM's CPU engine runs 256 sequences: 4 x 2 x 256 rows in batches of 32, not the
+    # GPU's 256 batches (each batch in flight costs Ray Data's scheduler and the actor CPU)
+    assert inflight_batches(parse_spec(spec_dict), "cpu") == 64
+    spec_dict["engine"]["max_num_seqs"] = 1024  # the spec's limit wins on any device
+    assert inflight_batches(parse_spec(spec_dict), "cpu") == 256
