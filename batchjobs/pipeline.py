@@ -357,10 +357,14 @@ def run(
         )  # a CPU replica is priced as one unit
         tracker = Tracker(plan, gpus, progress, progress_every)
         try:
-            for batch in build_dataset(plan, device, engine_factory).iter_batches(
-                batch_size=None, batch_format="pyarrow"
-            ):
-                tracker.add(batch)
+            with warnings.catch_warnings():
+                # Ray Data warns when a job has fewer read groups or staged files than the
+                # read/write task cap (every small job): a cap, not a request for more work.
+                warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
+                for batch in build_dataset(plan, device, engine_factory).iter_batches(
+                    batch_size=None, batch_format="pyarrow"
+                ):
+                    tracker.add(batch)
         except Exception as exc:  # noqa: BLE001
             raise _translate(exc) from None
         tracker.finish()

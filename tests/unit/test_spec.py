@@ -59,7 +59,7 @@ def test_demo_yaml_loads(monkeypatch):
     assert spec.engine.env == {"VLLM_CPU_KVCACHE_SPACE": "1"}
     assert spec.sampling.max_tokens == 32
     assert spec.resources.batch_size == 16
-    assert spec.resources.max_inflight_batches == 8
+    assert spec.resources.max_inflight_batches is None  # the default window
     assert spec.cost.price_per_gpu_hour() == pytest.approx(0.10)
 
 
