@@ -193,7 +193,7 @@ class Gate:
         except asyncio.CancelledError:
             if turn.done() and not turn.cancelled():
                 self._leave()  # admitted and cancelled at once: pass the place on
-            else:
+            elif turn in self.waiting:  # a leaver may have skipped it already
                 self.waiting.remove(turn)
             raise
 

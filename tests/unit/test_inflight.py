@@ -70,6 +70,23 @@ def test_gate_passes_a_cancelled_waiters_place_on():
     asyncio.run(main())
 
 
+def test_gate_survives_a_waiter_cancelled_while_a_holder_leaves():
+    async def main():
+        gate = Gate(1)
+        await gate.__aenter__()  # the one place is taken
+        waiter = asyncio.create_task(gate.__aenter__())
+        await asyncio.sleep(0)
+        waiter.cancel()  # its turn is cancelled, and before it runs again ...
+        await gate.__aexit__()  # ... the holder leaves and skips the cancelled turn
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert gate.inside == 0 and not gate.waiting
+        await gate.__aenter__()  # the place is free again
+        assert gate.inside == 1
+
+    asyncio.run(main())
+
+
 def test_gate_without_limit_never_waits():
     async def main():
         gate = Gate(None)
