@@ -35,6 +35,7 @@ import pyarrow as pa
 from batchjobs.engines.base import Engine, EngineDead, Request, Result
 from batchjobs.errors import BatchJobError, EngineError
 from batchjobs.readers import INPUT_ERROR, PARAMS, PROMPT, ROW_ID, ROW_INDEX, SHARD_ID, SHARD_ROWS
+from batchjobs.records import REPLICA_FIGURES
 from batchjobs.spec import JobSpec
 
 log = logging.getLogger("batchjobs.actor")
@@ -138,13 +139,21 @@ class EngineActor:
                 # Accounting columns: aggregated by the driver, not written to the output.
                 "_engine_s": pa.array(charges, pa.float64()),
                 "_replica": pa.array([self.replica] * n, pa.string()),
-                "_replica_startup_s": pa.array([self.startup_s] * n, pa.float64()),
-                "_replica_ready_at": pa.array([self.ready] * n, pa.float64()),
-                "_replica_idle_s": pa.array([self.clock.idle] * n, pa.float64()),
-                "_replica_limit": pa.array([self.limit or 0] * n, pa.int64()),
-                "_replica_inflight_s": pa.array([self.clock.inflight_s] * n, pa.float64()),
-                "_replica_busy_s": pa.array([self.clock.busy] * n, pa.float64()),
+                **{
+                    f"_replica_{name}": pa.array([value] * n, pa.float64())
+                    for name, value in self._figures().items()
+                },
             }
+        )
+
+    def _figures(self) -> dict[str, float]:
+        """This replica's figures as of now (``records.REPLICA_FIGURES``)."""
+        c = self.clock
+        return dict(
+            zip(
+                REPLICA_FIGURES,
+                (self.startup_s, self.ready, c.idle, c.busy, c.inflight_s, self.limit or 0),
+            )
         )
 
     def close(self) -> None:

@@ -235,7 +235,8 @@ def _read_fn(batch: pa.Table, spec: dict, batch_rows: int):
 
 
 def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = None):
-    """The Ray Data plan: one read task per shard, an engine actor pool, staged writes."""
+    """The Ray Data plan: one read task per read group of shards, an engine actor pool,
+    staged writes."""
     import ray
     from ray.data import TaskPoolStrategy
 

@@ -14,11 +14,13 @@ GENERATE_COLUMNS: dict[str, pa.DataType] = {
     "error": pa.string(),
 }
 BOOKKEEPING_COLUMNS: dict[str, pa.DataType] = {"shard_id": pa.string(), "row_index": pa.int64()}
+# What an engine actor reports about itself on every row it returns, as "_replica_<name>":
+# start-up, ready at, then so far: idle, busy and request-seconds in the engine; its cap.
+REPLICA_FIGURES = ("startup_s", "ready_at", "idle_s", "busy_s", "inflight_s", "limit")
 # Columns the pipeline carries between stages; an id column may not take one of these names.
 INTERNAL_COLUMNS = frozenset(
-    {"shard_rows", "prompt", "input_error", "params"}
-    | {"_engine_s", "_replica", "_replica_startup_s", "_replica_ready_at", "_replica_idle_s"}
-    | {"_replica_busy_s", "_replica_inflight_s", "_replica_limit"}
+    {"shard_rows", "prompt", "input_error", "params", "_engine_s", "_replica"}
+    | {f"_replica_{name}" for name in REPLICA_FIGURES}
 )
 RESERVED = frozenset(GENERATE_COLUMNS) | frozenset(BOOKKEEPING_COLUMNS) | INTERNAL_COLUMNS
 DEFAULT_ID_COLUMN = "row_id"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
-from collections import defaultdict
 from typing import Any
 
 import pyarrow as pa
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 
 from batchjobs.errors import OutputError
 from batchjobs.readers import ROW_ID, SHARD_ID, SHARD_ROWS, filesystem
-from batchjobs.records import output_schema
+from batchjobs.records import REPLICA_FIGURES, output_schema
 
 STAGING = "_staging"
 MANIFEST = "_manifest.jsonl"
@@ -66,24 +65,18 @@ def _write_part(fs, root: str, shard_id: str, part: pa.Table, schema: pa.Schema)
         raise OutputError(
             f"cannot write {fs.unstrip_protocol(path)}: {type(exc).__name__}: {exc}"
         ) from None
-    # Per replica: [engine seconds charged to these rows, start-up, ready at, then, so far:
-    # idle s, busy s, request-seconds in the engine; and its request limit].
-    replicas: dict[str, list[float]] = defaultdict(lambda: [0.0] * 7)
-    for rep, eng, startup, ready_at, *so_far, limit in zip(
+    # Per replica: engine seconds charged to these rows, and the replica's own figures as of
+    # its latest row here (start-up, ready at, idle / busy / request-seconds so far, cap).
+    replicas: dict[str, dict[str, float]] = {}
+    for rep, eng, *figures in zip(
         part.column("_replica").to_pylist(),
         part.column("_engine_s").to_pylist(),
-        part.column("_replica_startup_s").to_pylist(),
-        part.column("_replica_ready_at").to_pylist(),
-        part.column("_replica_idle_s").to_pylist(),
-        part.column("_replica_busy_s").to_pylist(),
-        part.column("_replica_inflight_s").to_pylist(),
-        part.column("_replica_limit").to_pylist(),
+        *(part.column(f"_replica_{figure}").to_pylist() for figure in REPLICA_FIGURES),
     ):
-        r = replicas[rep]
-        r[0] += eng
-        r[1:3] = [startup, ready_at]
-        r[3:6] = [max(a, b) for a, b in zip(r[3:6], so_far)]
-        r[6] = limit
+        r = replicas.setdefault(rep, {"engine_s": 0.0, **dict.fromkeys(REPLICA_FIGURES, 0.0)})
+        r["engine_s"] += eng
+        for figure, value in zip(REPLICA_FIGURES, figures):
+            r[figure] = max(r[figure], value)  # constants, or running totals: the latest is largest
     return {
         "shard_id": shard_id,
         "shard_rows": part.column(SHARD_ROWS)[0].as_py(),

@@ -66,8 +66,8 @@ class Tracker:
             rec.completion_tokens += row["completion_tokens"]
             rec.engine_s += row["engine_s"]
             self.files[sid].append(row["file"])
-            for rep, values in json.loads(row["replicas"]).items():
-                self._add_replica(rep, *values)
+            for rep, figures in json.loads(row["replicas"]).items():
+                self._add_replica(rep, figures)
             self.done_rows += row["rows"]
             self.done_err += row["error_rows"]
             self.done_ptok += row["prompt_tokens"]
@@ -80,18 +80,16 @@ class Tracker:
                 )
         self._maybe_print()
 
-    def _add_replica(self, rep, eng, startup, ready_at, idle, busy, inflight_s, limit) -> None:
-        r = self.replicas.setdefault(
-            rep,
-            {"engine_s": 0.0, "startup_s": startup, "ready_at": ready_at, "idle_s": 0.0},
-        )
-        r["engine_s"] += eng
-        r["idle_s"] = max(r["idle_s"], idle)
+    def _add_replica(self, rep: str, figures: dict[str, float]) -> None:
+        r = self.replicas.setdefault(rep, {"engine_s": 0.0, "idle_s": 0.0, "busy_s": 0.0})
+        r["engine_s"] += figures["engine_s"]
+        r["startup_s"], r["ready_at"] = figures["startup_s"], figures["ready_at"]
+        r["idle_s"] = max(r["idle_s"], figures["idle_s"])
         # Mean requests in the engine while it had any, and the cap it ran under (0: none).
-        if busy >= r.get("busy_s", 0.0):
-            r["busy_s"] = busy
-            r["mean_inflight"] = inflight_s / busy if busy else 0.0
-        r["inflight_limit"] = int(limit)
+        if figures["busy_s"] >= r["busy_s"]:
+            r["busy_s"] = figures["busy_s"]
+            r["mean_inflight"] = figures["inflight_s"] / r["busy_s"] if r["busy_s"] else 0.0
+        r["inflight_limit"] = int(figures["limit"])
 
     def _commit(self, sid: str) -> None:
         rec = self.pending.pop(sid)

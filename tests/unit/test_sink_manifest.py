@@ -68,14 +68,20 @@ def test_write_staged_summaries(tmp_path, engine_output):
     assert b["completion_tokens"] == 9 + 5
     assert a["engine_s"] == pytest.approx(0.25 + 0.5 + 1.0)
     assert b["engine_s"] == pytest.approx(1.0)
-    # per replica (what Tracker.add unpacks): [engine seconds, start-up s, ready-at time,
-    # idle s, busy s, request-seconds in the engine, request limit]
-    assert json.loads(a["replicas"]) == {
-        "rep-a": [pytest.approx(1.75), 3.0, 1000.0, 0.5, 10.0, 30.0, 512]
+    # per replica (what Tracker.add reads): engine seconds charged to these rows, and the
+    # replica's own figures (start-up, ready at, idle / busy / request-seconds so far, cap)
+    figures = {
+        "startup_s": 3.0,
+        "ready_at": 1000.0,
+        "idle_s": 0.5,
+        "busy_s": 10.0,
+        "inflight_s": 30.0,
+        "limit": 512,
     }
+    assert json.loads(a["replicas"]) == {"rep-a": {"engine_s": pytest.approx(1.75), **figures}}
     assert json.loads(b["replicas"]) == {
-        "rep-a": [0.5, 3.0, 1000.0, 0.5, 10.0, 30.0, 512],
-        "rep-b": [0.5, 3.0, 1000.0, 0.5, 10.0, 30.0, 512],
+        "rep-a": {"engine_s": 0.5, **figures},
+        "rep-b": {"engine_s": 0.5, **figures},
     }
 
     # one staged file per shard, named as the summary says
