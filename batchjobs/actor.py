@@ -82,6 +82,7 @@ class EngineActor:
         self.startup_s = self.ready - started
         self.clock = ShareClock(self.ready)
         self.limit = inflight_limit(self.spec, self.engine)
+        self.prompt_tokens = self.cached_tokens = 0  # so far, to report the cache's share
         self.gate = self._on_loop(_make_gate(self.limit))
         log.info(
             "replica %s ready in %.1fs; at most %s requests in its engine",
@@ -118,6 +119,8 @@ class EngineActor:
                     result = await self.engine.generate(request)
                 finally:
                     charge = self.clock.stop(time.time(), mark)
+            self.prompt_tokens += result.prompt_tokens
+            self.cached_tokens += result.cached_tokens
             return result, charge
 
         return await asyncio.gather(*(one(i) for i in range(len(prompts))))
@@ -152,7 +155,16 @@ class EngineActor:
         return dict(
             zip(
                 REPLICA_FIGURES,
-                (self.startup_s, self.ready, c.idle, c.busy, c.inflight_s, self.limit or 0),
+                (
+                    self.startup_s,
+                    self.ready,
+                    c.idle,
+                    c.busy,
+                    c.inflight_s,
+                    self.prompt_tokens,
+                    self.cached_tokens,
+                    self.limit or 0,
+                ),
             )
         )
 

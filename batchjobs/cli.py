@@ -249,9 +249,12 @@ def _replica_line(replicas: dict) -> str:
     mean = sum(r.get("mean_inflight", 0.0) for r in reps) / len(reps)
     caps = sorted({r.get("inflight_limit", 0) for r in reps})
     cap = "no cap" if caps == [0] else "cap " + "/".join(str(c) for c in caps)
+    prompt = sum(r.get("prompt_tokens", 0) for r in reps)
+    cached = sum(r.get("cached_tokens", 0) for r in reps)
+    hits = f"; prefix cache served {cached / prompt:.0%} of prompt tokens" if prompt else ""
     return (
         f"replicas: {len(reps)}, ready after {start:.1f}s; "
-        f"{mean:.0f} requests in each engine on average ({cap})\n"
+        f"{mean:.0f} requests in each engine on average ({cap}){hits}\n"
     )
 
 

@@ -15,8 +15,18 @@ GENERATE_COLUMNS: dict[str, pa.DataType] = {
 }
 BOOKKEEPING_COLUMNS: dict[str, pa.DataType] = {"shard_id": pa.string(), "row_index": pa.int64()}
 # What an engine actor reports about itself on every row it returns, as "_replica_<name>":
-# start-up, ready at, then so far: idle, busy and request-seconds in the engine; its cap.
-REPLICA_FIGURES = ("startup_s", "ready_at", "idle_s", "busy_s", "inflight_s", "limit")
+# start-up, ready at, then so far: idle, busy and request-seconds in the engine, prompt
+# tokens and those its prefix cache served; its cap.
+REPLICA_FIGURES = (
+    "startup_s",
+    "ready_at",
+    "idle_s",
+    "busy_s",
+    "inflight_s",
+    "prompt_tokens",
+    "cached_tokens",
+    "limit",
+)
 # Columns the pipeline carries between stages; an id column may not take one of these names.
 INTERNAL_COLUMNS = frozenset(
     {"shard_rows", "prompt", "input_error", "params", "_engine_s", "_replica"}

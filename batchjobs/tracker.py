@@ -90,6 +90,13 @@ class Tracker:
             r["busy_s"] = figures["busy_s"]
             r["mean_inflight"] = figures["inflight_s"] / r["busy_s"] if r["busy_s"] else 0.0
         r["inflight_limit"] = int(figures["limit"])
+        # Share of prompt tokens the engine's prefix cache served (input.order: prefix aims
+        # to raise it); the figures are running totals, so the latest is the largest.
+        r["prompt_tokens"] = max(r.get("prompt_tokens", 0), int(figures["prompt_tokens"]))
+        r["cached_tokens"] = max(r.get("cached_tokens", 0), int(figures["cached_tokens"]))
+        r["prefix_cache_hit"] = (
+            r["cached_tokens"] / r["prompt_tokens"] if r["prompt_tokens"] else None
+        )
 
     def _commit(self, sid: str) -> None:
         rec = self.pending.pop(sid)

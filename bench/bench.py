@@ -118,6 +118,7 @@ def mode_raw(a) -> dict:
         "rows": len(outs),
         "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
         "completion_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+        "cached_tokens": sum(getattr(o, "num_cached_tokens", None) or 0 for o in outs),
         "ready_at": t_ready,
         "end_at": t_end,
     }
@@ -170,7 +171,8 @@ def mode_batchjobs(a, spawn: bool = False) -> dict:
         "prompt_tokens": s.prompt_tokens,
         "completion_tokens": s.completion_tokens,
         "ready_at": max(r["ready_at"] for r in s.replicas.values()),  # all replicas serving
-        "replicas": s.replicas,  # per replica: engine_s charged, startup_s, ready_at, idle_s
+        "replicas": s.replicas,  # per replica: engine_s charged, startup_s, idle_s, mean_inflight, ...
+        "cached_tokens": sum(r.get("cached_tokens", 0) for r in s.replicas.values()),
         "end_at": time.time(),
         "cost_usd": s.cost_usd,
     }
@@ -317,6 +319,10 @@ def run_all(a) -> None:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     tag = f"-p{a.prefixes}" if a.workload == "prefix" and a.prefixes != 20 else ""
+    # Everything that shapes the rows names the folder, so a run never reuses other data.
+    tag += f"-w{a.prompt_words}-t{a.max_tokens}-s{a.shards}"
+    if a.workload == "longtail":
+        tag += f"-x{a.tail_scale}"
     data = work / f"data-{a.workload}-{a.n}{tag}"
     if not data.exists():
         rows = make_rows(
@@ -328,9 +334,12 @@ def run_all(a) -> None:
     )
     variants = json.loads(a.variants)
     for mode in a.modes.split(","):
-        # "batchjobs:NAME": batchjobs with --resources updated by --variants' NAME entry
+        # "batchjobs:NAME": batchjobs with --resources updated by --variants' NAME entry (its
+        # "input" key, if any, updates --spec-input instead)
         base_mode, _, variant = mode.partition(":")
-        resources = {**json.loads(a.resources), **variants.get(variant, {})}
+        override = dict(variants.get(variant, {}))
+        spec_input = json.dumps({**json.loads(a.spec_input), **override.pop("input", {})})
+        resources = {**json.loads(a.resources), **override}
         res_file = work / f"result-{mode.replace(':', '-')}.json"
         res_file.unlink(missing_ok=True)
         argv = [
@@ -344,7 +353,7 @@ def run_all(a) -> None:
             str(res_file),
         ] + a.child_args
         if variant:
-            argv += ["--resources", json.dumps(resources)]
+            argv += ["--resources", json.dumps(resources), "--spec-input", spec_input]
         t0 = time.time()
         proc = subprocess.Popen(argv, cwd=REPO)
         mon = Monitor(proc.pid)
@@ -356,7 +365,7 @@ def run_all(a) -> None:
             "n": a.n,
             "rc": rc,
             "elapsed_s": time.time() - t0,
-            "spec_input": a.spec_input,
+            "spec_input": spec_input,
             "spec_engine": a.spec_engine,
             "resources": json.dumps(resources) if mode.startswith("batchjobs") else None,
             **extra,
@@ -386,7 +395,7 @@ def print_table(results) -> None:
     for r in results:
         if r["mode"] == "raw" and r.get("wall_s"):
             base[(r["workload"], r["n"])] = r
-    hdr = f"{'mode':16} {'workload':9} {'rows':>6} {'wall s':>8} {'start s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'vs raw':>7} {'vs raw ex-start':>15} {'gpu busy':>8} {'gen busy':>8} {'gpu GiB':>8} {'drv MiB':>8}"
+    hdr = f"{'mode':16} {'workload':9} {'rows':>6} {'wall s':>8} {'start s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'vs raw':>7} {'vs raw ex-start':>15} {'gpu busy':>8} {'gen busy':>8} {'gpu GiB':>8} {'drv MiB':>8} {'cache hit':>9}"
     print(hdr)
     for r in results:
         if not r.get("wall_s"):
@@ -399,14 +408,25 @@ def print_table(results) -> None:
         ex = None
         if b and r.get("startup_s") is not None and b.get("startup_s") is not None:
             ex = (b["wall_s"] - b["startup_s"]) / (r["wall_s"] - r["startup_s"])
+        # share of prompt tokens served by the engine's prefix cache (None: not recorded)
+        hit = (
+            r["cached_tokens"] / r["prompt_tokens"]
+            if r.get("prompt_tokens") and "cached_tokens" in r
+            else None
+        )
         r.update(
-            out_tok_s=out_tps, tot_tok_s=tot_tps, ratio_vs_raw=ratio, ratio_vs_raw_ex_startup=ex
+            out_tok_s=out_tps,
+            tot_tok_s=tot_tps,
+            ratio_vs_raw=ratio,
+            ratio_vs_raw_ex_startup=ex,
+            prefix_cache_hit=hit,
         )
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
         print(
             f"{label(r):16} {r['workload']:9} {r['rows']:>6} {r['wall_s']:>8.1f} {f(r.get('startup_s'), '8.1f')} "
             f"{out_tps:>10.0f} {tot_tps:>10.0f} {f(ratio, '7.3f')} {f(ex, '15.3f')} {f(r.get('gpu_busy_frac'), '8.2f')} {f(r.get('gen_gpu_util_mean'), '8.2f')} "
-            f"{f(r.get('peak_gpu_mem_gib'), '8.1f')} {f(r.get('driver_peak_rss_mib'), '8.0f')}"
+            f"{f(r.get('peak_gpu_mem_gib'), '8.1f')} {f(r.get('driver_peak_rss_mib'), '8.0f')} "
+            f"{f(hit, '9.1%')}"
         )
 
 
@@ -457,7 +477,8 @@ def main() -> None:
     r.add_argument(
         "--variants",
         default="{}",
-        help='JSON: {"NAME": {resource keys}}, e.g. {"old": {"max_inflight_batches": 16}}',
+        help='JSON: {"NAME": {resource keys, "input": {input keys}}}, e.g. {"old": '
+        '{"max_inflight_batches": 16}}',
     )
     r.add_argument("--out", default=None)
     r.add_argument("--append", action="store_true")

@@ -33,6 +33,8 @@ class Result:
     latency_s: float = 0.0
     error: str | None = None
     token_ids: list[int] | None = field(default=None, repr=False)
+    # Prompt tokens the engine took from its prefix cache instead of computing them.
+    cached_tokens: int = 0
 
     @classmethod
     def failed(cls, error: str, latency_s: float = 0.0, prompt_tokens: int = 0) -> Result:
@@ -49,6 +51,7 @@ class Result:
         mapping: dict[str, str],
         prompt_tokens: int,
         latency_s: float,
+        cached_tokens: int = 0,
     ) -> Result:
         """A completed request; a finish reason the mapping does not know is an error row."""
         reason = mapping.get(str(engine_reason), "error") if engine_reason is not None else "error"
@@ -60,6 +63,7 @@ class Result:
             latency_s=latency_s,
             error=None if reason != "error" else f"finish reason {engine_reason!r}",
             token_ids=token_ids,
+            cached_tokens=cached_tokens,
         )
 
 

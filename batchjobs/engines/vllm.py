@@ -60,7 +60,13 @@ def normalize(final: Any, latency_s: float) -> Result:
     comp = final.outputs[0]
     prompt_tokens = len(final.prompt_token_ids or ())
     return Result.finished(
-        comp.text, list(comp.token_ids), comp.finish_reason, _FINISH, prompt_tokens, latency_s
+        comp.text,
+        list(comp.token_ids),
+        comp.finish_reason,
+        _FINISH,
+        prompt_tokens,
+        latency_s,
+        cached_tokens=getattr(final, "num_cached_tokens", None) or 0,
     )
 
 

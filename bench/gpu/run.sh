@@ -91,7 +91,7 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
            --spec-engine '{"tensor_parallel_size": 2}' --out $OUT/tp2.json 2>&1 | tee $OUT/tp2.log | grep -v "^(\|^\[" | tail -3 ;;
     cli) /usr/bin/time -v python3 -m batchjobs.cli run jobs/nightly_scoring.yaml \
            --set engine.model=/tmp/llama7b --set engine.tensor_parallel_size=1 --set resources.replicas=1 \
-           --set engine.args.load_format=dummy --set engine.max_model_len=4096 --set input.path=$W/data-longtail-2000 \
+           --set engine.args.load_format=dummy --set engine.max_model_len=4096 --set input.path=$(ls -d $W/data-longtail-2000-* | head -1) \
            --set input.id_column=id --set output.path=/tmp/cli-out --set resources.num_cpus_per_replica=1 \
            --summary-json $OUT/cli-summary.json 2>&1 | tee $OUT/cli.log | grep -v "^(\|^\[36m" | tail -25
          python3 -m batchjobs.cli manifest /tmp/cli-out | tee $OUT/cli-manifest.txt ;;

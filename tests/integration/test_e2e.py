@@ -101,8 +101,13 @@ def test_cli_jsonl_to_parquet_with_bad_rows_resume_and_refusal(tmp_path, tiny_mo
     assert "--fresh" in proc.stderr and "Traceback" not in proc.stderr
 
 
+# ~160 tokens shared by every prompt of the Parquet test: more than one 128-token KV block
+SHARED = "the city council met on a cold night to talk about the price of data and the river. " * 6
+
+
 def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_session):
-    """Parquet in without an id column: generated stable ids; per-row max_tokens honoured."""
+    """Parquet in without an id column: generated stable ids; per-row max_tokens honoured;
+    the engine's prefix cache serves the prompts' shared first block (and the replica says so)."""
     from batchjobs.pipeline import run
     from batchjobs.spec import parse_spec
 
@@ -112,7 +117,7 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
     pq.write_table(
         pa.table(
             {
-                "prompt": [f"write a story about the city {i}" for i in range(n)],
+                "prompt": [f"{SHARED}write a story about the city {i}" for i in range(n)],
                 "budget": [None if i % 4 == 0 else 1 + i % 5 for i in range(n)],
             }
         ),
@@ -142,6 +147,11 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
     assert rep["startup_s"] > 0 and rep["idle_s"] >= 0
     # 40 rows went into an engine that admits many more: all were in at once at the start
     assert 1 <= rep["mean_inflight"] <= n and rep["inflight_limit"] >= n
+    # 40 prompts of ~170 tokens exceed one step's 4096-token prefill budget on CPU, so rows
+    # scheduled after the first step find the shared 128-token block in the prefix cache.
+    assert rep["prompt_tokens"] == summary.prompt_tokens
+    assert 0 < rep["cached_tokens"] < rep["prompt_tokens"], rep
+    assert rep["prefix_cache_hit"] == pytest.approx(rep["cached_tokens"] / rep["prompt_tokens"])
     # Σ shard seconds + overhead (start-up + idle) = what the replica held, within the run
     assert summary.overhead_s == pytest.approx(rep["startup_s"] + rep["idle_s"], rel=1e-6)
     assert summary.gpu_s == pytest.approx(summary.engine_s + summary.overhead_s, rel=1e-6)

@@ -89,6 +89,8 @@ ENGINE_OUTPUT_SCHEMA = pa.schema(
         ("_replica_limit", pa.int64()),
         ("_replica_inflight_s", pa.float64()),
         ("_replica_busy_s", pa.float64()),
+        ("_replica_prompt_tokens", pa.float64()),
+        ("_replica_cached_tokens", pa.float64()),
     ]
 )
 
@@ -114,6 +116,8 @@ def _engine_output(rows: list[dict[str, Any]]) -> pa.Table:
             "_replica_limit": 512,
             "_replica_inflight_s": 30.0,
             "_replica_busy_s": 10.0,
+            "_replica_prompt_tokens": 400.0,
+            "_replica_cached_tokens": 100.0,
         }
         d.update(r)
         full.append(d)

@@ -76,6 +76,8 @@ def test_write_staged_summaries(tmp_path, engine_output):
         "idle_s": 0.5,
         "busy_s": 10.0,
         "inflight_s": 30.0,
+        "prompt_tokens": 400.0,
+        "cached_tokens": 100.0,
         "limit": 512,
     }
     assert json.loads(a["replicas"]) == {"rep-a": {"engine_s": pytest.approx(1.75), **figures}}
