@@ -27,6 +27,17 @@ REPLICA_FIGURES = (
     "cached_tokens",
     "limit",
 )
+
+
+def merge_figures(into: dict[str, float], figures: dict[str, float]) -> None:
+    """Fold one report of a replica (``engine_s`` charged to some rows, plus its
+    ``REPLICA_FIGURES``) into ``into``: engine seconds add up; every figure is a constant or
+    a running total, so the largest is the latest."""
+    into["engine_s"] = into.get("engine_s", 0.0) + figures["engine_s"]
+    for name in REPLICA_FIGURES:
+        into[name] = max(into.get(name, 0.0), figures[name])
+
+
 # Columns the pipeline carries between stages; an id column may not take one of these names.
 INTERNAL_COLUMNS = frozenset(
     {"shard_rows", "prompt", "input_error", "params", "_engine_s", "_replica"}

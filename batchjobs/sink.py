@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from batchjobs.errors import OutputError
 from batchjobs.readers import ROW_ID, SHARD_ID, SHARD_ROWS, filesystem
-from batchjobs.records import REPLICA_FIGURES, output_schema
+from batchjobs.records import REPLICA_FIGURES, merge_figures, output_schema
 
 STAGING = "_staging"
 MANIFEST = "_manifest.jsonl"
@@ -73,10 +73,9 @@ def _write_part(fs, root: str, shard_id: str, part: pa.Table, schema: pa.Schema)
         part.column("_engine_s").to_pylist(),
         *(part.column(f"_replica_{figure}").to_pylist() for figure in REPLICA_FIGURES),
     ):
-        r = replicas.setdefault(rep, {"engine_s": 0.0, **dict.fromkeys(REPLICA_FIGURES, 0.0)})
-        r["engine_s"] += eng
-        for figure, value in zip(REPLICA_FIGURES, figures):
-            r[figure] = max(r[figure], value)  # constants, or running totals: the latest is largest
+        merge_figures(
+            replicas.setdefault(rep, {}), {"engine_s": eng, **dict(zip(REPLICA_FIGURES, figures))}
+        )
     return {
         "shard_id": shard_id,
         "shard_rows": part.column(SHARD_ROWS)[0].as_py(),

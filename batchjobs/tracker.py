@@ -13,6 +13,7 @@ import pyarrow as pa
 from batchjobs.errors import OutputError
 from batchjobs.manifest import COMMITTED, ShardRecord
 from batchjobs.readers import shard_rows
+from batchjobs.records import merge_figures
 
 if TYPE_CHECKING:
     from batchjobs.pipeline import Plan
@@ -37,7 +38,8 @@ class Tracker:
         self.pending: dict[str, ShardRecord] = {}
         self.files: dict[str, list[str]] = {}
         self.expected: dict[str, int] = {}
-        self.replicas: dict[str, dict[str, float]] = {}
+        self.replicas: dict[str, dict[str, float]] = {}  # per replica, as the summary shows it
+        self._figures: dict[str, dict[str, float]] = {}  # per replica, as reported
         self.t0 = time.time()
         self.last_print = 0.0
         self.last_line = ""
@@ -81,22 +83,24 @@ class Tracker:
         self._maybe_print()
 
     def _add_replica(self, rep: str, figures: dict[str, float]) -> None:
-        r = self.replicas.setdefault(rep, {"engine_s": 0.0, "idle_s": 0.0, "busy_s": 0.0})
-        r["engine_s"] += figures["engine_s"]
-        r["startup_s"], r["ready_at"] = figures["startup_s"], figures["ready_at"]
-        r["idle_s"] = max(r["idle_s"], figures["idle_s"])
-        # Mean requests in the engine while it had any, and the cap it ran under (0: none).
-        if figures["busy_s"] >= r["busy_s"]:
-            r["busy_s"] = figures["busy_s"]
-            r["mean_inflight"] = figures["inflight_s"] / r["busy_s"] if r["busy_s"] else 0.0
-        r["inflight_limit"] = int(figures["limit"])
-        # Share of prompt tokens the engine's prefix cache served (input.order: prefix aims
-        # to raise it); the figures are running totals, so the latest is the largest.
-        r["prompt_tokens"] = max(r.get("prompt_tokens", 0), int(figures["prompt_tokens"]))
-        r["cached_tokens"] = max(r.get("cached_tokens", 0), int(figures["cached_tokens"]))
-        r["prefix_cache_hit"] = (
-            r["cached_tokens"] / r["prompt_tokens"] if r["prompt_tokens"] else None
-        )
+        raw = self._figures.setdefault(rep, {})
+        merge_figures(raw, figures)
+        prompt, cached = int(raw["prompt_tokens"]), int(raw["cached_tokens"])
+        self.replicas[rep] = {
+            "engine_s": raw["engine_s"],
+            "startup_s": raw["startup_s"],
+            "ready_at": raw["ready_at"],
+            "idle_s": raw["idle_s"],
+            "busy_s": raw["busy_s"],
+            # Mean requests in the engine while it had any, and the cap it ran under (0: none).
+            "mean_inflight": raw["inflight_s"] / raw["busy_s"] if raw["busy_s"] else 0.0,
+            "inflight_limit": int(raw["limit"]),
+            # Share of prompt tokens the engine's prefix cache served (order: prefix aims to
+            # raise it).
+            "prompt_tokens": prompt,
+            "cached_tokens": cached,
+            "prefix_cache_hit": cached / prompt if prompt else None,
+        }
 
     def _commit(self, sid: str) -> None:
         rec = self.pending.pop(sid)
