@@ -26,15 +26,16 @@ cd "$(dirname "$0")/../.."
 . bench/gpu/setup.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/bench; COMMON=(--model /tmp/llama7b --load-format dummy --max-model-len 4096 --prompt-words 550
-  --n 2000 --shards 8 --workdir $W --resources '{"replicas":1,"batch_size":64,"max_inflight_batches":32,"num_cpus_per_replica":1}')
+  --n 2000 --shards 8 --workdir $W --resources '{"replicas":1,"batch_size":64,"num_cpus_per_replica":1}')
 P200=(--model /tmp/llama7b --load-format dummy --max-model-len 4096 --prompt-words 1200 --n 2000
   --prefixes 200 --shards 8 --workdir $W --workload prefix --max-tokens 64 --out $OUT/prefix200.json --append
-  --resources '{"replicas":1,"batch_size":64,"max_inflight_batches":32,"num_cpus_per_replica":1}')
+  --resources '{"replicas":1,"batch_size":64,"num_cpus_per_replica":1}')
 for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
   echo "=== $step $(date +%T)"
   case $step in
     longtail_raw_bj) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes raw,batchjobs \
-           --spec-engine '{"env":{"VLLM_LOGGING_LEVEL":"INFO"}}' --out $OUT/longtail.json 2>&1 | tee $OUT/longtail.log | grep -v "^(\|^\[" | tail -5 ;;
+           --spec-engine '{"env":{"VLLM_LOGGING_LEVEL":"INFO"}}' --out $OUT/longtail.json 2>&1 | tee $OUT/longtail.log | grep -v "^(\|^\[" | tail -5
+         echo "teardown: $(grep -ac 'EngineDeadError\|exited unexpectedly' $OUT/longtail.log) EngineDeadError/exited-unexpectedly lines" ;;
     warm) python3 bench/bench.py run "${COMMON[@]}" --n 16 --workload fixed --max-tokens 16 --modes raw \
            --workdir /tmp/warm 2>&1 | tail -2 ;;
     startup) python3 bench/bench.py run "${COMMON[@]}" --n 200 --workload fixed --max-tokens 64 --modes raw,batchjobs,batchjobs_spawn \
@@ -62,7 +63,7 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
     prefix) # 20 prefixes of ~1200 words x 100 questions, shuffled; short answers (prefill-bound)
         P=(--model /tmp/llama7b --load-format dummy --max-model-len 4096 --prompt-words 1200 --n 2000
            --shards 8 --workdir $W --workload prefix --max-tokens 64 --out $OUT/prefix.json --append
-           --resources '{"replicas":1,"batch_size":64,"max_inflight_batches":32,"num_cpus_per_replica":1}')
+           --resources '{"replicas":1,"batch_size":64,"num_cpus_per_replica":1}')
         python3 bench/bench.py run "${P[@]}" --modes raw,batchjobs 2>&1 | tee -a $OUT/prefix.log | grep -v "^(\|^\[" | tail -4
         python3 bench/bench.py run "${P[@]}" --modes batchjobs --spec-input '{"order":"input"}' 2>&1 | tee -a $OUT/prefix.log | grep -v "^(\|^\[" | tail -5 ;;
     prefix200) python3 bench/bench.py run "${P200[@]}" --modes raw,batchjobs 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -4 ;;
