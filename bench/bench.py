@@ -335,10 +335,11 @@ def run_all(a) -> None:
     variants = json.loads(a.variants)
     for mode in a.modes.split(","):
         # "batchjobs:NAME": batchjobs with --resources updated by --variants' NAME entry (its
-        # "input" key, if any, updates --spec-input instead)
+        # "input" and "engine" keys, if any, update --spec-input and --spec-engine instead)
         base_mode, _, variant = mode.partition(":")
         override = dict(variants.get(variant, {}))
         spec_input = json.dumps({**json.loads(a.spec_input), **override.pop("input", {})})
+        spec_engine = json.dumps({**json.loads(a.spec_engine), **override.pop("engine", {})})
         resources = {**json.loads(a.resources), **override}
         res_file = work / f"result-{mode.replace(':', '-')}.json"
         res_file.unlink(missing_ok=True)
@@ -354,6 +355,7 @@ def run_all(a) -> None:
         ] + a.child_args
         if variant:
             argv += ["--resources", json.dumps(resources), "--spec-input", spec_input]
+            argv += ["--spec-engine", spec_engine]
         t0 = time.time()
         proc = subprocess.Popen(argv, cwd=REPO)
         mon = Monitor(proc.pid)
@@ -366,7 +368,7 @@ def run_all(a) -> None:
             "rc": rc,
             "elapsed_s": time.time() - t0,
             "spec_input": spec_input,
-            "spec_engine": a.spec_engine,
+            "spec_engine": spec_engine,
             "resources": json.dumps(resources) if mode.startswith("batchjobs") else None,
             **extra,
         }
@@ -395,7 +397,7 @@ def print_table(results) -> None:
     for r in results:
         if r["mode"] == "raw" and r.get("wall_s"):
             base[(r["workload"], r["n"])] = r
-    hdr = f"{'mode':16} {'workload':9} {'rows':>6} {'wall s':>8} {'start s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'vs raw':>7} {'vs raw ex-start':>15} {'gpu busy':>8} {'gen busy':>8} {'gpu GiB':>8} {'drv MiB':>8} {'cache hit':>9}"
+    hdr = f"{'mode':16} {'workload':9} {'rows':>6} {'wall s':>8} {'start s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'vs raw':>7} {'vs raw ex-start':>15} {'gpu busy':>8} {'gen util':>8} {'gpu GiB':>8} {'drv MiB':>8} {'cache hit':>9}"
     print(hdr)
     for r in results:
         if not r.get("wall_s"):

@@ -168,3 +168,46 @@ def test_rows_behind_a_slow_request_do_not_hold_engine_slots(tmp_path, tiny_mode
     assert max(int(t.split()[1]) for t in texts) <= 8  # the request cap held
     (replica,) = summary.replicas.values()
     assert replica["inflight_limit"] == 8
+
+
+class NiceEngine(CountingEngine):
+    """Answers every row with its own process's nice value."""
+
+    async def generate(self, request):
+        import os
+
+        return Result(
+            text=str(os.getpriority(os.PRIO_PROCESS, 0)),
+            finish_reason="stop",
+            prompt_tokens=1,
+            completion_tokens=1,
+        )
+
+
+def nice_factory(spec):
+    return NiceEngine(spec)
+
+
+def test_engine_actors_run_at_the_drivers_priority(tmp_path, tiny_model, ray_session):
+    """Ray starts worker processes at nice 15, below its raylet and the driver; the engine
+    actor (and the engine processes it starts) must not be: on a small machine its
+    scheduler then lost its core to the driver. Read and write tasks keep Ray's default."""
+    import os
+
+    from batchjobs.pipeline import run
+    from batchjobs.spec import parse_spec
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    prompt_shards(tmp_path / "in", shards=1, rows=8)
+    spec = parse_spec(spec_dict(tiny_model, str(tmp_path / "in"), str(tmp_path / "out")))
+    assert run(spec, engine_factory=nice_factory).rows == 8
+    engine_nice = {int(t) for t in pq.read_table(tmp_path / "out").column("text").to_pylist()}
+    driver_nice = os.getpriority(os.PRIO_PROCESS, 0)
+
+    @ray.remote(num_cpus=0)
+    def task_nice():
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+    assert engine_nice == {driver_nice}
+    if driver_nice < 15:  # control: a plain task runs lower, as Ray starts it
+        assert ray.get(task_nice.remote()) > driver_nice
