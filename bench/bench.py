@@ -234,9 +234,46 @@ def mode_raydata(a) -> dict:
 MODES = {
     "raw": mode_raw,
     "batchjobs": mode_batchjobs,
+    # the driver joins a Ray head started before the clock runs (see running_head)
+    "batchjobs_head": mode_batchjobs,
     "batchjobs_spawn": functools.partial(mode_batchjobs, spawn=True),
     "raydata": mode_raydata,
 }
+
+
+@contextlib.contextmanager
+def running_head(start: bool):
+    """For ``batchjobs_head``: a Ray head started outside the timed run, as a job submitted
+    with ``ray job submit`` finds its cluster already up, so the driver joins it (through
+    RAY_ADDRESS) instead of starting a local Ray. Same logical CPUs and worker settings as
+    batchjobs' own local cluster; stopped afterwards with `ray stop`, which stops every Ray
+    of this user on the machine. Yields the child's environment."""
+    import os
+    import socket
+
+    if not start:
+        yield None
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    config = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+    subprocess.run(
+        ray_cli
+        + ["start", "--head", f"--port={port}", f"--num-cpus={max(os.cpu_count() or 1, 8)}"]
+        + ["--include-dashboard=false", "--disable-usage-stats"]
+        + [f"--system-config={json.dumps(config)}"],
+        check=True,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        # Ray 2.60 turns on token auth for a head it starts; the driver reads the token
+        # from ~/.ray/auth_token.
+        yield {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
+    finally:
+        subprocess.run(ray_cli + ["stop", "--force"], cwd=REPO, stdout=subprocess.DEVNULL)
 
 
 # ---------------------------------------------------------------- monitoring
@@ -356,11 +393,12 @@ def run_all(a) -> None:
         if variant:
             argv += ["--resources", json.dumps(resources), "--spec-input", spec_input]
             argv += ["--spec-engine", spec_engine]
-        t0 = time.time()
-        proc = subprocess.Popen(argv, cwd=REPO)
-        mon = Monitor(proc.pid)
-        rc = proc.wait()
-        extra = mon.result()
+        with running_head(base_mode == "batchjobs_head") as env:
+            t0 = time.time()
+            proc = subprocess.Popen(argv, cwd=REPO, env=env)
+            mon = Monitor(proc.pid)
+            rc = proc.wait()
+            extra = mon.result()
         row = {
             "mode": mode,
             "workload": a.workload,

@@ -4,6 +4,8 @@
 #                             first timed engine on a fresh machine does not compile (run F: +45 s)
 #   STEPS="longtail_raw_bj"   raw LLM.generate vs batchjobs, long-tailed outputs, 2000 prompts
 #                             (vLLM INFO logs of the engine actor kept in longtail.log)
+#   STEPS="longtail_head"     the same with batchjobs_head: raw vs batchjobs vs batchjobs joining a
+#                             Ray head started before the clock (the `ray job submit` case)
 #   STEPS="startup"           200 prompts x 64 tokens: raw vs batchjobs (warm engine start) vs
 #                             batchjobs_spawn (vLLM's own spawn of its engine core in the actor)
 #   STEPS="dp2gate"           (2 GPUs) 2 replicas, start gate off (start_timeout_s 0) then default
@@ -36,6 +38,8 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
     longtail_raw_bj) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes raw,batchjobs \
            --spec-engine '{"env":{"VLLM_LOGGING_LEVEL":"INFO"}}' --out $OUT/longtail.json 2>&1 | tee $OUT/longtail.log | grep -v "^(\|^\[" | tail -5
          echo "teardown: $(grep -ac 'EngineDeadError\|exited unexpectedly' $OUT/longtail.log) EngineDeadError/exited-unexpectedly lines" ;;
+    longtail_head) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes raw,batchjobs,batchjobs_head \
+           --out $OUT/longtail-head.json 2>&1 | tee $OUT/longtail-head.log | grep -v "^(\|^\[" | tail -5 ;;
     warm) python3 bench/bench.py run "${COMMON[@]}" --n 16 --workload fixed --max-tokens 16 --modes raw \
            --workdir /tmp/warm 2>&1 | tail -2 ;;
     startup) python3 bench/bench.py run "${COMMON[@]}" --n 200 --workload fixed --max-tokens 64 --modes raw,batchjobs,batchjobs_spawn \
