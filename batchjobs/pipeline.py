@@ -243,12 +243,12 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
     spec = plan.spec
     res = spec.resources
     raw = spec.model_dump()
-    # Ray starts its worker processes at nice 15 (its `worker_niceness`), below the raylet,
-    # the GCS and this driver; an engine actor is the work the job exists for, so it runs at
-    # the normal priority (as Ray's own job supervisor does), its read and write tasks stay
-    # at 15. On 2 cores the engine's scheduler otherwise lost its core to the driver and the
-    # raylet.
-    env = {"VLLM_LOGGING_LEVEL": "ERROR", "RAY_worker_niceness": "0", **spec.engine.env}
+    # Ray starts engine actors, like all its workers, at nice 15 (`worker_niceness`), below
+    # the raylet and this driver. `engine.env: {RAY_worker_niceness: "0"}` lifts them to the
+    # normal priority: on 2 cores 0.88-0.91x raw instead of 0.84-0.86 (docs/PERFORMANCE.md,
+    # runs I2-I5), but it also brought a resource_tracker traceback to most CPU engine exits,
+    # so it is not the default.
+    env = {"VLLM_LOGGING_LEVEL": "ERROR", **spec.engine.env}
     if device == "cpu":
         # Ray sets OMP_NUM_THREADS=num_cpus for an actor; the CPU engine wants every core.
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
