@@ -193,7 +193,7 @@ def choose_engine(
     Returns the job spec with the chosen engine and the report (table and decision). A
     candidate that fails is a row of the table; only when every one fails is it an error.
     """
-    from batchjobs.pipeline import resolve_device
+    from batchjobs.cluster import resolve_device
     from batchjobs.pipeline import run as run_job
 
     say = progress or (lambda line: None)

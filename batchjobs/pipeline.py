@@ -18,11 +18,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchjobs.errors import BatchJobError, OutputError, SpecError, unwrap
+from batchjobs.cluster import check_resources, connect_ray, resolve_device
+from batchjobs.errors import BatchJobError, OutputError, unwrap
 from batchjobs.feeding import (
     inflight_batches,
     io_concurrency,
-    pool_min,
     start_gate_s,
     tasks_per_replica,
 )
@@ -143,74 +143,6 @@ class RunSummary:
         d["tokens_per_s"] = self.tokens_per_s
         d["output_tokens_per_s"] = self.output_tokens_per_s
         return d
-
-
-def connect_ray(local_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    try:
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(log_to_driver=True)
-        else:
-            # address="local": always our own cluster, never a stray `ray start` head that
-            # happens to run on this machine. Logical CPUs, not cores: read/write tasks and
-            # an engine actor must all fit, or a 2-core laptop deadlocks waiting for a CPU
-            # the engine actor holds. No prestarted idle workers: on a small machine they
-            # steal the cores the engine needs while it loads (measured: engine start
-            # 74.7 s -> 46.8 s on 2 cores).
-            ray.init(
-                address="local",
-                num_cpus=local_cpus or max(os.cpu_count() or 1, 8),
-                include_dashboard=False,
-                _system_config={
-                    "enable_worker_prestart": False,
-                    "prestart_worker_first_driver": False,
-                },
-            )
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = os.environ.get("RAY_ADDRESS") or "a new local Ray"
-        raise BatchJobError(f"cannot start or join Ray ({where}): {exc}") from None
-
-
-def resolve_device(spec: JobSpec) -> str:
-    import ray
-
-    if spec.engine.device != "auto":
-        return spec.engine.device
-    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
-
-
-def check_resources(spec: JobSpec, device: str) -> None:
-    import ray
-
-    if device != "cuda":
-        return
-    # A replica is one actor holding all tp × pp GPUs, so Ray places it on one node: its
-    # GPUs share that node's NVLink. A replica larger than every node could never start.
-    per_node = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
-    largest = int(max(per_node, default=0))
-    if spec.gpus_per_replica() > largest:
-        raise SpecError(
-            f"engine.tensor_parallel_size × pipeline_parallel_size = {spec.gpus_per_replica()} GPUs "
-            f"per replica, but the largest node has {largest}: a replica must fit on one node. "
-            "Lower engine.tensor_parallel_size (and use more replicas)."
-        )
-    have = int(ray.cluster_resources().get("GPU", 0))
-    res = spec.resources
-    # With autoscaling (min_replicas < replicas) only the minimum must fit now: the pool grows
-    # as nodes join. Without it, every replica must fit or the job would wait forever.
-    count = pool_min(spec)
-    key = "resources.min_replicas" if res.min_replicas is not None else "resources.replicas"
-    need = count * spec.gpus_per_replica()
-    if need > have:
-        raise SpecError(
-            f"{key}={count} × {spec.gpus_per_replica()} GPU(s) per "
-            f"replica needs {need} GPUs; the cluster has {have}. Lower {key} or "
-            "engine.tensor_parallel_size."
-        )
 
 
 def _read_fn(batch: pa.Table, spec: dict, batch_rows: int):

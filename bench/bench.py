@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from batchjobs import models  # noqa: E402 - after the path is set
+from batchjobs import cluster, models  # noqa: E402 - after the path is set
 
 WORDS = models.WORDS
 
@@ -258,12 +258,11 @@ def running_head(start: bool):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
-    config = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
     subprocess.run(
         ray_cli
-        + ["start", "--head", f"--port={port}", f"--num-cpus={max(os.cpu_count() or 1, 8)}"]
+        + ["start", "--head", f"--port={port}", f"--num-cpus={cluster.local_cluster_cpus()}"]
         + ["--include-dashboard=false", "--disable-usage-stats"]
-        + [f"--system-config={json.dumps(config)}"],
+        + [f"--system-config={json.dumps(cluster.LOCAL_SYSTEM_CONFIG)}"],
         check=True,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -517,8 +516,8 @@ def main() -> None:
     r.add_argument(
         "--variants",
         default="{}",
-        help='JSON: {"NAME": {resource keys, "input": {input keys}}}, e.g. {"old": '
-        '{"max_inflight_batches": 16}}',
+        help='JSON: {"NAME": {resource keys, "input": {input keys}, "engine": {engine keys}}}, '
+        'e.g. {"old": {"max_inflight_batches": 16}}',
     )
     r.add_argument("--out", default=None)
     r.add_argument("--append", action="store_true")

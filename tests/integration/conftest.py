@@ -37,7 +37,7 @@ def ray_session():
     """A local Ray for the in-process tests of a module (started like `batchjobs run` would)."""
     import ray
 
-    from batchjobs.pipeline import connect_ray
+    from batchjobs.cluster import connect_ray
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     connect_ray()

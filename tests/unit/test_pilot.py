@@ -234,6 +234,7 @@ def test_pilot_input_is_the_first_rows_with_ids_and_sampling_columns(pilot_dict,
 @pytest.fixture
 def fake_engine(monkeypatch):
     """pipeline.run stand-in: engine time per row falls with max_num_seqs; 'boom' fails."""
+    import batchjobs.cluster as cluster
     import batchjobs.pipeline as pipeline
 
     calls = []
@@ -251,7 +252,7 @@ def fake_engine(monkeypatch):
         return s
 
     monkeypatch.setattr(pipeline, "run", fake_run)
-    monkeypatch.setattr(pipeline, "resolve_device", lambda spec: "cpu")
+    monkeypatch.setattr(cluster, "resolve_device", lambda spec: "cpu")
     return calls
 
 
