@@ -35,7 +35,6 @@ import pyarrow as pa
 from batchjobs.engines.base import Engine, EngineDead, Request, Result
 from batchjobs.errors import BatchJobError, EngineError
 from batchjobs.readers import INPUT_ERROR, PARAMS, PROMPT, ROW_ID, ROW_INDEX, SHARD_ID, SHARD_ROWS
-from batchjobs.records import REPLICA_FIGURES
 from batchjobs.spec import JobSpec
 
 log = logging.getLogger("batchjobs.actor")
@@ -152,21 +151,16 @@ class EngineActor:
     def _figures(self) -> dict[str, float]:
         """This replica's figures as of now (``records.REPLICA_FIGURES``)."""
         c = self.clock
-        return dict(
-            zip(
-                REPLICA_FIGURES,
-                (
-                    self.startup_s,
-                    self.ready,
-                    c.idle,
-                    c.busy,
-                    c.inflight_s,
-                    self.prompt_tokens,
-                    self.cached_tokens,
-                    self.limit or 0,
-                ),
-            )
-        )
+        return {  # the names of REPLICA_FIGURES: the sink reads each one back by name
+            "startup_s": self.startup_s,
+            "ready_at": self.ready,
+            "idle_s": c.idle,
+            "busy_s": c.busy,
+            "inflight_s": c.inflight_s,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "limit": self.limit or 0,
+        }
 
     def close(self) -> None:
         """Shut the engine down and stop the loop thread. Safe to call twice."""
