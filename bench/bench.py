@@ -173,7 +173,10 @@ def mode_batchjobs(a, spawn: bool = False) -> dict:
         "ready_at": max(r["ready_at"] for r in s.replicas.values()),  # all replicas serving
         "replicas": s.replicas,  # per replica: engine_s charged, startup_s, idle_s, mean_inflight, ...
         "cached_tokens": sum(r.get("cached_tokens", 0) for r in s.replicas.values()),
-        "end_at": time.time(),
+        # The last row committed: the engines' shutdown after it (s.teardown_s) is left out,
+        # as raw's end is taken before its engine shuts down.
+        "end_at": time.time() - s.teardown_s,
+        "teardown_s": s.teardown_s,
         "cost_usd": s.cost_usd,
     }
 

@@ -5,7 +5,9 @@
 #   STEPS="longtail_raw_bj"   raw LLM.generate vs batchjobs, long-tailed outputs, 2000 prompts
 #                             (vLLM INFO logs of the engine actor kept in longtail.log)
 #   STEPS="longtail_head"     the same with batchjobs_head: raw vs batchjobs vs batchjobs joining a
-#                             Ray head started before the clock (the `ray job submit` case)
+#                             Ray head started before the clock (the `ray job submit` case);
+#                             HEAD_MODES picks modes (FIXED_MODES and P200_MODES do so for fixed
+#                             and prefix200)
 #   STEPS="startup"           200 prompts x 64 tokens: raw vs batchjobs (warm engine start) vs
 #                             batchjobs_spawn (vLLM's own spawn of its engine core in the actor)
 #   STEPS="dp2gate"           (2 GPUs) 2 replicas, start gate off (start_timeout_s 0) then default
@@ -38,7 +40,7 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
     longtail_raw_bj) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes raw,batchjobs \
            --spec-engine '{"env":{"VLLM_LOGGING_LEVEL":"INFO"}}' --out $OUT/longtail.json 2>&1 | tee $OUT/longtail.log | grep -v "^(\|^\[" | tail -5
          echo "teardown: $(grep -ac 'EngineDeadError\|exited unexpectedly' $OUT/longtail.log) EngineDeadError/exited-unexpectedly lines" ;;
-    longtail_head) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes raw,batchjobs,batchjobs_head \
+    longtail_head) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes "${HEAD_MODES:-raw,batchjobs,batchjobs_head}" \
            --out $OUT/longtail-head.json 2>&1 | tee $OUT/longtail-head.log | grep -v "^(\|^\[" | tail -5 ;;
     warm) python3 bench/bench.py run "${COMMON[@]}" --n 16 --workload fixed --max-tokens 16 --modes raw \
            --workdir /tmp/warm 2>&1 | tail -2 ;;
@@ -51,11 +53,11 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
             --out $OUT/dp2gate.json --append 2>&1 | tee -a $OUT/dp2gate.log | grep -v "^(\|^\[" | tail -3
         done ;;
     raydata) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes raydata --out $OUT/longtail-raydata.json 2>&1 | tee $OUT/raydata.log | tail -30 ;;
-    fixed) python3 bench/bench.py run "${COMMON[@]}" --workload fixed --max-tokens 256 --modes raw,batchjobs --out $OUT/fixed.json 2>&1 | tee $OUT/fixed.log | grep -v "^(\|^\[" | tail -30 ;;
+    fixed) python3 bench/bench.py run "${COMMON[@]}" --workload fixed --max-tokens 256 --modes "${FIXED_MODES:-raw,batchjobs}" --out $OUT/fixed.json 2>&1 | tee $OUT/fixed.log | grep -v "^(\|^\[" | tail -30 ;;
     dp) # data parallel: 1 vs 2 replicas (TP=1) of the 7B shape, fixed 256 output tokens
         for r in 1 2; do
           python3 bench/bench.py run "${COMMON[@]}" --workload fixed --max-tokens 256 --modes batchjobs \
-            --resources "{\"replicas\":$r,\"batch_size\":64,\"max_inflight_batches\":16,\"num_cpus_per_replica\":1}" \
+            --resources "{\"replicas\":$r,\"batch_size\":64,\"num_cpus_per_replica\":1}" \
             --out $OUT/dp$r.json 2>&1 | tee $OUT/dp$r.log | grep -v "^(\|^\[" | tail -3
         done ;;
     dp124)
@@ -70,7 +72,7 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
            --resources '{"replicas":1,"batch_size":64,"num_cpus_per_replica":1}')
         python3 bench/bench.py run "${P[@]}" --modes raw,batchjobs 2>&1 | tee -a $OUT/prefix.log | grep -v "^(\|^\[" | tail -4
         python3 bench/bench.py run "${P[@]}" --modes batchjobs --spec-input '{"order":"input"}' 2>&1 | tee -a $OUT/prefix.log | grep -v "^(\|^\[" | tail -5 ;;
-    prefix200) python3 bench/bench.py run "${P200[@]}" --modes raw,batchjobs 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -4 ;;
+    prefix200) python3 bench/bench.py run "${P200[@]}" --modes "${P200_MODES:-raw,batchjobs}" 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -4 ;;
     prefix200_shard) # the same, each shard sorted alone (the behaviour before read groups)
         python3 bench/bench.py run "${P200[@]}" --modes batchjobs --spec-input '{"prefix_group_mb":0}' 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -5 ;;
     window) # Llama-3-8B shape (GQA: the KV cache holds ~1024 sequences, so the engine is slot-bound)
@@ -102,6 +104,7 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
          python3 -m batchjobs.cli manifest /tmp/cli-out | tee $OUT/cli-manifest.txt ;;
   esac
   # Nothing may hold a GPU between steps (a leaked engine core would fail the next engine).
+  echo "after $step: teardown tracebacks in this call's logs: $(cat $OUT/*.log 2>/dev/null | grep -ac 'EngineDeadError\|exited unexpectedly\|KeyError: ')"
   sleep 2; echo "after $step: GPU MiB used $(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | paste -sd/)," \
     "fork servers/engine cores left: $(pgrep -fc 'multiprocessing.forkserver|VLLM::Engine' || true)"
 done
