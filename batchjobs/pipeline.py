@@ -179,8 +179,9 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
     raw = spec.model_dump()
     # Ray starts engine actors, like all its workers, at nice 15 (`worker_niceness`), below
     # the raylet and this driver. `engine.env: {RAY_worker_niceness: "0"}` lifts them to the
-    # normal priority: on 2 cores 0.88-0.91x raw instead of 0.84-0.86 (docs/PERFORMANCE.md,
-    # runs I2-I5).
+    # normal priority; on 2 cores that measured from 0.04 worse to 0.07 better than 15 (raw
+    # LLM.generate = 1, start-up excluded; docs/PERFORMANCE.md, runs I2-I4 and J1-J2), so
+    # Ray's default stands.
     env = {
         "VLLM_LOGGING_LEVEL": "ERROR",
         # Ray kills an exiting actor's child processes before the shutdown hook that closes

@@ -261,6 +261,13 @@ def running_head(start: bool):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    # Token auth, as Ray 2.60 sets up for a local cluster; `ray start` makes no token itself
+    # (on a fresh machine it started a head without auth, which the driver then refused).
+    if not (Path.home() / ".ray" / "auth_token").exists() and not os.environ.get("RAY_AUTH_TOKEN"):
+        subprocess.run(
+            ray_cli + ["get-auth-token", "--generate"], check=True, stdout=subprocess.DEVNULL
+        )
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
     subprocess.run(
         ray_cli
         + ["start", "--head", f"--port={port}", f"--num-cpus={cluster.local_cluster_cpus()}"]
@@ -268,12 +275,12 @@ def running_head(start: bool):
         + [f"--system-config={json.dumps(cluster.LOCAL_SYSTEM_CONFIG)}"],
         check=True,
         cwd=REPO,
+        env=env,
         stdout=subprocess.DEVNULL,
     )
     try:
-        # Ray 2.60 turns on token auth for a head it starts; the driver reads the token
-        # from ~/.ray/auth_token.
-        yield {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
+        # The driver reads the token from ~/.ray/auth_token.
+        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     finally:
         subprocess.run(ray_cli + ["stop", "--force"], cwd=REPO, stdout=subprocess.DEVNULL)
 
