@@ -88,13 +88,14 @@ def io_concurrency() -> int | None:
 def start_gate_s(spec: JobSpec) -> float:
     """Ray Data's ``wait_for_min_actors_s`` for this job: -1 (no gate) or the timeout.
 
-    The gate feeds no replica until the pool's minimum is up, so the first replica to start
-    cannot take ``inflight_batches`` batches while the others start (measured: 4
-    replicas, 2 served rows). But Ray Data waits for it synchronously, holding back the
-    read tasks too: reads then start only when the engines are ready instead of during
-    their start-up (measured: 3-4 s of idle engine after start-up on an H200 host; on 2
-    CPU cores the readers' start-up took the engine's cores, 47 s of generation instead
-    of 35 s). With one replica there is nothing to spread, so there is no gate.
+    The gate (``resources.start_timeout_s`` > 0, off by default) feeds no replica until the
+    pool's minimum is up. It was the default while the first replica up could take
+    ``inflight_batches`` batches before the others started (measured: 4 replicas, 2 served
+    rows); ``tasks_per_replica`` now caps a small job's replicas at their share instead.
+    Ray Data waits for the gate synchronously and holds back the read tasks too, so reads
+    start only when the engines are ready: each replica then idled 3.6-5.5 s for its first
+    rows (bench/start_gate.py on CPU: generation 1.28x longer than without the gate; 3.6
+    and 4.3 s on 2 H200s, run J). With one replica there is nothing to spread, so no gate.
     """
     res = spec.resources
     if pool_min(spec) <= 1 or not res.start_timeout_s:

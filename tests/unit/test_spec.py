@@ -401,11 +401,10 @@ def test_price_per_gpu_hour_prefers_accelerator_price(spec_dict):
     "resources, gate",
     [
         ({}, -1),  # one replica: nothing to spread, reads are not held back
-        ({"replicas": 4}, 1800.0),
+        ({"replicas": 4}, -1),  # the default: feed each replica as soon as it is up
         ({"replicas": 4, "start_timeout_s": 60}, 60.0),
-        ({"replicas": 4, "start_timeout_s": 0}, -1),  # feed each replica as soon as it is up
-        ({"replicas": 4, "min_replicas": 1}, -1),  # the pool may run on one replica
-        ({"replicas": 4, "min_replicas": 2}, 1800.0),
+        ({"replicas": 4, "start_timeout_s": 1, "min_replicas": 1}, -1),  # may run on one
+        ({"replicas": 4, "start_timeout_s": 1800, "min_replicas": 2}, 1800.0),
     ],
 )
 def test_replicas_are_gated_only_when_there_is_work_to_spread(spec_dict, resources, gate):
