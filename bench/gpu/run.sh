@@ -10,7 +10,7 @@
 #                             and prefix200)
 #   STEPS="startup"           200 prompts x 64 tokens: raw vs batchjobs (warm engine start) vs
 #                             batchjobs_spawn (vLLM's own spawn of its engine core in the actor)
-#   STEPS="dp2gate"           (2 GPUs) 2 replicas, start gate off (start_timeout_s 0) then default
+#   STEPS="dp2gate"           (2 GPUs) 2 replicas, start gate off (start_timeout_s 0, the default) then on (1800)
 #   STEPS="raydata cli"       Ray Data LLM processor on the same data; one `batchjobs run` CLI job
 #   STEPS="fixed"             raw vs batchjobs, 256 output tokens each
 #   STEPS="dp tp2"            (2 GPUs) 1 vs 2 replicas; one replica with tensor_parallel_size 2
@@ -49,7 +49,7 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
     dp2gate)
         for t in 0 1800; do
           python3 bench/bench.py run "${COMMON[@]}" --workload fixed --max-tokens 256 --modes batchjobs \
-            --resources "{\"replicas\":2,\"batch_size\":64,\"max_inflight_batches\":16,\"num_cpus_per_replica\":1,\"start_timeout_s\":$t}" \
+            --resources "{\"replicas\":2,\"batch_size\":64,\"num_cpus_per_replica\":1,\"start_timeout_s\":$t}" \
             --out $OUT/dp2gate.json --append 2>&1 | tee -a $OUT/dp2gate.log | grep -v "^(\|^\[" | tail -3
         done ;;
     raydata) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes raydata --out $OUT/longtail-raydata.json 2>&1 | tee $OUT/raydata.log | tail -30 ;;
