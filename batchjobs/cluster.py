@@ -104,8 +104,9 @@ def wait_for_exit(class_part: str, timeout_s: float) -> int:
     from ray._private import state
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    ctx = ray.get_runtime_context()
     try:
-        table = state.actors(job_id=ray.JobID.from_hex(ray.get_runtime_context().get_job_id()))
+        table = state.actors(job_id=ray.JobID.from_hex(ctx.get_job_id()))
     except Exception as exc:  # noqa: BLE001 - a private API: never fail a finished job on it
         log.debug("cannot read the actor table: %s", exc)
         return 0
@@ -113,7 +114,7 @@ def wait_for_exit(class_part: str, timeout_s: float) -> int:
     for a in table.values():
         if class_part in a.get("ActorClassName", "") and a.get("Pid"):
             by_node.setdefault(a["Address"]["NodeID"], []).append(a["Pid"])
-    here = ray.get_runtime_context().get_node_id()
+    here = ctx.get_node_id()
     remote_wait = ray.remote(num_cpus=0)(wait_pids)
     waits = [
         remote_wait.options(

@@ -348,8 +348,11 @@ def run(
 def _stop_engines() -> float:
     """Wait for the engine replicas to shut down (``cluster.wait_for_exit``); the seconds
     waited. Every row is committed by now: this only keeps the exit clean."""
+    from batchjobs.actor import EngineActor
+
     t0 = time.time()
-    left = wait_for_exit("EngineActor", ENGINE_STOP_TIMEOUT_S)
+    # By the class, not a copy of its name: a renamed class would make this wait for nothing.
+    left = wait_for_exit(EngineActor.__name__, ENGINE_STOP_TIMEOUT_S)
     if left:
         log.warning(
             "%d engine replica(s) still shutting down after %.0fs; leaving them to Ray",
