@@ -12,7 +12,8 @@
 #                             batchjobs_spawn (vLLM's own spawn of its engine core in the actor)
 #   STEPS="dp2gate"           (2 GPUs) 2 replicas, start gate off (start_timeout_s 0, the default) then on (1800)
 #   STEPS="raydata cli"       Ray Data LLM processor on the same data; one `batchjobs run` CLI job
-#   STEPS="fixed"             raw vs batchjobs, 256 output tokens each
+#   STEPS="fixed"             raw vs batchjobs, 256 output tokens each (FIXED_ENGINE: --spec-engine JSON,
+#                             FIXED_VARIANTS: --variants JSON for FIXED_MODES such as batchjobs_head:NAME)
 #   STEPS="dp tp2"            (2 GPUs) 1 vs 2 replicas; one replica with tensor_parallel_size 2
 #   STEPS="dp124"             (4 GPUs) 1, 2, 4 replicas (TP=1) of the 7B shape, fixed 256 tokens
 #   STEPS="prefix"            shared prefixes: raw vs batchjobs (grouped, default) vs batchjobs order=input
@@ -53,7 +54,8 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
             --out $OUT/dp2gate.json --append 2>&1 | tee -a $OUT/dp2gate.log | grep -v "^(\|^\[" | tail -3
         done ;;
     raydata) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes raydata --out $OUT/longtail-raydata.json 2>&1 | tee $OUT/raydata.log | tail -30 ;;
-    fixed) python3 bench/bench.py run "${COMMON[@]}" --workload fixed --max-tokens 256 --modes "${FIXED_MODES:-raw,batchjobs}" --out $OUT/fixed.json 2>&1 | tee $OUT/fixed.log | grep -v "^(\|^\[" | tail -30 ;;
+    fixed) python3 bench/bench.py run "${COMMON[@]}" --workload fixed --max-tokens 256 --modes "${FIXED_MODES:-raw,batchjobs}" \
+           --spec-engine "${FIXED_ENGINE:-{\}}" --variants "${FIXED_VARIANTS:-{\}}" --out $OUT/fixed.json 2>&1 | tee $OUT/fixed.log | grep -v "^(\|^\[" | tail -30 ;;
     dp) # data parallel: 1 vs 2 replicas (TP=1) of the 7B shape, fixed 256 output tokens
         for r in 1 2; do
           python3 bench/bench.py run "${COMMON[@]}" --workload fixed --max-tokens 256 --modes batchjobs \
