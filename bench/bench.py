@@ -245,12 +245,13 @@ MODES = {
 
 
 @contextlib.contextmanager
-def running_head(start: bool):
+def running_head(start: bool, ray_defaults: bool = False):
     """For ``batchjobs_head``: a Ray head started outside the timed run, as a job submitted
     with ``ray job submit`` finds its cluster already up, so the driver joins it (through
     RAY_ADDRESS) instead of starting a local Ray. Same logical CPUs and worker settings as
-    batchjobs' own local cluster; stopped afterwards with `ray stop`, which stops every Ray
-    of this user on the machine. Yields the child's environment."""
+    batchjobs' own local cluster (with ``ray_defaults``, Ray's own worker settings: idle
+    workers prestarted); stopped afterwards with `ray stop`, which stops every Ray of this
+    user on the machine. Yields the child's environment."""
     import os
     import socket
 
@@ -272,7 +273,7 @@ def running_head(start: bool):
         ray_cli
         + ["start", "--head", f"--port={port}", f"--num-cpus={cluster.local_cluster_cpus()}"]
         + ["--include-dashboard=false", "--disable-usage-stats"]
-        + [f"--system-config={json.dumps(cluster.LOCAL_SYSTEM_CONFIG)}"],
+        + ([] if ray_defaults else [f"--system-config={json.dumps(cluster.LOCAL_SYSTEM_CONFIG)}"]),
         check=True,
         cwd=REPO,
         env=env,
