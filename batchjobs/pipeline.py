@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from batchjobs.cluster import check_resources, connect_ray, resolve_device, wait_for_exit
+from batchjobs.engines import warmstart
 from batchjobs.errors import BatchJobError, OutputError, unwrap
 from batchjobs.feeding import (
     inflight_batches,
@@ -196,6 +197,11 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
     if device == "cpu":
         # Ray sets OMP_NUM_THREADS=num_cpus for an actor; the CPU engine wants every core.
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    if spec.engine.kind == "vllm" and engine_factory is None:
+        # Start the warm fork server as soon as Ray starts an engine actor's process, not
+        # seconds later in its __init__ (engines/warmstart.py).
+        job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+        env.update(warmstart.setup_hook_env(spec.engine.env, job_env))
     groups = read_groups(plan.todo, spec.input.order, spec.input.prefix_group_mb)
     ds = ray.data.from_items(
         [{"shards": json.dumps([s.to_dict() for s in group])} for group in groups],

@@ -15,9 +15,18 @@ fork inside a Ray actor does not apply. The child runs with the environment the 
 when vLLM asked for the process (vLLM sets variables while it builds its config), as a
 spawned one would.
 
+What the server imports is ``preload.py``'s: vLLM's engine core, and on a GPU the worker
+and model runner the core will build, so that a forked core finds them loaded.
+
+The server starts as early as the actor's process does: Ray runs ``early_start`` (a worker
+setup hook, installed through the engine actors' environment by ``setup_hook_env``) before
+the process takes its first task. The actor's ``__init__`` comes seconds later, after Ray
+Data's worker has imported Ray Data and pandas; the server imports vLLM meanwhile.
+
 Only the start method changes: vLLM's own choice (fork where it would fork) stands
 wherever it is not ``spawn``. Setting ``VLLM_WORKER_MULTIPROC_METHOD`` (e.g. in the spec's
-``engine.env``) turns this off and leaves the choice to vLLM.
+``engine.env``) turns this off and leaves the choice to vLLM; ``BATCHJOBS_EARLY_START=0``
+keeps the warm start but starts the server in ``__init__``, as before the hook.
 """
 
 from __future__ import annotations
@@ -36,7 +45,10 @@ from multiprocessing.context import ForkServerContext, ForkServerProcess
 log = logging.getLogger("batchjobs.engines")
 
 METHOD_VAR = "VLLM_WORKER_MULTIPROC_METHOD"
-PRELOAD = ["vllm.v1.engine.core"]
+EARLY_VAR = "BATCHJOBS_EARLY_START"
+PRELOAD = ["batchjobs.engines._server_preload"]
+HOOK = f"{__name__}.early_start"
+early_at: float | None = None  # when early_start started the server in this process
 
 
 class WarmProcess(ForkServerProcess):
@@ -126,6 +138,36 @@ def prestart() -> bool:
         log.warning("warm engine start off: fork server did not start: %s", exc)
         return False
     return True
+
+
+def early_start() -> None:
+    """Ray's worker setup hook for engine actors: start the fork server now. Never raises
+    (Ray would fail the actor); without it the server starts in the engine's ``__init__``."""
+    global early_at
+    try:
+        if prestart():
+            early_at = time.time()
+    except BaseException as exc:  # noqa: BLE001
+        log.warning("early warm start failed, the engine will start the server: %s", exc)
+
+
+def setup_hook_env(engine_env: dict[str, str], job_env: dict[str, str]) -> dict[str, str]:
+    """The environment variable that makes Ray run ``early_start`` when it starts an engine
+    actor's process, or nothing: when the warm start is off (``engine.env`` sets the start
+    method or ``BATCHJOBS_EARLY_START=0``), when the job has its own setup hook (``job_env``,
+    the job's runtime_env variables: ours would replace it in the engine actors), or when
+    this Ray has no such variable. It is Ray's own mechanism for
+    ``runtime_env={"worker_process_setup_hook": ...}``, which Ray accepts for a whole job
+    only, not for one actor."""
+    if engine_env.get(METHOD_VAR) or engine_env.get(EARLY_VAR, "1") == "0":
+        return {}
+    try:
+        from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR as var
+    except ImportError:  # another Ray layout: the server starts in __init__
+        return {}
+    if var in job_env or var in engine_env:
+        return {}
+    return {var: HOOK}
 
 
 @contextlib.contextmanager

@@ -212,3 +212,35 @@ def test_engine_env_can_lift_the_engine_to_the_drivers_priority(tmp_path, tiny_m
     assert engine_nice == {driver_nice}
     if driver_nice < 15:  # control: a plain task runs lower, as Ray starts it
         assert ray.get(task_nice.remote()) > driver_nice
+
+
+def test_engine_actors_start_the_warm_fork_server_before_their_init(ray_session):
+    """The variable `warmstart.setup_hook_env` adds to the vLLM engine actors' environment
+    makes Ray run `warmstart.early_start` when it starts their process: the fork server that
+    imports vLLM is up before the actor's __init__, not started inside it."""
+    import time
+
+    from batchjobs.engines import warmstart
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def __init__(self):
+            from multiprocessing import forkserver
+
+            from batchjobs.engines import warmstart as w
+
+            self.seen = (w.early_at, forkserver._forkserver._forkserver_pid, time.time())
+
+        def seen_at_init(self):
+            return self.seen
+
+    with_hook = Probe.options(runtime_env={"env_vars": warmstart.setup_hook_env({}, {})}).remote()
+    without = Probe.remote()
+    try:
+        early_at, server_pid, init_at = ray.get(with_hook.seen_at_init.remote())
+        assert early_at is not None and early_at <= init_at
+        assert server_pid is not None
+        assert ray.get(without.seen_at_init.remote())[:2] == (None, None)  # control
+    finally:
+        ray.kill(with_hook)
+        ray.kill(without)

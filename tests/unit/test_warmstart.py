@@ -83,3 +83,63 @@ def test_children_take_the_owners_environment_and_die_with_it(tmp_path):
         if (tmp_path / "pids").exists():
             with contextlib.suppress(ProcessLookupError, ValueError, IndexError):
                 os.kill(int((tmp_path / "pids").read_text().split()[1]), signal.SIGKILL)
+
+
+def test_preload_imports_the_cuda_modules_only_on_cuda_and_skips_failures(tmp_path, monkeypatch):
+    from batchjobs.engines import preload
+
+    (tmp_path / "pre_core.py").write_text("")
+    (tmp_path / "pre_gpu.py").write_text("")
+    (tmp_path / "pre_broken.py").write_text("raise RuntimeError('broken at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("pre_core", "pre_gpu", "pre_broken"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+    def cuda_unknown():
+        raise RuntimeError("no platform")
+
+    failed = preload.preload(("pre_core",), ("pre_gpu",), is_cuda=cuda_unknown)
+    assert failed == [] and "pre_core" in sys.modules and "pre_gpu" not in sys.modules
+
+    failed = preload.preload(
+        ("pre_core", "pre_missing"), ("pre_broken", "pre_gpu"), is_cuda=lambda: True
+    )
+    assert failed == ["pre_missing", "pre_broken"]
+    assert "pre_gpu" in sys.modules
+
+
+def test_the_fork_server_is_told_to_run_the_preload():
+    import importlib.util
+
+    from batchjobs.engines import warmstart
+
+    # Not imported here: importing it runs the preload (vLLM's engine core).
+    (name,) = warmstart.PRELOAD
+    assert importlib.util.find_spec(name) is not None
+    assert "preload()" in Path(importlib.util.find_spec(name).origin).read_text()
+
+
+def test_setup_hook_env_names_the_early_start_unless_turned_off():
+    from ray._common.utils import load_class
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR as var
+
+    from batchjobs.engines import warmstart
+
+    env = warmstart.setup_hook_env({}, {})
+    assert env == {var: "batchjobs.engines.warmstart.early_start"}
+    assert load_class(env[var]) is warmstart.early_start  # what Ray's worker will call
+    assert warmstart.setup_hook_env({"BATCHJOBS_EARLY_START": "0"}, {}) == {}
+    assert warmstart.setup_hook_env({"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}, {}) == {}
+    # A job's own setup hook is left in place, not replaced in the engine actors.
+    assert warmstart.setup_hook_env({}, {var: "mypkg.setup"}) == {}
+
+
+def test_early_start_never_raises(monkeypatch, caplog):
+    from batchjobs.engines import warmstart
+
+    def boom():
+        raise OSError("no fork server here")
+
+    monkeypatch.setattr(warmstart, "prestart", boom)
+    warmstart.early_start()
+    assert "early warm start failed" in caplog.text
