@@ -85,7 +85,9 @@ def test_children_take_the_owners_environment_and_die_with_it(tmp_path):
                 os.kill(int((tmp_path / "pids").read_text().split()[1]), signal.SIGKILL)
 
 
-def test_preload_imports_the_cuda_modules_only_on_cuda_and_skips_failures(tmp_path, monkeypatch):
+def test_preload_imports_the_gpu_worker_only_when_asked_on_cuda_and_skips_failures(
+    tmp_path, monkeypatch
+):
     from batchjobs.engines import preload
 
     (tmp_path / "pre_core.py").write_text("")
@@ -98,9 +100,14 @@ def test_preload_imports_the_cuda_modules_only_on_cuda_and_skips_failures(tmp_pa
     def cuda_unknown():
         raise RuntimeError("no platform")
 
-    failed = preload.preload(("pre_core",), ("pre_gpu",), is_cuda=cuda_unknown)
+    failed = preload.preload(("pre_core",), ("pre_gpu",), is_cuda=cuda_unknown, gpu_worker=True)
     assert failed == [] and "pre_core" in sys.modules and "pre_gpu" not in sys.modules
 
+    monkeypatch.delenv(preload.GPU_WORKER_VAR, raising=False)  # off unless asked for
+    assert preload.preload(("pre_core",), ("pre_gpu",), is_cuda=lambda: True) == []
+    assert "pre_gpu" not in sys.modules
+
+    monkeypatch.setenv(preload.GPU_WORKER_VAR, "1")
     failed = preload.preload(
         ("pre_core", "pre_missing"), ("pre_broken", "pre_gpu"), is_cuda=lambda: True
     )
