@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import time
 from typing import Any
 
@@ -12,7 +11,6 @@ from batchjobs.engines import warmstart
 from batchjobs.engines.base import Engine, EngineDead, Request, Result
 from batchjobs.spec import JobSpec, SamplingSpec
 
-log = logging.getLogger("batchjobs.engines")
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
@@ -78,11 +76,6 @@ class VLLMEngine(Engine):
     def __init__(self, spec: JobSpec):
         # First, so that the fork server imports vLLM while this process does (warmstart.py).
         warm = warmstart.prestart()
-        if warmstart.early_at is not None:
-            log.info(
-                "warm start: fork server started %.1fs before the engine (worker setup hook)",
-                time.time() - warmstart.early_at,
-            )
         import vllm
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs

@@ -15,8 +15,8 @@ fork inside a Ray actor does not apply. The child runs with the environment the 
 when vLLM asked for the process (vLLM sets variables while it builds its config), as a
 spawned one would.
 
-What the server imports is ``preload.py``'s: vLLM's engine core, and on a GPU the worker
-and model runner the core will build, so that a forked core finds them loaded.
+What the server imports is ``preload.py``'s: vLLM's engine core (and, when asked for, the
+GPU worker the core will build), so that a forked core finds it loaded.
 
 The server starts as early as the actor's process does: Ray runs ``early_start`` (a worker
 setup hook, installed through the engine actors' environment by ``setup_hook_env``) before
