@@ -106,6 +106,7 @@ def engine_kwargs(a) -> dict:
 def mode_raw(a) -> dict:
     from vllm import LLM, SamplingParams
 
+    t_imported = time.time()  # where raw's start-up goes: importing vLLM vs building the engine
     rows = read_rows(Path(a.data))
     llm = LLM(**engine_kwargs(a))
     t_ready = time.time()
@@ -119,6 +120,7 @@ def mode_raw(a) -> dict:
         "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs),
         "completion_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
         "cached_tokens": sum(getattr(o, "num_cached_tokens", None) or 0 for o in outs),
+        "imported_at": t_imported,
         "ready_at": t_ready,
         "end_at": t_end,
     }
@@ -425,6 +427,12 @@ def run_all(a) -> None:
             # End to end = from the process start (imports included) to the last row written.
             row.update(res, wall_s=res["end_at"] - t0)
             row["startup_s"] = res["ready_at"] - t0 if res.get("ready_at") else None
+            if res.get("imported_at"):
+                row["import_s"] = res["imported_at"] - t0
+            # batchjobs: from the driver's start to the first engine actor's __init__
+            inits = [r["ready_at"] - r["startup_s"] for r in (res.get("replicas") or {}).values()]
+            if inits:
+                row["to_actor_init_s"] = min(inits) - t0
             if res.get("ready_at"):
                 row.update(mon.busy_between(res["ready_at"], res["end_at"]))
         results.append(row)
