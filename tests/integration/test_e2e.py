@@ -105,9 +105,12 @@ def test_cli_jsonl_to_parquet_with_bad_rows_resume_and_refusal(tmp_path, tiny_mo
 SHARED = "the city council met on a cold night to talk about the price of data and the river. " * 6
 
 
-def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_session):
+@pytest.mark.parametrize("front_end", ["async", "sync"])
+def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_session, front_end):
     """Parquet in without an id column: generated stable ids; per-row max_tokens honoured;
-    the engine's prefix cache serves the prompts' shared first block (and the replica says so)."""
+    a prompt longer than the model takes is one error row; the engine's prefix cache serves
+    the prompts' shared first block (and the replica says so). Run with vLLM's async engine
+    (the default) and with the synchronous front end (BATCHJOBS_VLLM_FRONT_END=sync)."""
     from batchjobs.pipeline import run
     from batchjobs.spec import parse_spec
 
@@ -117,13 +120,17 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
     pq.write_table(
         pa.table(
             {
-                "prompt": [f"{SHARED}write a story about the city {i}" for i in range(n)],
-                "budget": [None if i % 4 == 0 else 1 + i % 5 for i in range(n)],
+                "prompt": [f"{SHARED}write a story about the city {i}" for i in range(n)]
+                + ["word " * 400],  # > max_model_len 256: vLLM refuses it
+                "budget": [None if i % 4 == 0 else 1 + i % 5 for i in range(n)] + [None],
             }
         ),
         inp / "p.parquet",
     )
     out = tmp_path / "out"
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    if front_end == "sync":
+        env["BATCHJOBS_VLLM_FRONT_END"] = "sync"
     spec = parse_spec(
         spec_dict(
             tiny_model,
@@ -131,13 +138,18 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
             str(out),
             input={"sampling_columns": {"max_tokens": "budget"}},
             sampling={"max_tokens": 6, "ignore_eos": True},
+            engine={"env": env},
         )
     )
     summary = run(spec)
-    assert (summary.rows, summary.error_rows, summary.shards_run) == (n, 0, 1)
+    assert (summary.rows, summary.error_rows, summary.shards_run) == (n + 1, 1, 1)
     t = _read_output(out).sort_by("row_index")
     shard_id = t.column("shard_id")[0].as_py()
-    assert t.column("row_id").to_pylist() == [f"{shard_id}:{i}" for i in range(n)]
+    assert t.column("row_id").to_pylist() == [f"{shard_id}:{i}" for i in range(n + 1)]
+    refused = t.slice(n).to_pylist()[0]
+    assert refused["finish_reason"] == "error" and refused["completion_tokens"] == 0
+    assert refused["error"].startswith("rejected by engine:") and "256" in refused["error"]
+    t = t.slice(0, n)
     expected = [6 if i % 4 == 0 else 1 + i % 5 for i in range(n)]
     assert t.column("completion_tokens").to_pylist() == expected
     assert summary.completion_tokens == sum(expected)
@@ -145,8 +157,8 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
     (rep,) = summary.replicas.values()
     assert summary.engine_s == pytest.approx(rep["engine_s"], rel=1e-6)
     assert rep["startup_s"] > 0 and rep["idle_s"] >= 0
-    # 40 rows went into an engine that admits many more: all were in at once at the start
-    assert 1 <= rep["mean_inflight"] <= n and rep["inflight_limit"] >= n
+    # 41 rows went into an engine that admits many more: all were in at once at the start
+    assert 1 <= rep["mean_inflight"] <= n + 1 and rep["inflight_limit"] >= n + 1
     # 40 prompts of ~170 tokens exceed one step's 4096-token prefill budget on CPU, so rows
     # scheduled after the first step find the shared 128-token block in the prefix cache.
     assert rep["prompt_tokens"] == summary.prompt_tokens
