@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
-import os
-import queue
-import threading
 import time
 from typing import Any
 
@@ -104,19 +100,10 @@ class VLLMEngine(Engine):
             "output_kind": RequestOutputKind.FINAL_ONLY,
         }
         self.params = SamplingParams(**self._base_kwargs)
-        self._stepper: _Stepper | None = None
         with warmstart.engine_core_start(warm):
-            if os.environ.get(FRONT_END_ENV) == "sync":
-                from vllm.v1.engine.llm_engine import LLMEngine
-
-                self.engine = LLMEngine.from_engine_args(
-                    AsyncEngineArgs(**engine_args(spec)), **_offline_defaults()
-                )
-                self._stepper = _Stepper(self.engine, asyncio.get_running_loop(), self._dead_errors)
-            else:
-                self.engine = AsyncLLM.from_engine_args(
-                    AsyncEngineArgs(**engine_args(spec)), **_offline_defaults()
-                )
+            self.engine = AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**engine_args(spec)), **_offline_defaults()
+            )
         self._closed = False
 
     async def generate(self, request: Request) -> Result:
@@ -128,8 +115,6 @@ class VLLMEngine(Engine):
                 params = self._sampling_params(**{**self._base_kwargs, **request.params})
             except Exception as exc:  # noqa: BLE001 - vLLM validates in the constructor
                 return Result.failed(f"invalid per-row sampling parameters {request.params}: {exc}")
-        if self._stepper is not None:
-            return await self._stepper.generate(request, params, t0)
         try:
             async for out in self.engine.generate(request.prompt, params, request.request_id):
                 final = out
@@ -148,13 +133,6 @@ class VLLMEngine(Engine):
             self._closed = True
             workers = _engine_processes()
             engine, self.engine = self.engine, None
-            if self._stepper is not None:
-                self._stepper.stop()
-                engine.engine_core.shutdown()
-                del engine
-                gc.collect()
-                _stop(workers)
-                return
             # Stop the output handler before the engine core: vLLM 0.24 shuts the core down
             # first, its monitor then reports "engine core exited unexpectedly" and the still
             # running handler logs an EngineDeadError traceback after every successful job
@@ -180,106 +158,6 @@ class VLLMEngine(Engine):
         # the offline LLM class, 256 on CPU), or the spec's engine.max_num_seqs.
         config = getattr(self.engine, "vllm_config", None)
         return getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None)
-
-
-FRONT_END_ENV = "BATCHJOBS_VLLM_FRONT_END"  # "sync": vLLM's LLMEngine stepped by one thread
-
-
-class _Stepper:
-    """EXPERIMENT (``engine.env: {BATCHJOBS_VLLM_FRONT_END: sync}``): drive vLLM's synchronous
-    ``LLMEngine`` as ``LLM.generate`` does, from one thread that adds the requests waiting
-    for it and steps the engine, instead of ``AsyncLLM`` on the actor's event loop.
-
-    Everything that touches the engine runs on that thread (vLLM's client socket is not
-    thread-safe); coroutines on the event loop hand it requests and await their results.
-    """
-
-    def __init__(self, engine, loop: asyncio.AbstractEventLoop, dead_errors: tuple):
-        self.engine = engine
-        self.loop = loop
-        self.dead_errors = dead_errors
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.pending: dict[str, tuple[asyncio.Future, float]] = {}
-        self.dead: BaseException | None = None
-        self._stopping = False
-        self.thread = threading.Thread(target=self._run, name="vllm-stepper", daemon=True)
-        self.thread.start()
-
-    async def generate(self, request: Request, params, t0: float) -> Result:
-        if self.dead is not None:
-            raise EngineDead(f"vLLM engine died: {self.dead}")
-        fut = self.loop.create_future()
-        self.inbox.put((request, params, fut, t0))
-        return await fut
-
-    def stop(self) -> None:
-        self._stopping = True
-        self.inbox.put(None)
-        self.thread.join(timeout=30)
-
-    def _settle(self, fut: asyncio.Future, result=None, exc: BaseException | None = None) -> None:
-        def settle():
-            if fut.done():
-                return
-            if exc is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
-
-        self.loop.call_soon_threadsafe(settle)
-
-    def _admit(self, item) -> None:
-        request, params, fut, t0 = item
-        try:
-            self.engine.add_request(request.request_id, request.prompt, params)
-        except self.dead_errors:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a rejected request is a row error
-            self._settle(
-                fut,
-                Result.failed(
-                    f"rejected by engine: {type(exc).__name__}: {exc}", time.perf_counter() - t0
-                ),
-            )
-            return
-        self.pending[request.request_id] = (fut, t0)
-
-    def _run(self) -> None:
-        try:
-            while not self._stopping:
-                # Block for work only while the engine has none; else take what has arrived.
-                if not self.pending:
-                    item = self.inbox.get()
-                    if item is None:
-                        return
-                    self._admit(item)
-                while True:
-                    try:
-                        item = self.inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        return
-                    self._admit(item)
-                if not self.pending:
-                    continue
-                for out in self.engine.step():
-                    if out.finished and out.request_id in self.pending:
-                        fut, t0 = self.pending.pop(out.request_id)
-                        self._settle(fut, normalize(out, time.perf_counter() - t0))
-        except BaseException as exc:  # noqa: BLE001 - fail every waiting row, then stop
-            self.dead = exc
-            dead = EngineDead(f"vLLM engine died: {type(exc).__name__}: {exc}")
-            for fut, _ in self.pending.values():
-                self._settle(fut, exc=dead)
-            self.pending.clear()
-            while True:
-                try:
-                    item = self.inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    self._settle(item[2], exc=dead)
 
 
 def _offline_defaults() -> dict[str, Any]:

@@ -105,12 +105,10 @@ def test_cli_jsonl_to_parquet_with_bad_rows_resume_and_refusal(tmp_path, tiny_mo
 SHARED = "the city council met on a cold night to talk about the price of data and the river. " * 6
 
 
-@pytest.mark.parametrize("front_end", ["async", "sync"])
-def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_session, front_end):
+def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_session):
     """Parquet in without an id column: generated stable ids; per-row max_tokens honoured;
     a prompt longer than the model takes is one error row; the engine's prefix cache serves
-    the prompts' shared first block (and the replica says so). Run with vLLM's async engine
-    (the default) and with the synchronous front end (BATCHJOBS_VLLM_FRONT_END=sync)."""
+    the prompts' shared first block (and the replica says so)."""
     from batchjobs.pipeline import run
     from batchjobs.spec import parse_spec
 
@@ -128,9 +126,6 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
         inp / "p.parquet",
     )
     out = tmp_path / "out"
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    if front_end == "sync":
-        env["BATCHJOBS_VLLM_FRONT_END"] = "sync"
     spec = parse_spec(
         spec_dict(
             tiny_model,
@@ -138,7 +133,6 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
             str(out),
             input={"sampling_columns": {"max_tokens": "budget"}},
             sampling={"max_tokens": 6, "ignore_eos": True},
-            engine={"env": env},
         )
     )
     summary = run(spec)
