@@ -19,6 +19,7 @@ import sys
 import time
 
 import psutil
+from cpu_split import role  # bench/cpu_split.py: which process of a bench run is which
 
 WORKER_CORES, OTHER_CORES = {0}, {1}
 
@@ -54,7 +55,7 @@ def main() -> None:
                 continue
             if "VLLM::Worker" in name:
                 pin(p.pid, WORKER_CORES)
-            elif float_core and ("EngineCore" in name or "multiprocessing.forkserver" in name):
+            elif float_core and role(name) == "engine core":
                 continue
             else:
                 pin(p.pid, OTHER_CORES)
