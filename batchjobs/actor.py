@@ -98,16 +98,8 @@ class EngineActor:
         input_errors = batch.column(INPUT_ERROR).to_pylist()
         ids = batch.column(ROW_ID).to_pylist()
         params = [json.loads(p) if p else None for p in batch.column(PARAMS).to_pylist()]
-        # Tokenized here, in Ray Data's calling thread, all rows in one call (or by the
-        # engine per request, when encode_batch gives None).
-        valid = [i for i, e in enumerate(input_errors) if e is None]
-        encoded = self.engine.encode_batch([prompts[i] for i in valid])
-        token_ids: list[list[int] | None] = [None] * len(prompts)
-        if encoded is not None:
-            for i, ids_ in zip(valid, encoded, strict=True):
-                token_ids[i] = ids_
         try:
-            pairs = self._on_loop(self._run(ids, prompts, input_errors, params, token_ids))
+            pairs = self._on_loop(self._run(ids, prompts, input_errors, params))
         except EngineDead as exc:
             # Exit the process: Ray restarts the actor and retries this batch on it,
             # so no row is lost and none is written twice.
@@ -115,17 +107,11 @@ class EngineActor:
             os._exit(1)
         return self._to_table(batch, [r for r, _ in pairs], [c for _, c in pairs])
 
-    async def _run(
-        self, ids, prompts, input_errors, params, token_ids=None
-    ) -> list[tuple[Result, float]]:
-        token_ids = token_ids or [None] * len(prompts)
-
+    async def _run(self, ids, prompts, input_errors, params) -> list[tuple[Result, float]]:
         async def one(i: int) -> tuple[Result, float]:
             if input_errors[i] is not None:
                 return Result.failed(input_errors[i]), 0.0
-            request = Request(
-                f"{ids[i]}#{uuid.uuid4().hex[:8]}", prompts[i], params[i], token_ids[i]
-            )
+            request = Request(f"{ids[i]}#{uuid.uuid4().hex[:8]}", prompts[i], params[i])
             async with self.gate:
                 mark = self.clock.start(time.time())
                 try:

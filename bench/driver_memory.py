@@ -37,9 +37,6 @@ class InstantEngine:
         await asyncio.sleep(0)
         return Result(text="ok " * 8, finish_reason="length", prompt_tokens=12, completion_tokens=8)
 
-    def encode_batch(self, prompts):
-        return None
-
     def close(self):
         pass
 

@@ -22,8 +22,6 @@ class Request:
     prompt: str
     # Per-row sampling overrides (names as in the spec's sampling section), or None.
     params: dict[str, Any] | None = None
-    # The prompt's token ids from ``Engine.encode_batch``, or None: the engine tokenizes.
-    prompt_token_ids: list[int] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -78,12 +76,6 @@ class Engine(abc.ABC):
     async def generate(self, request: Request) -> Result:
         """Run one request to completion. A request the engine rejects gives ``Result.failed``;
         an engine that can no longer serve anything raises ``EngineDead``."""
-
-    def encode_batch(self, prompts: list[str]) -> list[list[int]] | None:
-        """Tokenize a whole batch of prompts in one call, as the engine itself would one at a
-        time, or return None to leave tokenizing to the engine. Called from the threads that
-        hand batches to the actor, never from its event loop."""
-        return None
 
     @abc.abstractmethod
     def close(self) -> None:

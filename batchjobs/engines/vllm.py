@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
-import os
-import threading
 import time
 from typing import Any
 
@@ -15,10 +12,6 @@ from batchjobs.engines.base import Engine, EngineDead, Request, Result
 from batchjobs.spec import JobSpec, SamplingSpec
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
-# Tokenization options vLLM applies itself; a row or spec that sets one keeps its text prompt.
-_TOKENIZE_PARAMS = ("truncate_prompt_tokens", "add_special_tokens")
-
-log = logging.getLogger("batchjobs.engines.vllm")
 
 
 def engine_args(spec: JobSpec) -> dict[str, Any]:
@@ -111,41 +104,7 @@ class VLLMEngine(Engine):
             self.engine = AsyncLLM.from_engine_args(
                 AsyncEngineArgs(**engine_args(spec)), **_offline_defaults()
             )
-        # engine.env BATCHJOBS_BATCH_TOKENIZE=0: leave tokenizing to vLLM, one request at a time.
-        self._tokenizer = (
-            _batch_tokenizer(self.engine, self._base_kwargs)
-            if os.environ.get("BATCHJOBS_BATCH_TOKENIZE", "1") != "0"
-            else None
-        )
-        self._tokenizer_lock = threading.Lock()
-        config = getattr(self.engine, "vllm_config", None)
-        self._max_len = getattr(getattr(config, "model_config", None), "max_model_len", None)
         self._closed = False
-
-    def encode_batch(self, prompts: list[str]) -> list[list[int]] | None:
-        """All prompts of a batch in one tokenizer call, with the options vLLM's renderer uses
-        for a text prompt (special tokens added; at most max_model_len + 1 tokens, enough for
-        the engine to reject a prompt that is too long). vLLM would otherwise tokenize each
-        request alone in its front end, which on 2 cores took 0.7 CPU-s more per 2000
-        prompts, next to the engine's scheduler (docs/PERFORMANCE.md)."""
-        tok = self._tokenizer
-        if tok is None or not prompts:
-            return None
-        kwargs: dict[str, Any] = {"add_special_tokens": True}
-        if self._max_len:
-            kwargs.update(truncation=True, max_length=self._max_len + 1)
-        try:
-            with self._tokenizer_lock:  # a fast tokenizer's state is not safe across threads
-                ids = tok(prompts, **kwargs)["input_ids"]
-        except Exception as exc:  # noqa: BLE001 - the engine can still tokenize each row
-            log.warning(
-                "batch tokenization failed (%s: %s); vLLM tokenizes each request",
-                type(exc).__name__,
-                exc,
-            )
-            self._tokenizer = None
-            return None
-        return [list(x) for x in ids] if len(ids) == len(prompts) else None
 
     async def generate(self, request: Request) -> Result:
         t0 = time.perf_counter()
@@ -156,13 +115,8 @@ class VLLMEngine(Engine):
                 params = self._sampling_params(**{**self._base_kwargs, **request.params})
             except Exception as exc:  # noqa: BLE001 - vLLM validates in the constructor
                 return Result.failed(f"invalid per-row sampling parameters {request.params}: {exc}")
-        prompt: Any = request.prompt
-        if request.prompt_token_ids is not None and not (
-            request.params and any(k in request.params for k in _TOKENIZE_PARAMS)
-        ):
-            prompt = {"prompt_token_ids": request.prompt_token_ids}
         try:
-            async for out in self.engine.generate(prompt, params, request.request_id):
+            async for out in self.engine.generate(request.prompt, params, request.request_id):
                 final = out
         except self._dead_errors as exc:
             raise EngineDead(f"vLLM engine died: {exc}") from exc
@@ -204,20 +158,6 @@ class VLLMEngine(Engine):
         # the offline LLM class, 256 on CPU), or the spec's engine.max_num_seqs.
         config = getattr(self.engine, "vllm_config", None)
         return getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None)
-
-
-def _batch_tokenizer(engine: Any, base_kwargs: dict[str, Any]) -> Any:
-    """vLLM's own tokenizer when it is a Hugging Face one and the spec leaves tokenization
-    options to vLLM's defaults, else None (vLLM then tokenizes each request itself)."""
-    if any(k in base_kwargs for k in _TOKENIZE_PARAMS):
-        return None
-    try:
-        from transformers import PreTrainedTokenizerBase
-
-        tok = engine.tokenizer
-    except Exception:  # noqa: BLE001 - no tokenizer (skip_tokenizer_init) or another layout
-        return None
-    return tok if isinstance(tok, PreTrainedTokenizerBase) else None
 
 
 def _offline_defaults() -> dict[str, Any]:
