@@ -20,6 +20,7 @@ import contextlib
 import functools
 import json
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -222,6 +223,8 @@ def mode_raydata(a) -> dict:
     )
     ds = processor(ray.data.read_parquet(a.data))
     out = Path(a.workdir) / "raydata-out"
+    # A second raydata run in the same workdir (run Q2) would otherwise count both runs' rows.
+    shutil.rmtree(out, ignore_errors=True)
     ds.write_parquet(str(out))
     end = time.time()
     import pyarrow.dataset as pds
