@@ -12,6 +12,7 @@ CPU seconds are this process's (the front end), not the engine core's or the wor
 from __future__ import annotations
 
 import asyncio
+import gc
 import resource
 import sys
 import time
@@ -71,6 +72,10 @@ async def main(mode: str, model: str) -> None:
         flush=True,
     )
     engine.shutdown()
+    # AsyncLLM.__del__ shuts down again; left to interpreter exit it fails on torn-down
+    # modules ("'NoneType' object is not callable"), as in batchjobs' VLLMEngine.close.
+    engine = None
+    gc.collect()
 
 
 if __name__ == "__main__":
