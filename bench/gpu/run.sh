@@ -35,14 +35,16 @@ W=/tmp/bench; COMMON=(--model /tmp/llama7b --load-format dummy --max-model-len 4
 P200=(--model /tmp/llama7b --load-format dummy --max-model-len 4096 --prompt-words 1200 --n 2000
   --prefixes 200 --shards 8 --workdir $W --workload prefix --max-tokens 64 --out $OUT/prefix200.json --append
   --resources '{"replicas":1,"batch_size":64,"num_cpus_per_replica":1}')
-# The engine actor's vLLM logs at INFO in longtail_head, so each run shows where its engine start
-# went (run Q: 40 s in one call, 32 s in another); no per-step logging (log stats are off).
-HEAD_ENGINE=${HEAD_ENGINE:-'{"env":{"VLLM_LOGGING_LEVEL":"INFO"}}'}
+# The engine actor's vLLM logs at INFO in longtail_raw_bj and (by default) longtail_head, so each
+# run shows where its engine start went (run Q: 40 s in one call, 32 s in another); no per-step
+# logging (log stats are off).
+INFO_ENGINE='{"env":{"VLLM_LOGGING_LEVEL":"INFO"}}'
+HEAD_ENGINE=${HEAD_ENGINE:-$INFO_ENGINE}
 for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
   echo "=== $step $(date +%T)"
   case $step in
     longtail_raw_bj) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes raw,batchjobs \
-           --spec-engine '{"env":{"VLLM_LOGGING_LEVEL":"INFO"}}' --out $OUT/longtail.json 2>&1 | tee $OUT/longtail.log | grep -v "^(\|^\[" | tail -5
+           --spec-engine "$INFO_ENGINE" --out $OUT/longtail.json 2>&1 | tee $OUT/longtail.log | grep -v "^(\|^\[" | tail -5
          echo "teardown: $(grep -ac 'EngineDeadError\|exited unexpectedly' $OUT/longtail.log) EngineDeadError/exited-unexpectedly lines" ;;
     longtail_head) python3 bench/bench.py run "${COMMON[@]}" --workload longtail --modes "${HEAD_MODES:-raw,batchjobs,batchjobs_head}" \
            --spec-engine "$HEAD_ENGINE" --out $OUT/longtail-head.json 2>&1 | tee $OUT/longtail-head.log | grep -v "^(\|^\[" | tail -5 ;;
