@@ -19,8 +19,10 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -491,6 +493,75 @@ def print_table(results) -> None:
         )
 
 
+def pair_ratios(results: list[dict], mode: str) -> list[dict]:
+    """One invocation's runs of ``mode`` against its raw runs (their mean, when it has
+    several, as the CPU series do): end to end and with start-up excluded."""
+    raws = [r for r in results if r["mode"] == "raw" and r.get("wall_s")]
+    runs = [r for r in results if r["mode"] == mode and r.get("wall_s")]
+    if not raws or not runs:
+        return []
+    raw_wall = statistics.fmean(r["wall_s"] for r in raws)
+    raw_start = statistics.fmean(r["startup_s"] for r in raws)
+    first = results[0]["mode"]
+    return [
+        {
+            "first": first,
+            "raw_wall_s": raw_wall,
+            "raw_start_s": raw_start,
+            "wall_s": r["wall_s"],
+            "start_s": r["startup_s"],
+            "e2e": raw_wall / r["wall_s"],
+            "ex_start": (raw_wall - raw_start) / (r["wall_s"] - r["startup_s"]),
+        }
+        for r in runs
+    ]
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(statistics.fmean(math.log(x) for x in xs))
+
+
+def summarize(paths: list[str], mode: str) -> dict:
+    """Ratios to raw over several invocations (result files of `run`), each run against the
+    raw run(s) of its own invocation; printed, and returned for --out."""
+    rows = []
+    for path in paths:
+        pairs = pair_ratios(json.loads(Path(path).read_text()), mode)
+        if not pairs:
+            print(f"{path}: no raw run and {mode} run to compare; left out")
+        rows += [{"file": Path(path).name, **p} for p in pairs]
+    if not rows:
+        raise SystemExit(f"no {mode} run with a raw run beside it in {len(paths)} file(s)")
+    print(
+        f"{'file':44} {'first':15} {'raw wall':>8} {'raw start':>9} {'wall':>7} {'start':>7} {'e2e':>6} {'ex-start':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['file'][:44]:44} {r['first'][:15]:15} {r['raw_wall_s']:8.1f} {r['raw_start_s']:9.1f} "
+            f"{r['wall_s']:7.1f} {r['start_s']:7.1f} {r['e2e']:6.3f} {r['ex_start']:8.3f}"
+        )
+    e2e = [r["e2e"] for r in rows]
+    out = {
+        "mode": mode,
+        "runs": len(rows),
+        "geomean_e2e": geomean(e2e),
+        "geomean_ex_start": geomean([r["ex_start"] for r in rows]),
+        "median_e2e": statistics.median(e2e),
+        "min_e2e": min(e2e),
+        "max_e2e": max(e2e),
+        "summed_wall_ratio": sum(r["raw_wall_s"] for r in rows) / sum(r["wall_s"] for r in rows),
+        "mean_start_diff_s": statistics.fmean(r["start_s"] - r["raw_start_s"] for r in rows),
+        "rows": rows,
+    }
+    print(
+        f"{mode} vs raw over {out['runs']} runs: geometric mean {out['geomean_e2e']:.3f} end to end "
+        f"(median {out['median_e2e']:.3f}, {out['min_e2e']:.3f}-{out['max_e2e']:.3f}; summed wall "
+        f"times {out['summed_wall_ratio']:.3f}), {out['geomean_ex_start']:.3f} start-up excluded; "
+        f"start {out['mean_start_diff_s']:+.1f} s against raw's on average"
+    )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -544,6 +615,13 @@ def main() -> None:
     r.add_argument("--out", default=None)
     r.add_argument("--append", action="store_true")
 
+    sm = sub.add_parser(
+        "summary", help="ratios to raw over several result files (invocations) of `run`"
+    )
+    sm.add_argument("files", nargs="+")
+    sm.add_argument("--mode", default="batchjobs", help="the mode to compare with raw")
+    sm.add_argument("--out", default=None, help="write the summary as JSON here")
+
     c = sub.add_parser("child")
     c.add_argument("mode", choices=sorted(MODES))
     common(c)
@@ -551,6 +629,11 @@ def main() -> None:
     c.add_argument("--result", required=True)
 
     a, rest = p.parse_known_args()
+    if a.cmd == "summary":
+        out = summarize(a.files, a.mode)
+        if a.out:
+            Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+        return
     if a.cmd == "child":
         res = MODES[a.mode](a)
         Path(a.result).write_text(json.dumps(res))
