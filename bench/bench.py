@@ -20,6 +20,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import random
 import shutil
 import statistics
@@ -394,6 +395,8 @@ def run_all(a) -> None:
         override = dict(variants.get(variant, {}))
         spec_input = json.dumps({**json.loads(a.spec_input), **override.pop("input", {})})
         spec_engine = json.dumps({**json.loads(a.spec_engine), **override.pop("engine", {})})
+        # "driver_env": environment variables of this mode's own process (batchjobs: the driver)
+        driver_env = override.pop("driver_env", {})
         resources = {**json.loads(a.resources), **override}
         res_file = work / f"result-{mode.replace(':', '-')}.json"
         res_file.unlink(missing_ok=True)
@@ -412,6 +415,8 @@ def run_all(a) -> None:
             argv += ["--spec-engine", spec_engine]
         with running_head(base_mode == "batchjobs_head") as env:
             t0 = time.time()
+            if driver_env:
+                env = {**(env or os.environ), **driver_env}
             proc = subprocess.Popen(argv, cwd=REPO, env=env)
             mon = Monitor(proc.pid)
             rc = proc.wait()
@@ -609,7 +614,8 @@ def main() -> None:
     r.add_argument(
         "--variants",
         default="{}",
-        help='JSON: {"NAME": {resource keys, "input": {input keys}, "engine": {engine keys}}}, '
+        help='JSON: {"NAME": {resource keys, "input": {input keys}, "engine": {engine keys}, '
+        '"driver_env": {variables of the mode\'s own process}}}, '
         'e.g. {"old": {"max_inflight_batches": 16}}',
     )
     r.add_argument("--out", default=None)
