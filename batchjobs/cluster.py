@@ -18,10 +18,8 @@ log = logging.getLogger("batchjobs")
 # cluster shares its machine's cores with the engine, so Ray does less of its own
 # bookkeeping on it: no task events (they feed the dashboard's task list; a local cluster
 # has no dashboard), no metrics export (nothing scrapes it), and the memory monitor (Ray's
-# OOM killer) looks at its workers once a second instead of four times. On 2 cores, with
-# the slower Ray Data loop of pipeline.py, the driver and Ray's processes used 23 % less CPU
-# during generation (docs/PERFORMANCE.md, runs S). A cluster batchjobs joins keeps its own
-# settings.
+# OOM killer) looks at its workers once a second instead of four times (docs/PERFORMANCE.md,
+# runs S). A cluster batchjobs joins keeps its own settings.
 LOCAL_SYSTEM_CONFIG = {
     "enable_worker_prestart": False,
     "prestart_worker_first_driver": False,

@@ -308,8 +308,6 @@ def run(
         ctx.wait_for_min_actors_s = start_gate_s(spec)
         device = resolve_device(spec)
         check_resources(spec, device)
-        if device == "cpu":
-            _slower_scheduling_loop()
         gpus = (
             spec.gpus_per_replica() if device == "cuda" else 1
         )  # a CPU replica is priced as one unit
@@ -351,26 +349,6 @@ def run(
         summary.teardown_s = _stop_engines()
     _append_run(plan.out, summary)
     return summary
-
-
-# Ray Data's executor loop wakes every WAIT_FOR_TASK_COMPLETION_TIMEOUT_S (0.1 s) to do its
-# resource accounting and dispatch, whether or not a task finished. On a CPU engine the
-# driver shares the cores with the engine, and an engine actor holds hundreds of batches
-# queued, so a loop 4 times a second instead of 10 starves nothing and leaves the engine
-# the difference (part of the change measured in docs/PERFORMANCE.md, runs S). At most
-# 0.15 s more per stage before a finished batch moves on. GPU hosts keep Ray's pace.
-CPU_SCHEDULING_LOOP_S = 0.25
-
-
-def _slower_scheduling_loop() -> None:
-    """Set Ray Data's executor loop period for a CPU engine (a module constant of Ray Data
-    2.60, read at each loop; nothing happens where a Ray Data version lacks it)."""
-    from ray.data._internal.execution import streaming_executor_state as state
-
-    if hasattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"):
-        state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = CPU_SCHEDULING_LOOP_S
-    else:  # pragma: no cover - another Ray Data layout
-        log.debug("Ray Data has no WAIT_FOR_TASK_COMPLETION_TIMEOUT_S; its loop keeps its pace")
 
 
 def _stop_engines() -> float:

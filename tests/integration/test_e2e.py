@@ -162,14 +162,11 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
     assert summary.overhead_s == pytest.approx(rep["startup_s"] + rep["idle_s"], rel=1e-6)
     assert summary.gpu_s == pytest.approx(summary.engine_s + summary.overhead_s, rel=1e-6)
     assert summary.engine_s > 0 and summary.gpu_s <= summary.wall_s
-    # a CPU engine: Ray Data's loop ran at batchjobs' CPU period; the local Ray (started by
-    # the ray_session fixture through connect_ray) has batchjobs' settings
+    # the local Ray (started by the ray_session fixture through connect_ray) has
+    # batchjobs' settings
     import ray
-    from ray.data._internal.execution import streaming_executor_state as loop
 
     from batchjobs.cluster import LOCAL_SYSTEM_CONFIG
-    from batchjobs.pipeline import CPU_SCHEDULING_LOOP_S
 
-    assert loop.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S == CPU_SCHEDULING_LOOP_S
     node_config = ray._private.worker._global_node._config
     assert LOCAL_SYSTEM_CONFIG.items() <= node_config.items(), node_config

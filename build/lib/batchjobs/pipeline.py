@@ -1,0 +1,414 @@
+"""Plan and run a job: shards → Ray Data read → engine actors → staged Parquet → commit.
+
+The driver never holds rows. It holds one small summary per staged file, commits a shard
+as soon as all its rows are staged, and keeps the manifest current, so a killed driver
+loses at most the shards that were still in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from batchjobs.cluster import check_resources, connect_ray, resolve_device, wait_for_exit
+from batchjobs.engines import warmstart
+from batchjobs.errors import BatchJobError, OutputError, unwrap
+from batchjobs.feeding import (
+    inflight_batches,
+    io_concurrency,
+    start_gate_s,
+    tasks_per_replica,
+)
+from batchjobs.manifest import SUPERSEDED, Manifest, ShardRecord
+from batchjobs.ordering import group_by_prefix, read_groups
+from batchjobs.readers import Shard, list_shards, preflight, read_shard
+from batchjobs.sink import OutputRoot, write_staged
+from batchjobs.spec import JobSpec
+from batchjobs.tracker import Tracker
+
+log = logging.getLogger("batchjobs")
+PREFLIGHT_ALL_UP_TO = 64  # shards; past that only the first is opened before the run
+RUNS = "_runs.jsonl"
+ENGINE_STOP_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Plan:
+    spec: JobSpec
+    shards: list[Shard]
+    todo: list[Shard]
+    skipped: list[ShardRecord]
+    out: OutputRoot
+    manifest: Manifest
+    fingerprint: str
+
+
+def preflight_shards(spec: JobSpec, shards: list[Shard]) -> None:
+    """Check the columns the spec names exist in each shard (footer or first line only)."""
+    i = spec.input
+    for shard in shards:
+        preflight(shard, i.prompt_column, i.id_column, i.storage_options, i.sampling_columns)
+
+
+def open_output(spec: JobSpec, fresh: bool = False) -> OutputRoot:
+    """The output root, emptied first for --fresh or mode overwrite; mode error refuses a
+    non-empty one."""
+    out = OutputRoot(spec.output.path, spec.output.storage_options)
+    if fresh or spec.output.mode == "overwrite":
+        out.wipe()
+    elif spec.output.mode == "error" and not out.is_empty():
+        raise OutputError(
+            f"output.path {spec.output.path!r} is not empty and output.mode is 'error'"
+        )
+    return out
+
+
+def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
+    """List shards, check their columns, and decide what to skip; starts no engine."""
+    shards = list_shards(spec.input.path, spec.input.format, spec.input.storage_options)
+    preflight_shards(spec, shards[:PREFLIGHT_ALL_UP_TO])
+    out = open_output(spec, fresh)
+    manifest = Manifest(out)
+    fp = spec.fingerprint()
+    other = manifest.fingerprints() - {fp}
+    if other:
+        raise OutputError(
+            f"{spec.output.path} holds results of another job configuration (fingerprint "
+            f"{', '.join(sorted(other))}; this spec is {fp}): the model, sampling, prompt mapping "
+            "or task changed. Rerun with --fresh to delete the old results, or set output.path "
+            "to a new location."
+        )
+    committed = manifest.committed()
+    todo = [s for s in shards if s.shard_id not in committed]
+    skipped = [committed[s.shard_id] for s in shards if s.shard_id in committed]
+    return Plan(spec, shards, todo, skipped, out, manifest, fp)
+
+
+def retire_superseded(plan: Plan) -> None:
+    """Remove the output of committed shards whose input file changed or vanished.
+
+    A changed file is a new shard (its id hashes size and mtime/ETag), so the old shard's
+    rows would otherwise sit beside the new ones: readers would see both versions.
+    """
+    current = {s.shard_id for s in plan.shards}
+    gone = [r for sid, r in plan.manifest.committed().items() if sid not in current]
+    for rec in gone:
+        plan.out.clear_shard(rec.shard_id)
+        rec.status = SUPERSEDED
+        rec.files = []
+        log.warning(
+            "shard %s: its input %s changed or is gone; old output removed",
+            rec.shard_id,
+            rec.source,
+        )
+    if gone:
+        plan.manifest.save()
+
+
+@dataclass
+class RunSummary:
+    name: str
+    output: str
+    fingerprint: str
+    shards: int
+    shards_skipped: int
+    shards_run: int
+    rows: int = 0
+    error_rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_s: float = 0.0
+    teardown_s: float = 0.0  # after wall_s: waiting for the engine replicas to shut down
+    engine_s: float = 0.0
+    overhead_s: float = 0.0
+    gpu_s: float = 0.0
+    cost_usd: float = 0.0
+    replicas: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.completion_tokens) / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.completion_tokens / self.wall_s if self.wall_s else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["tokens_per_s"] = self.tokens_per_s
+        d["output_tokens_per_s"] = self.output_tokens_per_s
+        return d
+
+
+def _read_fn(batch: pa.Table, spec: dict, batch_rows: int):
+    """Ray Data UDF: read one group of shards; with ``order: prefix`` sort it as one."""
+    s = JobSpec.model_validate(spec)
+    for row in batch.to_pylist():
+        tables = (
+            table
+            for shard in json.loads(row["shards"])
+            for table in read_shard(
+                Shard(**shard),
+                s.input.prompt_column,
+                s.input.id_column,
+                batch_rows,
+                s.input.storage_options,
+                s.input.sampling_columns,
+            )
+        )
+        if s.input.order == "prefix":
+            tables = group_by_prefix(tables, batch_rows)
+        yield from tables
+
+
+def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = None):
+    """The Ray Data plan: one read task per read group of shards, an engine actor pool,
+    staged writes."""
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    spec = plan.spec
+    res = spec.resources
+    raw = spec.model_dump()
+    # Ray starts engine actors, like all its workers, at nice 15 (`worker_niceness`), below
+    # the raylet and this driver. `engine.env: {RAY_worker_niceness: "0"}` lifts them to the
+    # normal priority; on 2 cores that measured from 0.04 worse to 0.07 better than 15 (raw
+    # LLM.generate = 1, start-up excluded; docs/PERFORMANCE.md, runs I2-I4 and J1-J2), so
+    # Ray's default stands.
+    env = {
+        "VLLM_LOGGING_LEVEL": "ERROR",
+        # Ray kills an exiting actor's child processes before the shutdown hook that closes
+        # the engine runs: vLLM then reports its engine core "exited unexpectedly" (its fork
+        # server, or the core itself, is such a child) and the multiprocessing resource
+        # tracker dies under the engine's workers. The engine's close stops them instead;
+        # if the actor dies without closing, a warm-started engine core follows it
+        # (warmstart.follow). tests/integration/test_teardown.py.
+        "RAY_kill_child_processes_on_worker_exit": "false",
+        **spec.engine.env,
+    }
+    if device == "cpu":
+        # Ray sets OMP_NUM_THREADS=num_cpus for an actor; the CPU engine wants every core.
+        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    if spec.engine.kind == "vllm" and engine_factory is None:
+        # Start the warm fork server as soon as Ray starts an engine actor's process, not
+        # seconds later in its __init__ (engines/warmstart.py).
+        job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+        env.update(warmstart.setup_hook_env(spec.engine.env, job_env))
+    groups = read_groups(plan.todo, spec.input.order, spec.input.prefix_group_mb)
+    ds = ray.data.from_items(
+        [{"shards": json.dumps([s.to_dict() for s in group])} for group in groups],
+        override_num_blocks=len(groups),
+    )
+    io = TaskPoolStrategy(size=io_concurrency())
+    ds = ds.map_batches(
+        _read_fn,
+        # Read blocks of exactly one engine batch: Ray Data runs the batches of one task in
+        # sequence, so a task holding several would wait on each batch's longest request.
+        fn_kwargs={"spec": raw, "batch_rows": res.batch_size},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0.5,
+        compute=io,
+    )
+    # Ray Data merges what one read task yields into one block (a whole shard). An engine
+    # task runs the batches of its block one after another, so a 250-row block is four
+    # waits on each batch's longest request, and the first replica to start takes every
+    # block at once (measured: 2 GPUs no faster than 1). Blocks of one batch each keep
+    # a replica's whole batch window in flight and spread work over replicas.
+    ds = ds.repartition(target_num_rows_per_block=res.batch_size)
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter in Ray Data 2.60, so it goes through the
+        # deprecated **ray_remote_args; the warning would greet every run (it still works
+        # up to Ray 2.64).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = _engine_stage(ds, plan, device, env, raw, engine_factory)
+    return ds.map_batches(
+        write_staged,
+        fn_kwargs={
+            "root": spec.output.path,
+            "storage_options": spec.output.storage_options,
+            "id_column": spec.input.id_column,
+        },
+        batch_size=res.rows_per_file,
+        batch_format="pyarrow",
+        num_cpus=0.5,
+        compute=io,
+    )
+
+
+def _engine_stage(ds, plan: Plan, device: str, env: dict, raw: dict, engine_factory):
+    from ray.data import ActorPoolStrategy
+
+    from batchjobs.actor import EngineActor
+
+    spec, res = plan.spec, plan.spec.resources
+    return ds.map_batches(
+        EngineActor,
+        fn_constructor_kwargs={"spec": raw, "engine_factory": engine_factory},
+        batch_size=res.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(
+            **(
+                {"size": res.replicas}
+                if res.min_replicas in (None, res.replicas)
+                else {"min_size": res.min_replicas, "max_size": res.replicas}
+            ),
+            max_tasks_in_flight_per_actor=tasks_per_replica(spec, plan.todo, device),
+            max_concurrent_calls_per_actor=inflight_batches(spec, device),
+            enable_true_multi_threading=True,
+        ),
+        num_gpus=spec.gpus_per_replica() if device == "cuda" else 0,
+        num_cpus=res.num_cpus_per_replica,
+        max_restarts=res.max_restarts,
+        runtime_env={"env_vars": env},
+    )
+
+
+def run(
+    spec: JobSpec,
+    *,
+    fresh: bool = False,
+    engine_factory: Callable | None = None,
+    progress: Callable[[str], None] | None = None,
+    progress_every: float = 5.0,
+) -> RunSummary:
+    """Run a job to completion and return its summary; raise ``BatchJobError`` on failure."""
+    started = time.time()
+    plan = plan_job(spec, fresh=fresh)
+    summary = RunSummary(
+        name=spec.name,
+        output=spec.output.path,
+        fingerprint=plan.fingerprint,
+        shards=len(plan.shards),
+        shards_skipped=len(plan.skipped),
+        shards_run=len(plan.todo),
+    )
+    retire_superseded(plan)
+    if plan.todo:
+        for shard in plan.todo:
+            plan.out.clear_shard(shard.shard_id)
+        connect_ray()
+        import ray
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        # Ray Data starts a thread per map task that polls the process's memory every
+        # second, for stats batchjobs never reads; with hundreds of batches in flight per
+        # engine actor that is CPU taken from the engine's front end.
+        ctx.memory_usage_poll_interval_s = None
+        ctx.wait_for_min_actors_s = start_gate_s(spec)
+        device = resolve_device(spec)
+        check_resources(spec, device)
+        if device == "cpu":
+            _slower_scheduling_loop()
+        gpus = (
+            spec.gpus_per_replica() if device == "cuda" else 1
+        )  # a CPU replica is priced as one unit
+        tracker = Tracker(plan, gpus, progress, progress_every)
+        try:
+            with warnings.catch_warnings():
+                # Ray Data warns when a job has fewer read groups or staged files than the
+                # read/write task cap (every small job): a cap, not a request for more work.
+                warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
+                for batch in build_dataset(plan, device, engine_factory).iter_batches(
+                    batch_size=None, batch_format="pyarrow"
+                ):
+                    tracker.add(batch)
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc) from None
+        tracker.finish()
+        plan.out.remove_empty_staging()
+        summary.replicas = tracker.replicas
+        # Overhead: replica time no row was charged for (start-up, waiting for work).
+        summary.overhead_s = (
+            sum(r["startup_s"] + r["idle_s"] for r in tracker.replicas.values()) * gpus
+        )
+    ran = {s.shard_id for s in plan.todo}
+    for rec in plan.manifest.committed().values():
+        if rec.shard_id in ran:
+            summary.rows += rec.rows
+            summary.error_rows += rec.error_rows
+            summary.prompt_tokens += rec.prompt_tokens
+            summary.completion_tokens += rec.completion_tokens
+            summary.engine_s += rec.engine_s
+            summary.gpu_s += rec.gpu_s
+            summary.cost_usd += rec.cost_usd
+    summary.gpu_s += summary.overhead_s
+    summary.cost_usd += summary.overhead_s / 3600 * spec.cost.price_per_gpu_hour()
+    summary.wall_s = time.time() - started
+    if plan.todo:
+        if progress:
+            progress(f"[{spec.name}] all rows committed; waiting for the engine replicas to stop")
+        summary.teardown_s = _stop_engines()
+    _append_run(plan.out, summary)
+    return summary
+
+
+# Ray Data's executor loop wakes every WAIT_FOR_TASK_COMPLETION_TIMEOUT_S (0.1 s) to do its
+# resource accounting and dispatch, whether or not a task finished. On a CPU engine the
+# driver shares the cores with the engine, and an engine actor holds hundreds of batches
+# queued, so a loop 4 times a second instead of 10 starves nothing and leaves the engine
+# the difference (part of the change measured in docs/PERFORMANCE.md, runs S). At most
+# 0.15 s more per stage before a finished batch moves on. GPU hosts keep Ray's pace.
+CPU_SCHEDULING_LOOP_S = 0.25
+
+
+def _slower_scheduling_loop() -> None:
+    """Set Ray Data's executor loop period for a CPU engine (a module constant of Ray Data
+    2.60, read at each loop; nothing happens where a Ray Data version lacks it)."""
+    from ray.data._internal.execution import streaming_executor_state as state
+
+    if hasattr(state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"):
+        state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S = CPU_SCHEDULING_LOOP_S
+    else:  # pragma: no cover - another Ray Data layout
+        log.debug("Ray Data has no WAIT_FOR_TASK_COMPLETION_TIMEOUT_S; its loop keeps its pace")
+
+
+def _stop_engines() -> float:
+    """Wait for the engine replicas to shut down (``cluster.wait_for_exit``); the seconds
+    waited. Every row is committed by now: this only keeps the exit clean."""
+    from batchjobs.actor import EngineActor
+
+    t0 = time.time()
+    # By the class, not a copy of its name: a renamed class would make this wait for nothing.
+    left = wait_for_exit(EngineActor.__name__, ENGINE_STOP_TIMEOUT_S)
+    if left:
+        log.warning(
+            "%d engine replica(s) still shutting down after %.0fs; leaving them to Ray",
+            left,
+            ENGINE_STOP_TIMEOUT_S,
+        )
+    waited = time.time() - t0
+    log.info("engine replicas stopped in %.1fs", waited)
+    return waited
+
+
+def _append_run(out: OutputRoot, summary: RunSummary) -> None:
+    previous = out.read(RUNS) or b""
+    out.write_atomic(
+        RUNS, previous + (json.dumps(summary.to_dict(), sort_keys=True) + "\n").encode()
+    )
+
+
+def _translate(exc: BaseException) -> BatchJobError:
+    """Turn whatever Ray raised into one of ours with a readable message."""
+    root = unwrap(exc)
+    if isinstance(root, BatchJobError):
+        return root
+    cur: BaseException = exc
+    while getattr(cur, "cause", None) is not None or cur.__cause__ is not None:
+        nxt = getattr(cur, "cause", None) or cur.__cause__
+        if not isinstance(nxt, BaseException) or nxt is cur:
+            break
+        cur = nxt
+    message = str(cur).strip().splitlines()
+    return BatchJobError(f"job failed: {type(cur).__name__}: {message[-1] if message else ''}")

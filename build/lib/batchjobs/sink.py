@@ -1,0 +1,191 @@
+"""Writing results: staged Parquet files per shard, committed atomically by the driver.
+
+Layout under the output root::
+
+    _manifest.jsonl               one record per shard (the source of truth)
+    _staging/<shard_id>/<uuid>.parquet   written by Ray tasks while the shard is in flight
+    <shard_id>/part-<uuid>.parquet        a committed shard (all rows, nothing else)
+
+Ray tasks write staged files and return one small summary row per file; the driver
+counts rows per shard and commits a shard the moment all its rows are staged: on a local
+or POSIX filesystem by renaming the staging directory (atomic), elsewhere by moving the
+files and writing ``_SUCCESS`` last. Staged files nobody reported (a write task that died
+after writing) are deleted, never committed, so a retried task cannot duplicate rows.
+Readers that ignore names starting with ``_`` (pyarrow, Spark, polars) never see a
+partial shard.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchjobs.errors import OutputError
+from batchjobs.readers import ROW_ID, SHARD_ID, SHARD_ROWS, filesystem
+from batchjobs.records import REPLICA_FIGURES, merge_figures, output_schema
+
+STAGING = "_staging"
+MANIFEST = "_manifest.jsonl"
+SUCCESS = "_SUCCESS"
+
+
+def write_staged(
+    batch: pa.Table, root: str, storage_options: dict[str, Any], id_column: str | None
+) -> pa.Table:
+    """Ray Data UDF: write each shard's rows of a batch to one staged file; return summaries."""
+    fs, path = filesystem(root, storage_options)
+    schema = output_schema(id_column)
+    summaries = [
+        _write_part(
+            fs, path, shard_id, batch.filter(pc.equal(batch.column(SHARD_ID), shard_id)), schema
+        )
+        for shard_id in pc.unique(batch.column(SHARD_ID)).to_pylist()
+    ]
+    return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
+
+
+def _write_part(fs, root: str, shard_id: str, part: pa.Table, schema: pa.Schema) -> dict[str, Any]:
+    out = part.rename_columns(
+        [schema.field(0).name if c == ROW_ID else c for c in part.column_names]
+    )
+    out = out.select(schema.names).cast(schema).sort_by("row_index")
+    name = f"{uuid.uuid4().hex}.parquet"
+    path = posixpath.join(root, STAGING, shard_id, name)
+    try:
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with fs.open(path, "wb") as fh:
+            pq.write_table(out, fh)
+    except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
+        raise OutputError(
+            f"cannot write {fs.unstrip_protocol(path)}: {type(exc).__name__}: {exc}"
+        ) from None
+    # Per replica: engine seconds charged to these rows, and the replica's own figures as of
+    # its latest row here (start-up, ready at, idle / busy / request-seconds so far, cap).
+    replicas: dict[str, dict[str, float]] = {}
+    for rep, eng, *figures in zip(
+        part.column("_replica").to_pylist(),
+        part.column("_engine_s").to_pylist(),
+        *(part.column(f"_replica_{figure}").to_pylist() for figure in REPLICA_FIGURES),
+    ):
+        merge_figures(
+            replicas.setdefault(rep, {}), {"engine_s": eng, **dict(zip(REPLICA_FIGURES, figures))}
+        )
+    return {
+        "shard_id": shard_id,
+        "shard_rows": part.column(SHARD_ROWS)[0].as_py(),
+        "file": name,
+        "rows": part.num_rows,
+        "error_rows": part.num_rows - part.column("error").null_count,
+        "prompt_tokens": pc.sum(part.column("prompt_tokens")).as_py() or 0,
+        "completion_tokens": pc.sum(part.column("completion_tokens")).as_py() or 0,
+        "engine_s": pc.sum(part.column("_engine_s")).as_py() or 0.0,
+        "replicas": json.dumps(replicas),
+    }
+
+
+SUMMARY_SCHEMA = pa.schema(
+    [
+        ("shard_id", pa.string()),
+        ("shard_rows", pa.int64()),
+        ("file", pa.string()),
+        ("rows", pa.int64()),
+        ("error_rows", pa.int64()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("engine_s", pa.float64()),
+        ("replicas", pa.string()),
+    ]
+)
+
+
+class OutputRoot:
+    """The driver's handle on the output root: staging, commit, cleanup."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = url
+        self.fs, self.root = filesystem(url, storage_options)
+        self.local = "file" in _protocols(self.fs)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def shard_dir(self, shard_id: str) -> str:
+        return self.path(shard_id)
+
+    def clear_shard(self, shard_id: str) -> None:
+        """Remove any staged or half-committed output of a shard before it is redone."""
+        for p in (self.path(STAGING, shard_id), self.shard_dir(shard_id)):
+            if self.fs.exists(p):
+                self.fs.rm(p, recursive=True)
+
+    def commit(self, shard_id: str, files: list[str]) -> list[str]:
+        """Make a shard's reported staged files visible at once; returns the final paths."""
+        staging = self.path(STAGING, shard_id)
+        final = self.shard_dir(shard_id)
+        keep = set(files)
+        try:
+            if files:
+                for p in self.fs.ls(staging, detail=False):
+                    if posixpath.basename(p) not in keep:
+                        self.fs.rm(p)  # written by an attempt that never reported: not ours
+            if self.fs.exists(final):
+                self.fs.rm(final, recursive=True)
+            if not files:
+                self.fs.makedirs(final, exist_ok=True)
+            elif self.local:
+                self.fs.mv(staging, final, recursive=True)  # one rename: atomic
+            else:
+                for name in files:
+                    self.fs.mv(posixpath.join(staging, name), posixpath.join(final, name))
+            if not self.local or not files:
+                with self.fs.open(posixpath.join(final, SUCCESS), "wb"):
+                    pass
+        except OSError as exc:
+            raise OutputError(f"cannot commit shard {shard_id} under {self.url}: {exc}") from None
+        return [posixpath.join(final, name) for name in sorted(files)]
+
+    def remove_empty_staging(self) -> None:
+        staging = self.path(STAGING)
+        if self.fs.exists(staging) and not self.fs.ls(staging, detail=False):
+            self.fs.rm(staging, recursive=True)
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        """Replace a small file at the root in one step (rename locally, one PUT on object stores)."""
+        target = self.path(name)
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            if self.local:
+                tmp = self.path(f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+                with self.fs.open(tmp, "wb") as fh:
+                    fh.write(data)
+                self.fs.mv(tmp, target)
+            else:
+                with self.fs.open(target, "wb") as fh:
+                    fh.write(data)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.fs.unstrip_protocol(target)}: {exc}") from None
+
+    def read(self, name: str) -> bytes | None:
+        target = self.path(name)
+        if not self.fs.exists(target):
+            return None
+        with self.fs.open(target, "rb") as fh:
+            return fh.read()
+
+    def is_empty(self) -> bool:
+        return not self.fs.exists(self.root) or not self.fs.ls(self.root, detail=False)
+
+    def wipe(self) -> None:
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)

@@ -1,0 +1,415 @@
+"""The job spec: a YAML file validated by pydantic before anything starts.
+
+Every model forbids unknown keys, so a typo (``tensor_parallel_sise``) fails at once with
+the key's path and a suggestion instead of being ignored. Relative paths in a spec are
+resolved against the current working directory (the ``--working-dir`` of
+``ray job submit``), not against the spec file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from batchjobs.errors import SpecError
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Model):
+    path: str = Field(description="File, directory, glob or fsspec URL of the prompt shards.")
+    format: Literal["auto", "parquet", "jsonl"] = "auto"
+    prompt_column: str = "prompt"
+    id_column: str | None = Field(
+        default=None, description="Column that identifies a row; default: shard id + row index."
+    )
+    sampling_columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per-row sampling overrides: sampling parameter -> input column, "
+        "e.g. {max_tokens: max_tokens}. A null value keeps the job's setting.",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (credentials stay out of logs)."
+    )
+    order: Literal["prefix", "input"] = Field(
+        default="prefix",
+        description="prefix: sort rows by prompt before batching, so rows that share a "
+        "prefix reach the engine together and hit its prefix cache; the sort spans each read "
+        "group of shards (prefix_group_mb). input: keep file order. Output rows carry "
+        "row_index either way.",
+    )
+    prefix_group_mb: int = Field(
+        default=64,
+        ge=0,
+        description="With order: prefix, consecutive shards of up to this many MB (as "
+        "stored) are read by one task and sorted as one, so rows sharing a prefix meet even "
+        "when the input spreads them over shards. The shards of a group finish (and commit) "
+        "at about the same time. 0: sort each shard alone.",
+    )
+
+    @field_validator("sampling_columns")
+    @classmethod
+    def _known_params(cls, cols: dict[str, str]) -> dict[str, str]:
+        allowed = set(SamplingSpec.model_fields) - {"args"}
+        for param in cols:
+            if param not in allowed:
+                raise ValueError(
+                    f"{param!r} is not a sampling parameter (allowed: {', '.join(sorted(allowed))})"
+                )
+        return cols
+
+
+class OutputSpec(_Model):
+    path: str = Field(description="Output root directory or fsspec URL.")
+    mode: Literal["resume", "overwrite", "error"] = Field(
+        default="resume",
+        description="resume: skip committed shards; overwrite: delete the root first; "
+        "error: refuse a non-empty root.",
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EngineSpec(_Model):
+    kind: Literal["vllm", "trtllm"] = "vllm"
+    model: str = Field(
+        description="Local model directory (or a hub name where a hub is reachable)."
+    )
+    tokenizer: str | None = None
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="auto: cuda when the cluster has GPUs, else cpu."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    dtype: str = "auto"
+    max_model_len: int | None = Field(default=None, ge=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    enable_prefix_caching: bool | None = None
+    trust_remote_code: bool = False
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Passed through to the engine's arguments as they are."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables for the engine actors."
+    )
+
+
+class SamplingSpec(_Model):
+    max_tokens: int = Field(default=256, ge=1)
+    min_tokens: int = Field(default=0, ge=0)
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False
+    args: dict[str, Any] = Field(default_factory=dict, description="Extra sampling parameters.")
+
+
+class ResourcesSpec(_Model):
+    replicas: int = Field(default=1, ge=1, description="Engine replicas (data parallel).")
+    min_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="Autoscaling: start with this many replicas and grow to `replicas` as "
+        "the cluster frees or adds GPUs. Default: exactly `replicas`.",
+    )
+    batch_size: int = Field(default=32, ge=1, description="Rows per Ray Data batch.")
+    max_inflight_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests one replica keeps in its engine at once; the rest of the rows "
+        "it holds wait in the replica and go in, in order, as requests finish. Default: twice "
+        "the engine's own limit (vLLM's max_num_seqs: 1024 on an H100/H200, 256 on CPU).",
+    )
+    max_inflight_batches: int | None = Field(
+        default=None,
+        ge=1,
+        description="Batches Ray Data hands one replica at once. A batch goes back only when "
+        "its slowest row is done, so a replica must hold many more rows than it keeps in the "
+        "engine, or the engine runs dry while batches wait on their longest request. Default: "
+        "enough for 4 × max_inflight_requests rows (both unset: 4 × 2048 rows on a GPU, 4 × "
+        "512 on CPU, at most 512 batches). In a "
+        "job too small to give every replica that many, each holds at most its share, "
+        "ceil(batches / replicas), at a time.",
+    )
+    num_cpus_per_replica: float = Field(default=1.0, ge=0)
+    max_restarts: int = Field(
+        default=8,
+        ge=0,
+        description="Times Ray may restart a dead engine actor (its batch is retried).",
+    )
+    rows_per_file: int = Field(default=1000, ge=1, description="Rows per staged output file.")
+    start_timeout_s: int = Field(
+        default=0,
+        ge=0,
+        description="With more than one replica: feed none until the first `min_replicas` "
+        "(default: all) have started, waiting at most this long. 0 (the default): feed each "
+        "replica as soon as it is up; in a small job no replica holds more than its share at "
+        "once, so the first one up cannot take it all. Ray Data holds back the reads too "
+        "while it waits: each replica then idled 3.6-5.5 s for its first rows after start-up "
+        "(bench/start_gate.py; 4 s on 2 H200s).",
+    )
+
+    @field_validator("min_replicas")
+    @classmethod
+    def _min_not_above_max(cls, value: int | None, info) -> int | None:
+        replicas = info.data.get("replicas")
+        if value is not None and replicas is not None and value > replicas:
+            raise ValueError(
+                f"min_replicas ({value}) is above replicas ({replicas}), the autoscaling maximum"
+            )
+        return value
+
+
+class CostSpec(_Model):
+    usd_per_gpu_hour: float = Field(
+        default=0.0, ge=0, description="Price of one GPU (or one CPU replica) per hour."
+    )
+    accelerator: str | None = Field(default=None, description="Key into `prices`, e.g. H100.")
+    prices: dict[str, float] = Field(
+        default_factory=dict, description="$ per GPU-hour by accelerator type."
+    )
+
+    def price_per_gpu_hour(self) -> float:
+        if self.accelerator and self.accelerator in self.prices:
+            return self.prices[self.accelerator]
+        return self.usd_per_gpu_hour
+
+
+class CandidateSpec(EngineSpec):
+    """One engine configuration for the pilot: a name plus the `engine` keys it changes.
+
+    Only the keys a candidate sets replace the job's `engine` section (`args` and `env`
+    merge into the job's); the result is a complete engine section like any other.
+    """
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Names the candidate in the pilot table and its pilot output directory.",
+    )
+    model: str | None = Field(default=None, description="Default: the job's engine.model.")
+
+
+class PilotSpec(_Model):
+    candidates: list[CandidateSpec] = Field(
+        min_length=2,
+        description="Engine configurations to compare (`engine: auto`): each is the job's "
+        "engine section with these keys replaced. Candidates whose engine package is not "
+        "installed are skipped.",
+    )
+    rows: int = Field(
+        default=200,
+        ge=1,
+        description="Rows of the job's first shards that each candidate runs before the "
+        "cheapest ($ per 1M tokens, start-up amortised over the job) runs the job.",
+    )
+
+    @field_validator("candidates")
+    @classmethod
+    def _unique_names(cls, candidates: list[CandidateSpec]) -> list[CandidateSpec]:
+        names = [c.name for c in candidates]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"candidate names must be unique ({', '.join(dupes)} repeated)")
+        return candidates
+
+
+class JobSpec(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    task: Literal["generate"] = "generate"
+    input: InputSpec
+    output: OutputSpec
+    engine: EngineSpec
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    cost: CostSpec = Field(default_factory=CostSpec)
+    pilot: PilotSpec | None = Field(
+        default=None,
+        description="Choose the engine by measured cost: run the first rows with each "
+        "candidate, then the job with the cheapest. Absent: run `engine` as it is.",
+    )
+
+    @field_validator("input")
+    @classmethod
+    def _id_not_reserved(cls, inp: InputSpec) -> InputSpec:
+        from batchjobs.records import RESERVED
+
+        if inp.id_column in RESERVED:
+            raise ValueError(
+                f"id_column {inp.id_column!r} clashes with an output column; rename it"
+            )
+        return inp
+
+    @field_validator("engine")
+    @classmethod
+    def _model_exists(cls, engine: EngineSpec) -> EngineSpec:
+        _check_model_paths(engine, "")
+        return engine
+
+    @field_validator("pilot")
+    @classmethod
+    def _candidate_models_exist(cls, pilot: PilotSpec | None) -> PilotSpec | None:
+        for i, cand in enumerate(pilot.candidates if pilot else []):
+            _check_model_paths(cand, f"candidates[{i}].")
+        return pilot
+
+    def gpus_per_replica(self) -> int:
+        return self.engine.tensor_parallel_size * self.engine.pipeline_parallel_size
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that changes results: a different one must not mix outputs."""
+        engine = self.engine.model_dump(
+            include={"kind", "model", "tokenizer", "dtype", "max_model_len", "trust_remote_code"}
+        )
+        engine["args"] = {
+            k: v for k, v in self.engine.args.items() if k not in PERF_ONLY_ENGINE_ARGS
+        }
+        payload = {
+            "task": self.task,
+            "prompt_column": self.input.prompt_column,
+            "sampling_columns": self.input.sampling_columns,
+            "id_column": self.input.id_column,
+            "engine": engine,
+            "sampling": self.sampling.model_dump(),
+        }
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def redacted(self) -> dict[str, Any]:
+        """The spec as a dict with storage options and engine env (credentials) hidden."""
+        data = self.model_dump()
+        for section in ("input", "output"):
+            data[section]["storage_options"] = {k: "***" for k in data[section]["storage_options"]}
+        data["engine"]["env"] = {k: "***" for k in data["engine"]["env"]}
+        for cand in (data.get("pilot") or {}).get("candidates", []):
+            cand["env"] = {k: "***" for k in cand["env"]}
+        return data
+
+
+# Engine arguments that change speed or memory but not the tokens produced.
+PERF_ONLY_ENGINE_ARGS = frozenset(
+    {
+        "enforce_eager",
+        "max_num_batched_tokens",
+        "enable_chunked_prefill",
+        "block_size",
+        "swap_space",
+        "disable_log_stats",
+        "kv_cache_memory_bytes",
+        "distributed_executor_backend",
+        "compilation_config",
+    }
+)
+
+
+def _may_be_hub_name(value: str) -> bool:
+    """``org/name`` may be a hub id (resolved by the engine), unless the hub is off."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    return "://" in value or (value.count("/") == 1 and not value.startswith((".", "/", "~")))
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read, override (``key.sub=value``) and validate a job spec, or raise ``SpecError``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read job spec {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a job spec is a YAML mapping (name:, input:, output:, engine:)")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return parse_spec(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a raw spec dict; the value is parsed as YAML (``8``, ``true``, ``[a]``)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set resources.replicas=2")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {item!r}: {part} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+
+
+def parse_spec(raw: dict[str, Any], source: str = "spec") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors()]
+        raise SpecError(
+            f"{source} is not a valid job spec:\n" + "\n".join(f"  - {line}" for line in lines)
+        ) from None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    where = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".")
+    where = where or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        choices = sorted(parent.model_fields) if parent else []
+        hint = difflib.get_close_matches(loc[-1], choices, n=1)
+        fix = f"did you mean {hint[0]!r}?" if hint else f"allowed keys: {', '.join(choices)}"
+        return f"{where}: unknown key ({fix})"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"{where}: {err['msg'][:1].lower()}{err['msg'][1:]}{shown}"
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        if part.isdigit():  # a list index: the item is the list's model
+            continue
+        field = model.model_fields.get(part)
+        ann = _section_model(getattr(field, "annotation", None))
+        if ann is None:
+            return None
+        model = ann
+    return model
+
+
+def _section_model(ann: Any) -> type[BaseModel] | None:
+    """The model of a section annotated ``Model``, ``Model | None`` or ``list[Model]``."""
+    for arg in (ann, *typing.get_args(ann)):
+        if typing.get_origin(arg) is None and isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _check_model_paths(engine: Any, where: str) -> None:
+    """Refuse a model or tokenizer that is neither a local path nor a hub name."""
+    for key in ("model", "tokenizer"):
+        value = getattr(engine, key)
+        if value and not Path(value).expanduser().exists() and not _may_be_hub_name(value):
+            raise ValueError(
+                f"{where}{key} {value!r} does not exist (relative paths resolve against the "
+                f"current directory {Path.cwd()})"
+            )

