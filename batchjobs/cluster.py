@@ -13,20 +13,9 @@ from batchjobs.spec import JobSpec
 
 log = logging.getLogger("batchjobs")
 
-# The local cluster's settings (also given to the head `bench.py`'s batchjobs_head mode
-# starts, so that it differs from a local run only in being up before the clock). A local
-# cluster shares its machine's cores with the engine, so Ray does less of its own
-# bookkeeping on it: no task events (they feed the dashboard's task list; a local cluster
-# has no dashboard), no metrics export (nothing scrapes it), and the memory monitor (Ray's
-# OOM killer) looks at its workers once a second instead of four times (docs/PERFORMANCE.md,
-# runs S). A cluster batchjobs joins keeps its own settings.
-LOCAL_SYSTEM_CONFIG = {
-    "enable_worker_prestart": False,
-    "prestart_worker_first_driver": False,
-    "task_events_report_interval_ms": 0,
-    "enable_metrics_collection": False,
-    "memory_monitor_refresh_ms": 1000,
-}
+# The local cluster's worker settings (also given to the head `bench.py`'s batchjobs_head
+# mode starts, so that it differs from a local run only in being up before the clock).
+LOCAL_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
 
 
 def local_cluster_cpus() -> int:

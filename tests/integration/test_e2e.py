@@ -162,11 +162,3 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
     assert summary.overhead_s == pytest.approx(rep["startup_s"] + rep["idle_s"], rel=1e-6)
     assert summary.gpu_s == pytest.approx(summary.engine_s + summary.overhead_s, rel=1e-6)
     assert summary.engine_s > 0 and summary.gpu_s <= summary.wall_s
-    # the local Ray (started by the ray_session fixture through connect_ray) has
-    # batchjobs' settings
-    import ray
-
-    from batchjobs.cluster import LOCAL_SYSTEM_CONFIG
-
-    node_config = ray._private.worker._global_node._config
-    assert LOCAL_SYSTEM_CONFIG.items() <= node_config.items(), node_config
