@@ -1,5 +1,10 @@
 """The engine actor: one engine per Ray actor, fed by many Ray Data batches at once.
 
+The engine lives in an ``EngineReplica``: in Ray Data's actor (``EngineActor``) itself, or,
+for a fixed pool, in a Ray actor the driver starts before Ray Data's plan
+(``EngineReplicaActor``), so that vLLM's import and start begin seconds sooner; Ray Data's
+actor then forwards its batches there.
+
 Ray Data calls ``__call__`` from up to ``feeding.inflight_batches`` threads of the actor at
 a time. Each call hands its rows to one asyncio loop that owns the engine and waits for
 them. In-flight work is capped per request, not per batch: a ``Gate`` lets at most
@@ -57,7 +62,85 @@ def make_engine(spec: JobSpec) -> Engine:
 
 
 class EngineActor:
-    """A Ray Data callable class: a batch of read rows in, a batch of result rows out."""
+    """Ray Data's callable class for the engine stage: a batch of read rows in, a batch of
+    result rows out.
+
+    It serves the batches from an ``EngineReplica`` of its own, or, when the driver started
+    the replicas itself before Ray Data's plan (``replicas``: a fixed pool, see
+    ``pipeline.start_replicas``), forwards them to one of those, claimed for this actor
+    alone. Either way its ``__init__`` returns only once its engine is ready, so Ray Data's
+    start gate and its share of batches per replica work as with an engine of its own.
+    """
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        engine_factory: EngineFactory | None = None,
+        replicas: list | None = None,
+        claim: str | None = None,
+    ):
+        self.local: EngineReplica | None = None
+        self.remote = None
+        if replicas:
+            import ray
+
+            self.remote = _claim(replicas, claim or "")
+            ray.get(self.remote.started.remote())  # raises the replica's start error
+        else:
+            self.local = EngineReplica(spec, engine_factory)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.local is not None:
+            return self.local(batch)
+        import ray
+
+        return ray.get(self.remote.process.remote(batch))
+
+    def __del__(self):
+        # Ray Data's only end-of-pool hook: its worker drops the UDF in __ray_shutdown__
+        # so that __del__ runs before the process exits. Closing here lets the engine
+        # stop its processes cleanly instead of dying with the actor (and logging errors).
+        # A forwarded replica is the driver's to close.
+        if self.local is not None:
+            self.local.close()
+
+
+def _claim(replicas: list, token: str):
+    """The replica this forwarding actor serves from: the one it claimed before (Ray
+    restarted it), else the first one nobody claimed (an atomic put in the GCS's key-value
+    store). Past that (more actors than replicas) replicas are shared."""
+    import ray
+
+    me = ray.get_runtime_context().get_actor_id() or uuid.uuid4().hex
+    try:
+        from ray.experimental import internal_kv as kv
+
+        keys = [f"batchjobs/claim/{token}/{i}" for i in range(len(replicas))]
+        for i, key in enumerate(keys):
+            if kv._internal_kv_get(key) == me.encode():
+                return replicas[i]
+        for i, key in enumerate(keys):
+            if not kv._internal_kv_put(key, me, overwrite=False):  # returns "already there"
+                return replicas[i]
+    except Exception as exc:  # noqa: BLE001 - a Ray without this store: share by id
+        log.warning("cannot claim an engine replica (%s); sharing one", exc)
+    return replicas[hash(me) % len(replicas)]
+
+
+def release_claims(token: str) -> None:
+    """Forget the claims of a finished run (the driver calls it)."""
+    try:
+        from ray.experimental import internal_kv as kv
+
+        kv._internal_kv_del(f"batchjobs/claim/{token}/", del_by_prefix=True)
+    except Exception as exc:  # noqa: BLE001 - a leftover key is harmless
+        log.debug("cannot release replica claims: %s", exc)
+
+
+class EngineReplica:
+    """One engine and its accounting: a batch of read rows in, a batch of result rows out.
+    Lives in Ray Data's actor (``EngineActor``) or in a Ray actor of its own
+    (``EngineReplicaActor``)."""
 
     def __init__(self, spec: dict[str, Any], engine_factory: EngineFactory | None = None):
         self.spec = JobSpec.model_validate(spec)
@@ -99,30 +182,13 @@ class EngineActor:
         ids = batch.column(ROW_ID).to_pylist()
         params = [json.loads(p) if p else None for p in batch.column(PARAMS).to_pylist()]
         try:
-            pairs = self._on_loop(self._run(ids, prompts, input_errors, params))
+            pairs = self._on_loop(_serve(self, ids, prompts, input_errors, params))
         except EngineDead as exc:
             # Exit the process: Ray restarts the actor and retries this batch on it,
             # so no row is lost and none is written twice.
             log.error("replica %s: %s; exiting so Ray restarts it", self.replica, exc)
             os._exit(1)
         return self._to_table(batch, [r for r, _ in pairs], [c for _, c in pairs])
-
-    async def _run(self, ids, prompts, input_errors, params) -> list[tuple[Result, float]]:
-        async def one(i: int) -> tuple[Result, float]:
-            if input_errors[i] is not None:
-                return Result.failed(input_errors[i]), 0.0
-            request = Request(f"{ids[i]}#{uuid.uuid4().hex[:8]}", prompts[i], params[i])
-            async with self.gate:
-                mark = self.clock.start(time.time())
-                try:
-                    result = await self.engine.generate(request)
-                finally:
-                    charge = self.clock.stop(time.time(), mark)
-            self.prompt_tokens += result.prompt_tokens
-            self.cached_tokens += result.cached_tokens
-            return result, charge
-
-        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
 
     def _to_table(self, batch: pa.Table, results: list[Result], charges: list[float]) -> pa.Table:
         n = len(results)
@@ -171,11 +237,61 @@ class EngineActor:
             finally:
                 self.loop.call_soon_threadsafe(self.loop.stop)
 
+
+class EngineReplicaActor(EngineReplica):
+    """An ``EngineReplica`` as a Ray actor of its own, started by the driver as soon as it
+    has joined the cluster (``pipeline.start_replicas``), seconds before Ray Data would
+    start its actor; Ray Data's ``EngineActor`` forwards its batches here.
+
+    A failed start is kept and raised by ``started`` and ``process`` (so the forwarding actor
+    fails with this error, as an ``EngineActor`` holding the engine would), not raised from
+    ``__init__``, where Ray would hide it in an actor-died error. A dead engine exits the
+    process as in ``EngineReplica``: Ray restarts the actor and retries the batches it held.
+    """
+
+    def __init__(self, spec: dict[str, Any], engine_factory: EngineFactory | None = None):
+        self.start_error: BatchJobError | None = None
+        try:
+            super().__init__(spec, engine_factory)
+        except BatchJobError as exc:
+            self.start_error = exc
+
+    def started(self) -> bool:
+        """True once the engine is up; raises its start error instead."""
+        if self.start_error is not None:
+            raise self.start_error
+        return True
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        self.started()
+        return self(batch)
+
     def __del__(self):
-        # Ray Data's only end-of-pool hook: its worker drops the UDF in __ray_shutdown__
-        # so that __del__ runs before the process exits. Closing here lets the engine
-        # stop its processes cleanly instead of dying with the actor (and logging errors).
-        self.close()
+        self.close()  # the driver closes it first (pipeline.stop_replicas); a no-op then
+
+
+async def _serve(replica: EngineReplica, ids, prompts, input_errors, params):
+    """One batch's rows through the replica's gate and engine: (result, charge) per row.
+
+    A function, not a method: Ray makes an actor whose class has a coroutine method an
+    asyncio actor, which would run ``EngineReplicaActor``'s blocking calls one at a time.
+    """
+
+    async def one(i: int) -> tuple[Result, float]:
+        if input_errors[i] is not None:
+            return Result.failed(input_errors[i]), 0.0
+        request = Request(f"{ids[i]}#{uuid.uuid4().hex[:8]}", prompts[i], params[i])
+        async with replica.gate:
+            mark = replica.clock.start(time.time())
+            try:
+                result = await replica.engine.generate(request)
+            finally:
+                charge = replica.clock.stop(time.time(), mark)
+        replica.prompt_tokens += result.prompt_tokens
+        replica.cached_tokens += result.cached_tokens
+        return result, charge
+
+    return await asyncio.gather(*(one(i) for i in range(len(prompts))))
 
 
 def inflight_limit(spec: JobSpec, engine: Engine) -> int | None:

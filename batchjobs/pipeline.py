@@ -24,6 +24,7 @@ from batchjobs.errors import BatchJobError, OutputError, unwrap
 from batchjobs.feeding import (
     inflight_batches,
     io_concurrency,
+    pool_min,
     start_gate_s,
     tasks_per_replica,
 )
@@ -38,6 +39,8 @@ log = logging.getLogger("batchjobs")
 PREFLIGHT_ALL_UP_TO = 64  # shards; past that only the first is opened before the run
 RUNS = "_runs.jsonl"
 ENGINE_STOP_TIMEOUT_S = 60.0
+EARLY_VAR = "BATCHJOBS_EARLY_REPLICAS"  # "0": engines in Ray Data's actors (start_replicas)
+ERROR_STOP_TIMEOUT_S = 10.0  # a failed job does not wait long for its engines to close
 
 
 @dataclass
@@ -169,15 +172,10 @@ def _read_fn(batch: pa.Table, spec: dict, batch_rows: int):
         yield from tables
 
 
-def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = None):
-    """The Ray Data plan: one read task per read group of shards, an engine actor pool,
-    staged writes."""
+def engine_env(spec: JobSpec, device: str, engine_factory: Callable | None = None) -> dict:
+    """The environment variables of the processes that hold an engine."""
     import ray
-    from ray.data import TaskPoolStrategy
 
-    spec = plan.spec
-    res = spec.resources
-    raw = spec.model_dump()
     # Ray starts engine actors, like all its workers, at nice 15 (`worker_niceness`), below
     # the raylet and this driver. `engine.env: {RAY_worker_niceness: "0"}` lifts them to the
     # normal priority; on 2 cores that measured from 0.04 worse to 0.07 better than 15 (raw
@@ -202,6 +200,82 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
         # seconds later in its __init__ (engines/warmstart.py).
         job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
         env.update(warmstart.setup_hook_env(spec.engine.env, job_env))
+    return env
+
+
+@dataclass
+class Replicas:
+    """Engine replicas the driver started itself (``start_replicas``)."""
+
+    actors: list
+    claim: str  # the key under which Ray Data's actors claim one each
+
+
+def start_replicas(spec: JobSpec, device: str, engine_factory: Callable | None = None):
+    """Start a fixed pool's engine replicas now, as Ray actors of their own, or ``None``.
+
+    Ray Data would start its engine actors only after importing itself and planning, and
+    its actor's process imports Ray Data and pandas before the actor's ``__init__`` starts
+    the engine: together 2-4 s before vLLM's own import even begins
+    (``bench/start_trace.py``). Started here, right after the driver joins the cluster,
+    the replicas import and start their engines meanwhile; Ray Data's actors then forward
+    their batches to them (``actor.EngineActor``). An autoscaling pool (``min_replicas``
+    below ``replicas``) keeps its engines in Ray Data's actors, whose number Ray Data
+    decides; so does a driver with ``BATCHJOBS_EARLY_REPLICAS=0``.
+    """
+    import uuid
+
+    import ray
+
+    from batchjobs.actor import EngineReplicaActor
+
+    res = spec.resources
+    if pool_min(spec) != res.replicas or os.environ.get(EARLY_VAR, "1") == "0":
+        return None
+    cls = ray.remote(EngineReplicaActor).options(
+        num_cpus=res.num_cpus_per_replica,
+        num_gpus=spec.gpus_per_replica() if device == "cuda" else 0,
+        max_restarts=res.max_restarts,
+        max_task_retries=-1,  # batches held by a replica that died run again on its restart
+        max_concurrency=inflight_batches(spec, device) + 4,  # + started, close
+        runtime_env={"env_vars": engine_env(spec, device, engine_factory)},
+    )
+    raw = spec.model_dump()
+    actors = [cls.remote(raw, engine_factory) for _ in range(res.replicas)]
+    return Replicas(actors, uuid.uuid4().hex)
+
+
+def stop_replicas(replicas: Replicas | None, timeout_s: float = ENGINE_STOP_TIMEOUT_S) -> None:
+    """Close the replicas' engines (their processes stop cleanly), then end the actors."""
+    if replicas is None:
+        return
+    import ray
+
+    from batchjobs.actor import release_claims
+
+    closing = [a.close.remote() for a in replicas.actors]
+    try:
+        ray.wait(closing, num_returns=len(closing), timeout=timeout_s)
+    finally:
+        for a in replicas.actors:
+            ray.kill(a, no_restart=True)
+        release_claims(replicas.claim)
+
+
+def build_dataset(
+    plan: Plan,
+    device: str,
+    engine_factory: Callable | None = None,
+    replicas: Replicas | None = None,
+):
+    """The Ray Data plan: one read task per read group of shards, an engine actor pool,
+    staged writes."""
+    import ray
+    from ray.data import TaskPoolStrategy
+
+    spec = plan.spec
+    res = spec.resources
+    raw = spec.model_dump()
     groups = read_groups(plan.todo, spec.input.order, spec.input.prefix_group_mb)
     ds = ray.data.from_items(
         [{"shards": json.dumps([s.to_dict() for s in group])} for group in groups],
@@ -229,7 +303,7 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
         # deprecated **ray_remote_args; the warning would greet every run (it still works
         # up to Ray 2.64).
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = _engine_stage(ds, plan, device, env, raw, engine_factory)
+        ds = _engine_stage(ds, plan, device, raw, engine_factory, replicas)
     return ds.map_batches(
         write_staged,
         fn_kwargs={
@@ -244,15 +318,27 @@ def build_dataset(plan: Plan, device: str, engine_factory: Callable | None = Non
     )
 
 
-def _engine_stage(ds, plan: Plan, device: str, env: dict, raw: dict, engine_factory):
+def _engine_stage(ds, plan: Plan, device: str, raw: dict, engine_factory, replicas):
     from ray.data import ActorPoolStrategy
 
     from batchjobs.actor import EngineActor
 
     spec, res = plan.spec, plan.spec.resources
+    if replicas is not None:
+        # Ray Data's actors only forward to the replicas started before (start_replicas):
+        # the replicas hold the devices and the engine's environment.
+        held = {"num_gpus": 0, "num_cpus": 0}
+        kwargs = {"replicas": replicas.actors, "claim": replicas.claim}
+    else:
+        held = {
+            "num_gpus": spec.gpus_per_replica() if device == "cuda" else 0,
+            "num_cpus": res.num_cpus_per_replica,
+            "runtime_env": {"env_vars": engine_env(spec, device, engine_factory)},
+        }
+        kwargs = {"engine_factory": engine_factory}
     return ds.map_batches(
         EngineActor,
-        fn_constructor_kwargs={"spec": raw, "engine_factory": engine_factory},
+        fn_constructor_kwargs={"spec": raw, **kwargs},
         batch_size=res.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(
@@ -265,11 +351,50 @@ def _engine_stage(ds, plan: Plan, device: str, env: dict, raw: dict, engine_fact
             max_concurrent_calls_per_actor=inflight_batches(spec, device),
             enable_true_multi_threading=True,
         ),
-        num_gpus=spec.gpus_per_replica() if device == "cuda" else 0,
-        num_cpus=res.num_cpus_per_replica,
         max_restarts=res.max_restarts,
-        runtime_env={"env_vars": env},
+        **held,
     )
+
+
+def _execute(
+    plan: Plan,
+    summary: RunSummary,
+    device: str,
+    replicas: Replicas | None,
+    engine_factory: Callable | None,
+    progress: Callable[[str], None] | None,
+    progress_every: float,
+) -> None:
+    """Run the Ray Data plan to its end; the replicas' figures go into ``summary``."""
+    import ray
+
+    spec = plan.spec
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    # Ray Data starts a thread per map task that polls the process's memory every
+    # second, for stats batchjobs never reads; with hundreds of batches in flight per
+    # engine actor that is CPU taken from the engine's front end.
+    ctx.memory_usage_poll_interval_s = None
+    ctx.wait_for_min_actors_s = start_gate_s(spec)
+    gpus = spec.gpus_per_replica() if device == "cuda" else 1  # a CPU replica is priced as one unit
+    tracker = Tracker(plan, gpus, progress, progress_every)
+    try:
+        with warnings.catch_warnings():
+            # Ray Data warns when a job has fewer read groups or staged files than the
+            # read/write task cap (every small job): a cap, not a request for more work.
+            warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
+            for batch in build_dataset(plan, device, engine_factory, replicas).iter_batches(
+                batch_size=None, batch_format="pyarrow"
+            ):
+                tracker.add(batch)
+    except Exception as exc:  # noqa: BLE001
+        raise _translate(exc) from None
+    tracker.finish()
+    plan.out.remove_empty_staging()
+    summary.replicas = tracker.replicas
+    # Overhead: replica time no row was charged for (start-up, waiting for work).
+    summary.overhead_s = sum(r["startup_s"] + r["idle_s"] for r in tracker.replicas.values()) * gpus
 
 
 def run(
@@ -292,44 +417,20 @@ def run(
         shards_run=len(plan.todo),
     )
     retire_superseded(plan)
+    replicas = None
     if plan.todo:
         for shard in plan.todo:
             plan.out.clear_shard(shard.shard_id)
         connect_ray()
-        import ray
-
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        # Ray Data starts a thread per map task that polls the process's memory every
-        # second, for stats batchjobs never reads; with hundreds of batches in flight per
-        # engine actor that is CPU taken from the engine's front end.
-        ctx.memory_usage_poll_interval_s = None
-        ctx.wait_for_min_actors_s = start_gate_s(spec)
         device = resolve_device(spec)
         check_resources(spec, device)
-        gpus = (
-            spec.gpus_per_replica() if device == "cuda" else 1
-        )  # a CPU replica is priced as one unit
-        tracker = Tracker(plan, gpus, progress, progress_every)
+        # Before Ray Data is even imported: the engines start while the driver plans.
+        replicas = start_replicas(spec, device, engine_factory)
         try:
-            with warnings.catch_warnings():
-                # Ray Data warns when a job has fewer read groups or staged files than the
-                # read/write task cap (every small job): a cap, not a request for more work.
-                warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
-                for batch in build_dataset(plan, device, engine_factory).iter_batches(
-                    batch_size=None, batch_format="pyarrow"
-                ):
-                    tracker.add(batch)
-        except Exception as exc:  # noqa: BLE001
-            raise _translate(exc) from None
-        tracker.finish()
-        plan.out.remove_empty_staging()
-        summary.replicas = tracker.replicas
-        # Overhead: replica time no row was charged for (start-up, waiting for work).
-        summary.overhead_s = (
-            sum(r["startup_s"] + r["idle_s"] for r in tracker.replicas.values()) * gpus
-        )
+            _execute(plan, summary, device, replicas, engine_factory, progress, progress_every)
+        except BaseException:
+            stop_replicas(replicas, timeout_s=ERROR_STOP_TIMEOUT_S)
+            raise
     ran = {s.shard_id for s in plan.todo}
     for rec in plan.manifest.committed().values():
         if rec.shard_id in ran:
@@ -346,19 +447,24 @@ def run(
     if plan.todo:
         if progress:
             progress(f"[{spec.name}] all rows committed; waiting for the engine replicas to stop")
-        summary.teardown_s = _stop_engines()
+        summary.teardown_s = _stop_engines(replicas)
     _append_run(plan.out, summary)
     return summary
 
 
-def _stop_engines() -> float:
-    """Wait for the engine replicas to shut down (``cluster.wait_for_exit``); the seconds
-    waited. Every row is committed by now: this only keeps the exit clean."""
-    from batchjobs.actor import EngineActor
+def _stop_engines(replicas: Replicas | None) -> float:
+    """Close the replicas the driver started and wait for every engine's process to end
+    (``cluster.wait_for_exit``); the seconds waited. Every row is committed by now: this
+    only keeps the exit clean."""
+    from batchjobs.actor import EngineActor, EngineReplicaActor
 
     t0 = time.time()
+    stop_replicas(replicas)
     # By the class, not a copy of its name: a renamed class would make this wait for nothing.
-    left = wait_for_exit(EngineActor.__name__, ENGINE_STOP_TIMEOUT_S)
+    left = sum(
+        wait_for_exit(cls.__name__, ENGINE_STOP_TIMEOUT_S)
+        for cls in (EngineReplicaActor, EngineActor)
+    )
     if left:
         log.warning(
             "%d engine replica(s) still shutting down after %.0fs; leaving them to Ray",

@@ -7,12 +7,14 @@ adds is the time before the actor's ``__init__``. This measures it with a stand-
 (no vLLM): a Ray head is started first (the ``ray job submit`` case), then per round two
 fresh drivers, each a new process:
 
-- ``raydata``: ``pipeline.run`` as a job runs it (the engine actor is Ray Data's map
-  worker), marking the driver's imports, its join, its Ray Data plan, and the actor's
-  process start and ``__init__``;
+- ``raydata``: ``pipeline.run`` with ``BATCHJOBS_EARLY_REPLICAS=0``: the engine is in Ray
+  Data's map worker, as before the replicas were started by the driver. Marks the driver's
+  imports, its join, its Ray Data plan, and the actor's process start and ``__init__``;
+- ``early``: ``pipeline.run`` as a job runs it now: the driver starts the engine replica
+  as an actor of its own right after joining (``pipeline.start_replicas``);
 - ``plain``: the driver joins and creates one plain Ray actor with the engine actor's
-  kind of environment, whose ``__init__`` imports ``batchjobs.actor`` (what an engine actor
-  created before Ray Data's plan would do first), then imports Ray Data itself.
+  kind of environment, whose ``__init__`` imports ``batchjobs.actor``, then imports Ray
+  Data itself: the bound for ``early``.
 
 All times are seconds from the driver process's start (from /proc, before the
 interpreter's own start-up). The stand-in leaves out the warm fork server (it is vLLM's),
@@ -47,6 +49,7 @@ def process_start(pid: str = "self") -> float:
     return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
+KINDS = ("raydata", "early", "plain")
 T0 = process_start()
 MARKS: dict = {"interpreter": round(time.time() - T0, 3)}
 
@@ -83,7 +86,7 @@ def record(path: str) -> None:
         )
 
 
-def child_raydata(a) -> None:
+def child_pipeline(a) -> None:
     import asyncio
 
     from batchjobs import pipeline
@@ -179,20 +182,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
-        "--warmup", type=int, default=1, help="rounds run first and left out of the medians "
-        "(the first driver after the head's start was 2-3 s slower here)"
+        "--warmup",
+        type=int,
+        default=1,
+        help="rounds run first and left out of the medians "
+        "(the first driver after the head's start was 2-3 s slower here)",
     )
     p.add_argument("--model", default="models/tiny-llama")
     p.add_argument("--data", default="jobs/data/demo", help="input shards (a directory)")
     p.add_argument("--id-column", default="id")
     p.add_argument("--out", help="write the runs and medians here as JSON")
-    p.add_argument("--child", choices=["raydata", "plain"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--trace", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         sys.path.insert(0, str(REPO))
-        (child_raydata if a.child == "raydata" else child_plain)(a)
+        if a.child == "raydata":
+            os.environ["BATCHJOBS_EARLY_REPLICAS"] = "0"
+        (child_plain if a.child == "plain" else child_pipeline)(a)
         print("TRACE " + json.dumps(MARKS), flush=True)
         return
 
@@ -202,33 +210,32 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp, running_head(True) as env:
         for r in range(-a.warmup, a.rounds):
-            for kind in ("raydata", "plain"):
+            for kind in KINDS:
                 trace = str(Path(tmp) / f"{kind}-{r}.jsonl")
                 cmd = [sys.executable, __file__, "--child", kind, "--trace", trace]
                 cmd += ["--model", a.model, "--data", a.data, "--id-column", a.id_column]
                 cmd += ["--output", str(Path(tmp) / "out")]
                 proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-                line = next(
-                    (s for s in proc.stdout.splitlines() if s.startswith("TRACE ")), None
-                )
+                line = next((s for s in proc.stdout.splitlines() if s.startswith("TRACE ")), None)
                 if proc.returncode or line is None:
                     sys.exit(f"{kind} driver failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
                 marks = json.loads(line[len("TRACE ") :])
                 runs.append({"round": r, "driver": kind, **marks})
                 print(kind, json.dumps(marks), flush=True)
     medians = {}
-    for kind in ("raydata", "plain"):
+    for kind in KINDS:
         mine = [x for x in runs if x["driver"] == kind and x["round"] >= 0]
         medians[kind] = {
             k: round(statistics.median(x[k] for x in mine), 3)
             for k in mine[0]
             if isinstance(mine[0][k], float) and all(k in x for x in mine)
         }
-    saved = medians["raydata"]["actor_init"] - medians["plain"]["actor_init"]
+    init = {kind: medians[kind]["actor_init"] for kind in KINDS}
     print(
-        f"driver start -> actor __init__ (median of {a.rounds}): Ray Data's actor "
-        f"{medians['raydata']['actor_init']:.2f} s, a plain actor created at join "
-        f"{medians['plain']['actor_init']:.2f} s: {saved:.2f} s sooner"
+        f"driver start -> engine actor __init__ (median of {a.rounds}): in Ray Data's actor "
+        f"{init['raydata']:.2f} s, in a replica the driver starts {init['early']:.2f} s "
+        f"({init['raydata'] - init['early']:.2f} s sooner), a bare actor at join "
+        f"{init['plain']:.2f} s"
     )
     if a.out:
         Path(a.out).write_text(json.dumps({"runs": runs, "medians": medians}, indent=1))

@@ -9,7 +9,10 @@
 #                             HEAD_MODES picks modes (FIXED_MODES and P200_MODES do so for fixed
 #                             and prefix200)
 #   STEPS="startup"           200 prompts x 64 tokens: raw vs batchjobs (warm engine start) vs
-#                             batchjobs_spawn (vLLM's own spawn of its engine core in the actor)
+#                             batchjobs_spawn (vLLM's own spawn of its engine core in the actor);
+#                             STARTUP_MODES and STARTUP_VARIANTS (--variants JSON) pick others
+#   STEPS="trace"             bench/start_trace.py: driver start -> engine actor __init__, Ray Data's
+#                             actor vs a plain actor created at join (stand-in engine, no vLLM)
 #   STEPS="dp2gate"           (2 GPUs) 2 replicas, start gate off (start_timeout_s 0, the default) then on (1800)
 #   STEPS="raydata cli"       Ray Data LLM processor on the same data; one `batchjobs run` CLI job
 #   STEPS="fixed"             raw vs batchjobs, 256 output tokens each (FIXED_ENGINE: --spec-engine JSON,
@@ -50,8 +53,11 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
            --spec-engine "$HEAD_ENGINE" --out $OUT/longtail-head.json 2>&1 | tee $OUT/longtail-head.log | grep -v "^(\|^\[" | tail -5 ;;
     warm) python3 bench/bench.py run "${COMMON[@]}" --n 16 --workload fixed --max-tokens 16 --modes raw \
            --workdir /tmp/warm 2>&1 | tail -2 ;;
-    startup) python3 bench/bench.py run "${COMMON[@]}" --n 200 --workload fixed --max-tokens 64 --modes raw,batchjobs,batchjobs_spawn \
-           --out $OUT/startup.json 2>&1 | tee $OUT/startup.log | grep -v "^(\|^\[" | tail -5 ;;
+    startup) python3 bench/bench.py run "${COMMON[@]}" --n 200 --workload fixed --max-tokens 64 \
+           --modes "${STARTUP_MODES:-raw,batchjobs,batchjobs_spawn}" --variants "${STARTUP_VARIANTS:-{\}}" \
+           --spec-engine "$HEAD_ENGINE" --out $OUT/startup.json 2>&1 | tee $OUT/startup.log | grep -v "^(\|^\[" | tail -12 ;;
+    trace) python3 bench/start_trace.py --rounds 3 --model /tmp/llama7b --data $(ls -d $W/data-fixed-200-* | head -1) \
+           --out $OUT/start-trace.json 2>&1 | tail -9 ;;
     dp2gate)
         for t in 0 1800; do
           python3 bench/bench.py run "${COMMON[@]}" --workload fixed --max-tokens 256 --modes batchjobs \

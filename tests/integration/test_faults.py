@@ -50,11 +50,17 @@ def _cli_job(tmp_path: Path, model: Path, out: Path) -> tuple[list[str], dict]:
     return [sys.executable, "-m", "batchjobs.cli", "run", str(path)], env
 
 
-def _engine_actor_pids() -> list[int]:
+# The engine replica (its own actor: the driver starts it before Ray Data's plan) and Ray
+# Data's actor that forwards batches to it.
+REPLICA = "ray::EngineReplicaActor"
+FORWARDER = "ray::MapWorker(MapBatches(EngineActor))"
+
+
+def _engine_actor_pids(title: str = REPLICA) -> list[int]:
     pids = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::MapWorker(MapBatches(EngineActor))"):
+        if cmd.startswith(title):
             pids.append(p.info["pid"])
     return pids
 
@@ -94,14 +100,16 @@ def test_engine_actor_killed_three_times(tmp_path, tiny_model, ray_session):
 
     def killer() -> None:
         target = 5
-        for _ in range(3):
+        # The engine's process twice; between them once the Ray Data actor that forwards to
+        # it (restarted, it must find the same replica again).
+        for title in (REPLICA, FORWARDER, REPLICA):
             while staged_files() < target and not finished.is_set():
                 time.sleep(0.1)
-            pids = _engine_actor_pids()
+            pids = _engine_actor_pids(title)
             deadline = time.time() + 30
             while not pids and time.time() < deadline and not finished.is_set():
                 time.sleep(0.2)
-                pids = _engine_actor_pids()
+                pids = _engine_actor_pids(title)
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
             kills.append((staged_files(), pids[0] if pids else None))

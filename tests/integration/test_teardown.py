@@ -39,6 +39,7 @@ class ChildEngine(Engine):
         self.probe = probe
         self.child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         (probe / "actor_pid").write_text(str(os.getpid()))
+        (probe / "actor_title").write_bytes(Path("/proc/self/cmdline").read_bytes())
 
     async def generate(self, request):
         return Result(text="ok", finish_reason="stop", prompt_tokens=1, completion_tokens=1)
@@ -58,7 +59,7 @@ def _factory(probe: str, spec):
 def test_engine_closes_with_its_processes_and_the_driver_waits_for_it(
     tmp_path, tiny_model, ray_session
 ):
-    from batchjobs.actor import EngineActor
+    from batchjobs.actor import EngineReplicaActor
     from batchjobs.cluster import wait_pids
     from batchjobs.pipeline import run
     from batchjobs.spec import parse_spec
@@ -75,6 +76,8 @@ def test_engine_closes_with_its_processes_and_the_driver_waits_for_it(
     # ... and run() returned only after the close had finished and the actor had exited.
     assert (probe / "closed").exists()
     pid = int((probe / "actor_pid").read_text())
+    # The engine ran in the actor the pipeline waits for (so the wait below is not vacuous).
+    assert EngineReplicaActor.__name__.encode() in (probe / "actor_title").read_bytes()
     # By the class, as the pipeline waits: a copied name that no longer matched would pass.
-    assert wait_pids([pid], EngineActor.__name__, timeout_s=0) == 0
+    assert wait_pids([pid], EngineReplicaActor.__name__, timeout_s=0) == 0
     assert summary.teardown_s > 0
