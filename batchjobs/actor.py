@@ -81,6 +81,7 @@ class EngineActor:
     ):
         self.local: EngineReplica | None = None
         self.remote = None
+        self.spec_model = spec.get("engine", {}).get("model")
         if replicas:
             import ray
 
@@ -94,7 +95,17 @@ class EngineActor:
             return self.local(batch)
         import ray
 
-        return ray.get(self.remote.process.remote(batch))
+        try:
+            return ray.get(self.remote.process.remote(batch))
+        except ray.exceptions.RayActorError as exc:
+            # Ray restarts a dead replica and runs its batches again (max_task_retries) as
+            # long as resources.max_restarts allows; past that, or with its node gone, it
+            # is dead for good, and so is this job's use of it.
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise EngineError(
+                f"engine replica for model {self.spec_model!r} died and Ray did not restart it "
+                f"(resources.max_restarts used up, or its node is gone): {first}"
+            ) from None
 
     def __del__(self):
         # Ray Data's only end-of-pool hook: its worker drops the UDF in __ray_shutdown__

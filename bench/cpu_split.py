@@ -27,7 +27,8 @@ ROLES = [  # first match wins: (role, substring of the command line or process n
     ("engine core", "EngineCore"),
     ("engine core", "VLLM::"),
     ("engine core", "multiprocessing.forkserver"),
-    ("engine actor", "MapBatches(EngineActor)"),
+    ("engine replica", "EngineReplicaActor"),  # the engine's actor when the driver starts it
+    ("engine actor", "MapBatches(EngineActor)"),  # Ray Data's: the engine, or a forwarder
     ("read/write tasks", "MapBatches(_read_fn)"),
     ("read/write tasks", "MapBatches(write_staged)"),
     ("ray data helpers", "_StatsActor"),

@@ -116,3 +116,31 @@ def test_no_replica_takes_more_than_its_share_of_a_small_job(tmp_path, tiny_mode
     # The first replica starts after 8 s, when every batch has been read and is waiting.
     peaks = _run_job(tmp_path, tiny_model, first_start_s=8.0)  # the default: no gate
     assert peaks and max(peaks.values()) <= 8 * 64, peaks
+
+
+def test_each_forwarding_actor_claims_its_own_replica_and_keeps_it(ray_session):
+    """Ray Data's actors forward to the replicas the driver started: each claims a
+    different one, asking again gets the same one (as after Ray restarted the actor), and
+    one actor more than there are replicas shares one instead of failing; a released run
+    leaves no claim behind."""
+    from batchjobs.actor import _claim, release_claims
+
+    @ray.remote(num_cpus=0)
+    class Claimer:
+        def claim(self, replicas, token):
+            return _claim(replicas, token)
+
+    token = "test-claims"
+    replicas = ["replica-a", "replica-b"]
+    first, second, third = (Claimer.remote() for _ in range(3))
+    try:
+        got = [ray.get(c.claim.remote(replicas, token)) for c in (first, second)]
+        assert sorted(got) == replicas
+        assert ray.get(first.claim.remote(replicas, token)) == got[0]  # kept
+        assert ray.get(third.claim.remote(replicas, token)) in replicas  # shared
+        release_claims(token)
+        # After the release the claims are gone: the second actor may now take the first.
+        assert ray.get(second.claim.remote(replicas, token)) == "replica-a"
+    finally:
+        for c in (first, second, third):
+            ray.kill(c)

@@ -243,3 +243,54 @@ def test_engine_start_failure_fails_fast_with_one_clear_error(tmp_path, tiny_mod
     assert "failed to start" in msg and "CUDA out of memory while loading weights" in msg
     assert str(tiny_model) in msg and "replica" in msg
     assert not list((tmp_path / "out").glob("*/*.parquet"))
+
+
+class _DyingEngine:
+    """Stands in for an engine that dies on its first request (a crashed engine core)."""
+
+    def __init__(self, spec):
+        pass
+
+    async def generate(self, request):
+        from batchjobs.engines.base import EngineDead
+
+        raise EngineDead("engine core exited")
+
+    def max_concurrency(self):
+        return None
+
+    def close(self):
+        pass
+
+
+def _dying_factory(spec):
+    return _DyingEngine(spec)
+
+
+def test_replica_dead_for_good_fails_the_job_with_one_clear_error(
+    tmp_path, tiny_model, ray_session
+):
+    """With no restarts left, a replica whose engine died takes the job down with an
+    EngineError that says so, not with Ray's actor-died traceback."""
+    import ray
+
+    from batchjobs.errors import EngineError
+    from batchjobs.pipeline import run
+    from batchjobs.spec import parse_spec
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "in" / "p.parquet")
+    spec = parse_spec(
+        spec_dict(
+            tiny_model,
+            str(tmp_path / "in"),
+            str(tmp_path / "out"),
+            resources={"max_restarts": 0},
+        )
+    )
+    with pytest.raises(EngineError) as err:
+        run(spec, engine_factory=_dying_factory)
+    msg = str(err.value)
+    assert "died and Ray did not restart it" in msg and str(tiny_model) in msg
+    assert not list((tmp_path / "out").glob("*/*.parquet"))
