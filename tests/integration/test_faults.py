@@ -65,10 +65,13 @@ def _engine_actor_pids(title: str = REPLICA) -> list[int]:
     return pids
 
 
-def test_engine_actor_killed_three_times(tmp_path, tiny_model, ray_session):
+def test_engine_actor_killed_three_times(tmp_path, tiny_model, ray_session, monkeypatch):
     from batchjobs.pipeline import run
     from batchjobs.spec import parse_spec
 
+    # The engine in a replica the driver starts (the default on GPUs; on CPU by request),
+    # fed by Ray Data's actor: both processes are killed below.
+    monkeypatch.setenv("BATCHJOBS_EARLY_REPLICAS", "1")
     # One batch of 2 rows at a time and 64 tokens each: slow enough that three kills land
     # while work remains (a restarted replica finishes queued work in a burst).
     ids = _write_shards(tmp_path / "in", shards=3, rows=100)
@@ -268,7 +271,7 @@ def _dying_factory(spec):
 
 
 def test_replica_dead_for_good_fails_the_job_with_one_clear_error(
-    tmp_path, tiny_model, ray_session
+    tmp_path, tiny_model, ray_session, monkeypatch
 ):
     """With no restarts left, a replica whose engine died takes the job down with an
     EngineError that says so, not with Ray's actor-died traceback."""
@@ -279,6 +282,7 @@ def test_replica_dead_for_good_fails_the_job_with_one_clear_error(
     from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+    monkeypatch.setenv("BATCHJOBS_EARLY_REPLICAS", "1")  # the replica the driver starts
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "in" / "p.parquet")
     spec = parse_spec(

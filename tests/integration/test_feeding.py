@@ -45,9 +45,16 @@ def counting_factory(spec):
     return CountingEngine(spec)
 
 
-def test_engine_sees_every_in_flight_batch(tmp_path, tiny_model, ray_session):
+@pytest.mark.parametrize(
+    "early", ["1", "0"], ids=["replica-started-by-driver", "in-ray-data-actor"]
+)
+def test_engine_sees_every_in_flight_batch(tmp_path, tiny_model, ray_session, monkeypatch, early):
+    """Either way the engine is placed: in a replica the driver starts (the default on
+    GPUs), which Ray Data's actor forwards to, or in Ray Data's actor (the CPU default)."""
     from batchjobs.pipeline import run
     from batchjobs.spec import parse_spec
+
+    monkeypatch.setenv("BATCHJOBS_EARLY_REPLICAS", early)
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     # two big shards: each read task yields one 160-row block

@@ -56,15 +56,20 @@ def _factory(probe: str, spec):
     return ChildEngine(spec, Path(probe))
 
 
+@pytest.mark.parametrize(
+    "early", ["1", "0"], ids=["replica-started-by-driver", "in-ray-data-actor"]
+)
 def test_engine_closes_with_its_processes_and_the_driver_waits_for_it(
-    tmp_path, tiny_model, ray_session
+    tmp_path, tiny_model, ray_session, monkeypatch, early
 ):
-    from batchjobs.actor import EngineReplicaActor
+    from batchjobs.actor import EngineActor, EngineReplicaActor
     from batchjobs.cluster import wait_pids
     from batchjobs.pipeline import run
     from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+    monkeypatch.setenv("BATCHJOBS_EARLY_REPLICAS", early)
+    holder = (EngineReplicaActor if early == "1" else EngineActor).__name__
     prompt_shards(tmp_path / "in", shards=2, rows=20)
     probe = tmp_path / "probe"
     probe.mkdir()
@@ -77,7 +82,7 @@ def test_engine_closes_with_its_processes_and_the_driver_waits_for_it(
     assert (probe / "closed").exists()
     pid = int((probe / "actor_pid").read_text())
     # The engine ran in the actor the pipeline waits for (so the wait below is not vacuous).
-    assert EngineReplicaActor.__name__.encode() in (probe / "actor_title").read_bytes()
+    assert holder.encode() in (probe / "actor_title").read_bytes()
     # By the class, as the pipeline waits: a copied name that no longer matched would pass.
-    assert wait_pids([pid], EngineReplicaActor.__name__, timeout_s=0) == 0
+    assert wait_pids([pid], holder, timeout_s=0) == 0
     assert summary.teardown_s > 0

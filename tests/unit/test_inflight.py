@@ -176,3 +176,24 @@ def test_the_replica_actor_runs_its_batches_on_threads_not_one_at_a_time():
         if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member)
     ]
     assert coroutines == []
+
+
+@pytest.mark.parametrize(
+    "device, setting, resources, early",
+    [
+        ("cuda", None, {"replicas": 2}, True),  # the default on GPUs (run T)
+        ("cpu", None, {"replicas": 2}, False),  # not on CPU (runs U1-U4)
+        ("cpu", "1", {"replicas": 1}, True),
+        ("cuda", "0", {"replicas": 1}, False),
+        ("cuda", "1", {"replicas": 4, "min_replicas": 2}, False),  # autoscaling: Ray Data's
+    ],
+)
+def test_where_the_engine_replicas_start(spec_dict, monkeypatch, device, setting, resources, early):
+    from batchjobs.pipeline import early_replicas
+
+    if setting is None:
+        monkeypatch.delenv("BATCHJOBS_EARLY_REPLICAS", raising=False)
+    else:
+        monkeypatch.setenv("BATCHJOBS_EARLY_REPLICAS", setting)
+    spec_dict["resources"] = resources
+    assert early_replicas(parse_spec(spec_dict), device) is early
