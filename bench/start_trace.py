@@ -10,8 +10,9 @@ fresh drivers, each a new process:
 - ``raydata``: ``pipeline.run`` with ``BATCHJOBS_EARLY_REPLICAS=0``: the engine is in Ray
   Data's map worker, as before the replicas were started by the driver. Marks the driver's
   imports, its join, its Ray Data plan, and the actor's process start and ``__init__``;
-- ``early``: ``pipeline.run`` as a job runs it now: the driver starts the engine replica
-  as an actor of its own right after joining (``pipeline.start_replicas``);
+- ``early``: ``pipeline.run`` with ``BATCHJOBS_EARLY_REPLICAS=1`` (the default on GPUs):
+  the driver starts the engine replica as an actor of its own right after joining
+  (``pipeline.start_replicas``);
 - ``plain``: the driver joins and creates one plain Ray actor with the engine actor's
   kind of environment, whose ``__init__`` imports ``batchjobs.actor``, then imports Ray
   Data itself: the bound for ``early``.
@@ -198,8 +199,8 @@ def main() -> None:
     a = p.parse_args()
     if a.child:
         sys.path.insert(0, str(REPO))
-        if a.child == "raydata":
-            os.environ["BATCHJOBS_EARLY_REPLICAS"] = "0"
+        if a.child != "plain":
+            os.environ["BATCHJOBS_EARLY_REPLICAS"] = "0" if a.child == "raydata" else "1"
         (child_plain if a.child == "plain" else child_pipeline)(a)
         print("TRACE " + json.dumps(MARKS), flush=True)
         return
