@@ -88,9 +88,10 @@ def check_resources(spec: JobSpec, device: str) -> None:
         )
 
 
-def wait_for_exit(class_part: str, timeout_s: float) -> int:
-    """Wait until the processes of this job's actors whose class name contains
-    ``class_part`` have exited; return how many were still running after ``timeout_s``.
+def wait_for_exit(class_parts: tuple[str, ...], timeout_s: float) -> int:
+    """Wait until the processes of this job's actors whose class name contains one of
+    ``class_parts`` have exited; return how many were still running after ``timeout_s``
+    (one wait for all of them: one read of the actor table, one deadline).
 
     Ray Data drops its actor pool when the last block is out; the GCS then marks each actor
     dead at once, but its process goes on closing its engine (measured: 8-10 s for
@@ -112,18 +113,19 @@ def wait_for_exit(class_part: str, timeout_s: float) -> int:
         return 0
     by_node: dict[str, list[int]] = {}
     for a in table.values():
-        if class_part in a.get("ActorClassName", "") and a.get("Pid"):
+        name = a.get("ActorClassName", "")
+        if any(part in name for part in class_parts) and a.get("Pid"):
             by_node.setdefault(a["Address"]["NodeID"], []).append(a["Pid"])
     here = ctx.get_node_id()
     remote_wait = ray.remote(num_cpus=0)(wait_pids)
     waits = [
         remote_wait.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
-        ).remote(pids, class_part, timeout_s)
+        ).remote(pids, class_parts, timeout_s)
         for node, pids in by_node.items()
         if node != here
     ]
-    left = wait_pids(by_node.get(here, []), class_part, timeout_s)
+    left = wait_pids(by_node.get(here, []), class_parts, timeout_s)
     try:
         left += sum(ray.get(waits, timeout=timeout_s + 30))
     except Exception as exc:  # noqa: BLE001 - a node gone, or the wait timed out
@@ -131,18 +133,22 @@ def wait_for_exit(class_part: str, timeout_s: float) -> int:
     return left
 
 
-def wait_pids(pids: list[int], class_part: str, timeout_s: float, poll_s: float = 0.1) -> int:
-    """Wait until none of ``pids`` is a running Ray worker of that class; how many still
-    were at the end."""
+def wait_pids(
+    pids: list[int], class_parts: str | tuple[str, ...], timeout_s: float, poll_s: float = 0.1
+) -> int:
+    """Wait until none of ``pids`` is a running Ray worker of those classes; how many
+    still were at the end."""
+    if isinstance(class_parts, str):
+        class_parts = (class_parts,)
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = [p for p in pids if _is_worker_of(p, class_part)]
+        alive = [p for p in pids if _is_worker_of(p, class_parts)]
         if not alive or time.monotonic() >= deadline:
             return len(alive)
         time.sleep(poll_s)
 
 
-def _is_worker_of(pid: int, class_part: str) -> bool:
+def _is_worker_of(pid: int, class_parts: tuple[str, ...]) -> bool:
     # By its title, which Ray sets to "ray::<actor class>[.<method>]" and keeps while the
     # actor shuts down: a pid reused by another process does not match.
     try:
@@ -150,4 +156,4 @@ def _is_worker_of(pid: int, class_part: str) -> bool:
             title = f.read()
     except OSError:
         return False
-    return title.startswith(b"ray::") and class_part.encode() in title
+    return title.startswith(b"ray::") and any(part.encode() in title for part in class_parts)

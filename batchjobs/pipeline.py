@@ -203,6 +203,15 @@ def engine_env(spec: JobSpec, device: str, engine_factory: Callable | None = Non
     return env
 
 
+def engine_resources(spec: JobSpec, device: str, engine_factory: Callable | None) -> dict:
+    """What an actor holding an engine asks Ray for: its devices, CPUs and environment."""
+    return {
+        "num_gpus": spec.gpus_per_replica() if device == "cuda" else 0,
+        "num_cpus": spec.resources.num_cpus_per_replica,
+        "runtime_env": {"env_vars": engine_env(spec, device, engine_factory)},
+    }
+
+
 @dataclass
 class Replicas:
     """Engine replicas the driver started itself (``start_replicas``)."""
@@ -253,12 +262,10 @@ def start_replicas(spec: JobSpec, device: str, engine_factory: Callable | None =
     if not early_replicas(spec, device):
         return None
     cls = ray.remote(EngineReplicaActor).options(
-        num_cpus=res.num_cpus_per_replica,
-        num_gpus=spec.gpus_per_replica() if device == "cuda" else 0,
         max_restarts=res.max_restarts,
         max_task_retries=-1,  # batches held by a replica that died run again on its restart
         max_concurrency=inflight_batches(spec, device) + 4,  # + started, close
-        runtime_env={"env_vars": engine_env(spec, device, engine_factory)},
+        **engine_resources(spec, device, engine_factory),
     )
     raw = spec.model_dump()
     actors = [cls.remote(raw, engine_factory) for _ in range(res.replicas)]
@@ -350,11 +357,7 @@ def _engine_stage(ds, plan: Plan, device: str, raw: dict, engine_factory, replic
         held = {"num_gpus": 0, "num_cpus": 0}
         kwargs = {"replicas": replicas.actors, "claim": replicas.claim}
     else:
-        held = {
-            "num_gpus": spec.gpus_per_replica() if device == "cuda" else 0,
-            "num_cpus": res.num_cpus_per_replica,
-            "runtime_env": {"env_vars": engine_env(spec, device, engine_factory)},
-        }
+        held = engine_resources(spec, device, engine_factory)
         kwargs = {"engine_factory": engine_factory}
     return ds.map_batches(
         EngineActor,
@@ -481,10 +484,7 @@ def _stop_engines(replicas: Replicas | None) -> float:
     t0 = time.time()
     stop_replicas(replicas)
     # By the class, not a copy of its name: a renamed class would make this wait for nothing.
-    left = sum(
-        wait_for_exit(cls.__name__, ENGINE_STOP_TIMEOUT_S)
-        for cls in (EngineReplicaActor, EngineActor)
-    )
+    left = wait_for_exit((EngineReplicaActor.__name__, EngineActor.__name__), ENGINE_STOP_TIMEOUT_S)
     if left:
         log.warning(
             "%d engine replica(s) still shutting down after %.0fs; leaving them to Ray",
