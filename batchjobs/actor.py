@@ -40,6 +40,7 @@ import pyarrow as pa
 from batchjobs.engines.base import Engine, EngineDead, Request, Result
 from batchjobs.errors import BatchJobError, EngineError
 from batchjobs.readers import INPUT_ERROR, PARAMS, PROMPT, ROW_ID, ROW_INDEX, SHARD_ID, SHARD_ROWS
+from batchjobs.replicas import claim as claim_replica
 from batchjobs.spec import JobSpec
 
 log = logging.getLogger("batchjobs.actor")
@@ -67,7 +68,7 @@ class EngineActor:
 
     It serves the batches from an ``EngineReplica`` of its own, or, when the driver started
     the replicas itself before Ray Data's plan (``replicas``: a fixed pool, see
-    ``pipeline.start_replicas``), forwards them to one of those, claimed for this actor
+    ``replicas.start_replicas``), forwards them to one of those, claimed for this actor
     alone. Either way its ``__init__`` returns only once its engine is ready, so Ray Data's
     start gate and its share of batches per replica work as with an engine of its own.
     """
@@ -85,7 +86,7 @@ class EngineActor:
         if replicas:
             import ray
 
-            self.remote = _claim(replicas, claim or "")
+            self.remote = claim_replica(replicas, claim or "")
             ray.get(self.remote.started.remote())  # raises the replica's start error
         else:
             self.local = EngineReplica(spec, engine_factory)
@@ -114,38 +115,6 @@ class EngineActor:
         # A forwarded replica is the driver's to close.
         if self.local is not None:
             self.local.close()
-
-
-def _claim(replicas: list, token: str):
-    """The replica this forwarding actor serves from: the one it claimed before (Ray
-    restarted it), else the first one nobody claimed (an atomic put in the GCS's key-value
-    store). Past that (more actors than replicas) replicas are shared."""
-    import ray
-
-    me = ray.get_runtime_context().get_actor_id() or uuid.uuid4().hex
-    try:
-        from ray.experimental import internal_kv as kv
-
-        keys = [f"batchjobs/claim/{token}/{i}" for i in range(len(replicas))]
-        for i, key in enumerate(keys):
-            if kv._internal_kv_get(key) == me.encode():
-                return replicas[i]
-        for i, key in enumerate(keys):
-            if not kv._internal_kv_put(key, me, overwrite=False):  # returns "already there"
-                return replicas[i]
-    except Exception as exc:  # noqa: BLE001 - a Ray without this store: share by id
-        log.warning("cannot claim an engine replica (%s); sharing one", exc)
-    return replicas[hash(me) % len(replicas)]
-
-
-def release_claims(token: str) -> None:
-    """Forget the claims of a finished run (the driver calls it)."""
-    try:
-        from ray.experimental import internal_kv as kv
-
-        kv._internal_kv_del(f"batchjobs/claim/{token}/", del_by_prefix=True)
-    except Exception as exc:  # noqa: BLE001 - a leftover key is harmless
-        log.debug("cannot release replica claims: %s", exc)
 
 
 class EngineReplica:
@@ -251,7 +220,7 @@ class EngineReplica:
 
 class EngineReplicaActor(EngineReplica):
     """An ``EngineReplica`` as a Ray actor of its own, started by the driver as soon as it
-    has joined the cluster (``pipeline.start_replicas``), seconds before Ray Data would
+    has joined the cluster (``replicas.start_replicas``), seconds before Ray Data would
     start its actor; Ray Data's ``EngineActor`` forwards its batches here.
 
     A failed start is kept and raised by ``started`` and ``process`` (so the forwarding actor
@@ -278,7 +247,7 @@ class EngineReplicaActor(EngineReplica):
         return self(batch)
 
     def __del__(self):
-        self.close()  # the driver closes it first (pipeline.stop_replicas); a no-op then
+        self.close()  # the driver closes it first (replicas.stop_replicas); a no-op then
 
 
 async def _serve(replica: EngineReplica, ids, prompts, input_errors, params):

@@ -12,7 +12,7 @@ fresh drivers, each a new process:
   imports, its join, its Ray Data plan, and the actor's process start and ``__init__``;
 - ``early``: ``pipeline.run`` with ``BATCHJOBS_EARLY_REPLICAS=1`` (the default on GPUs):
   the driver starts the engine replica as an actor of its own right after joining
-  (``pipeline.start_replicas``);
+  (``replicas.start_replicas``);
 - ``plain``: the driver joins and creates one plain Ray actor with the engine actor's
   kind of environment, whose ``__init__`` imports ``batchjobs.actor``, then imports Ray
   Data itself: the bound for ``early``.

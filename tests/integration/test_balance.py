@@ -123,12 +123,13 @@ def test_each_forwarding_actor_claims_its_own_replica_and_keeps_it(ray_session):
     different one, asking again gets the same one (as after Ray restarted the actor), and
     one actor more than there are replicas shares one instead of failing; a released run
     leaves no claim behind."""
-    from batchjobs.actor import _claim, release_claims
+    from batchjobs.replicas import claim as claim_replica
+    from batchjobs.replicas import release_claims
 
     @ray.remote(num_cpus=0)
     class Claimer:
         def claim(self, replicas, token):
-            return _claim(replicas, token)
+            return claim_replica(replicas, token)
 
     token = "test-claims"
     replicas = ["replica-a", "replica-b"]

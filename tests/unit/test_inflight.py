@@ -189,7 +189,7 @@ def test_the_replica_actor_runs_its_batches_on_threads_not_one_at_a_time():
     ],
 )
 def test_where_the_engine_replicas_start(spec_dict, monkeypatch, device, setting, resources, early):
-    from batchjobs.pipeline import early_replicas
+    from batchjobs.replicas import early_replicas
 
     if setting is None:
         monkeypatch.delenv("BATCHJOBS_EARLY_REPLICAS", raising=False)

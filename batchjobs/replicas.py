@@ -1,0 +1,169 @@
+"""Where the engines run, and the engine replicas the driver starts itself.
+
+An engine runs in an actor that holds its devices (``engine_resources``). For a fixed pool
+on GPUs (``early_replicas``) the driver starts those actors as soon as it has joined the
+cluster (``start_replicas``), before Ray Data is imported and plans the dataset; Ray Data's
+actors then each claim one replica (``claim``) and forward their batches to it
+(``actor.EngineActor``). Otherwise the engine lives in Ray Data's actor itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from batchjobs.engines import warmstart
+from batchjobs.feeding import inflight_batches, pool_min
+from batchjobs.spec import JobSpec
+
+log = logging.getLogger("batchjobs")
+ENGINE_STOP_TIMEOUT_S = 60.0
+EARLY_VAR = "BATCHJOBS_EARLY_REPLICAS"  # "1" / "0": replicas started early or not (start_replicas)
+
+
+def engine_env(spec: JobSpec, device: str, engine_factory: Callable | None = None) -> dict:
+    """The environment variables of the processes that hold an engine."""
+    import ray
+
+    # Ray starts engine actors, like all its workers, at nice 15 (`worker_niceness`), below
+    # the raylet and this driver. `engine.env: {RAY_worker_niceness: "0"}` lifts them to the
+    # normal priority; on 2 cores that measured from 0.04 worse to 0.07 better than 15 (raw
+    # LLM.generate = 1, start-up excluded; docs/PERFORMANCE.md, runs I2-I4 and J1-J2), so
+    # Ray's default stands.
+    env = {
+        "VLLM_LOGGING_LEVEL": "ERROR",
+        # Ray kills an exiting actor's child processes before the shutdown hook that closes
+        # the engine runs: vLLM then reports its engine core "exited unexpectedly" (its fork
+        # server, or the core itself, is such a child) and the multiprocessing resource
+        # tracker dies under the engine's workers. The engine's close stops them instead;
+        # if the actor dies without closing, a warm-started engine core follows it
+        # (warmstart.follow). tests/integration/test_teardown.py.
+        "RAY_kill_child_processes_on_worker_exit": "false",
+        **spec.engine.env,
+    }
+    if device == "cpu":
+        # Ray sets OMP_NUM_THREADS=num_cpus for an actor; the CPU engine wants every core.
+        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    if spec.engine.kind == "vllm" and engine_factory is None:
+        # Start the warm fork server as soon as Ray starts an engine actor's process, not
+        # seconds later in its __init__ (engines/warmstart.py).
+        job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars") or {}
+        env.update(warmstart.setup_hook_env(spec.engine.env, job_env))
+    return env
+
+
+def engine_resources(spec: JobSpec, device: str, engine_factory: Callable | None) -> dict:
+    """What an actor holding an engine asks Ray for: its devices, CPUs and environment."""
+    return {
+        "num_gpus": spec.gpus_per_replica() if device == "cuda" else 0,
+        "num_cpus": spec.resources.num_cpus_per_replica,
+        "runtime_env": {"env_vars": engine_env(spec, device, engine_factory)},
+    }
+
+
+@dataclass
+class Replicas:
+    """Engine replicas the driver started itself (``start_replicas``)."""
+
+    actors: list
+    claim: str  # the key under which Ray Data's actors claim one each
+
+
+def early_replicas(spec: JobSpec, device: str) -> bool:
+    """Whether the driver starts the engine replicas itself (``start_replicas``): for a
+    fixed pool on GPUs, unless ``BATCHJOBS_EARLY_REPLICAS`` says otherwise ("1": also on
+    CPU, "0": never).
+
+    On an H200 host it started the engine 2.5 s sooner and start-up was 4.4 s shorter on
+    the mean of four pairs, with generation unchanged (docs/PERFORMANCE.md, run T). On a
+    2-core CPU machine it saved no start-up and generation ran at 0.833 of raw against
+    0.881 with the engine in Ray Data's actor (runs U1-U4): there the driver's own start
+    and the forwarding hop share the engine's two cores. An autoscaling pool (``min_replicas``
+    below ``replicas``) always keeps its engines in Ray Data's actors, whose number Ray
+    Data decides.
+    """
+    if pool_min(spec) != spec.resources.replicas:
+        return False
+    setting = os.environ.get(EARLY_VAR, "")
+    if setting in ("0", "1"):
+        return setting == "1"
+    return device == "cuda"
+
+
+def start_replicas(spec: JobSpec, device: str, engine_factory: Callable | None = None):
+    """Start the engine replicas now, as Ray actors of their own, or ``None`` (see
+    ``early_replicas``).
+
+    Ray Data would start its engine actors only after importing itself and planning, and
+    its actor's process imports Ray Data and pandas before the actor's ``__init__`` starts
+    the engine: on an H200 host 6.7 s after the driver's start, against 4.2 s here
+    (``bench/start_trace.py``). Started right after the driver joins the cluster, the
+    replicas import and start their engines meanwhile; Ray Data's actors then forward
+    their batches to them (``actor.EngineActor``).
+    """
+    import ray
+
+    from batchjobs.actor import EngineReplicaActor
+
+    res = spec.resources
+    if not early_replicas(spec, device):
+        return None
+    cls = ray.remote(EngineReplicaActor).options(
+        max_restarts=res.max_restarts,
+        max_task_retries=-1,  # batches held by a replica that died run again on its restart
+        max_concurrency=inflight_batches(spec, device) + 4,  # + started, close
+        **engine_resources(spec, device, engine_factory),
+    )
+    raw = spec.model_dump()
+    actors = [cls.remote(raw, engine_factory) for _ in range(res.replicas)]
+    return Replicas(actors, uuid.uuid4().hex)
+
+
+def stop_replicas(replicas: Replicas | None, timeout_s: float = ENGINE_STOP_TIMEOUT_S) -> None:
+    """Close the replicas' engines (their processes stop cleanly), then end the actors."""
+    if replicas is None:
+        return
+    import ray
+
+    closing = [a.close.remote() for a in replicas.actors]
+    try:
+        ray.wait(closing, num_returns=len(closing), timeout=timeout_s)
+    finally:
+        for a in replicas.actors:
+            ray.kill(a, no_restart=True)
+        release_claims(replicas.claim)
+
+
+def claim(replicas: list, token: str):
+    """The replica this forwarding actor serves from: the one it claimed before (Ray
+    restarted it), else the first one nobody claimed (an atomic put in the GCS's key-value
+    store). Past that (more actors than replicas) replicas are shared."""
+    import ray
+
+    me = ray.get_runtime_context().get_actor_id() or uuid.uuid4().hex
+    try:
+        from ray.experimental import internal_kv as kv
+
+        keys = [f"batchjobs/claim/{token}/{i}" for i in range(len(replicas))]
+        for i, key in enumerate(keys):
+            if kv._internal_kv_get(key) == me.encode():
+                return replicas[i]
+        for i, key in enumerate(keys):
+            if not kv._internal_kv_put(key, me, overwrite=False):  # returns "already there"
+                return replicas[i]
+    except Exception as exc:  # noqa: BLE001 - a Ray without this store: share by id
+        log.warning("cannot claim an engine replica (%s); sharing one", exc)
+    return replicas[hash(me) % len(replicas)]
+
+
+def release_claims(token: str) -> None:
+    """Forget the claims of a finished run (the driver calls it)."""
+    try:
+        from ray.experimental import internal_kv as kv
+
+        kv._internal_kv_del(f"batchjobs/claim/{token}/", del_by_prefix=True)
+    except Exception as exc:  # noqa: BLE001 - a leftover key is harmless
+        log.debug("cannot release replica claims: %s", exc)
