@@ -29,6 +29,10 @@
 #                             of 64); WINDOW_MODES picks modes (one call may not hold all three)
 #   STEPS="tp4_70b"           (4 GPUs) one replica, TP=4, Llama-3-70B shape; NCCL topology log
 #   STEPS="pytest"            tests/gpu through pytest
+# Modes: `batchjobs` starts a local Ray inside the clock (`batchjobs run` with no cluster);
+# `batchjobs_head` joins a head started before the clock (the `ray job submit` case), the mode
+# of the goal's series in docs/PERFORMANCE.md (runs N-T). Steps default to `batchjobs`: for the
+# goal's numbers ask for `batchjobs_head` (HEAD_MODES, FIXED_MODES, P200_MODES, STARTUP_MODES).
 set -o pipefail
 cd "$(dirname "$0")/../.."
 . bench/gpu/setup.sh
