@@ -242,6 +242,8 @@ def _print_summary(s) -> None:
 def _replica_line(replicas: dict) -> str:
     """Start-up and how full the engines were kept: the first things to look at when a job
     runs slower than expected."""
+    from batchjobs.tracker import busy_share
+
     if not replicas:
         return ""
     reps = list(replicas.values())
@@ -252,8 +254,12 @@ def _replica_line(replicas: dict) -> str:
     prompt = sum(r.get("prompt_tokens", 0) for r in reps)
     cached = sum(r.get("cached_tokens", 0) for r in reps)
     hits = f"; prefix cache served {cached / prompt:.0%} of prompt tokens" if prompt else ""
+    share = busy_share(
+        sum(r.get("busy_s", 0.0) for r in reps), sum(r.get("idle_s", 0.0) for r in reps)
+    )
+    busy = f"engines had work {share:.0%} of the time after start-up; " if share is not None else ""
     return (
-        f"replicas: {len(reps)}, ready after {start:.1f}s; "
+        f"replicas: {len(reps)}, ready after {start:.1f}s; {busy}"
         f"{mean:.0f} requests in each engine on average ({cap}){hits}\n"
     )
 

@@ -94,6 +94,9 @@ class Tracker:
             "busy_s": raw["busy_s"],
             # Mean requests in the engine while it had any, and the cap it ran under (0: none).
             "mean_inflight": raw["inflight_s"] / raw["busy_s"] if raw["busy_s"] else 0.0,
+            # Share of the replica's time after start-up (to its last completion) that its
+            # engine had work: below 1, feeding left it waiting (or the job ran dry).
+            "busy_share": busy_share(raw["busy_s"], raw["idle_s"]),
             "inflight_limit": int(raw["limit"]),
             # Share of prompt tokens the engine's prefix cache served (order: prefix aims to
             # raise it).
@@ -156,6 +159,12 @@ class Tracker:
         if line.split(" output tok/s")[0] != self.last_line.split(" output tok/s")[0] or not force:
             self.progress(line)
         self.last_print, self.last_line = now, line
+
+
+def busy_share(busy_s: float, idle_s: float) -> float | None:
+    """Busy time over busy plus idle time; None before the replica has done anything."""
+    held = busy_s + idle_s
+    return busy_s / held if held > 0 else None
 
 
 def engine_label(kind: str) -> str:

@@ -56,6 +56,7 @@ def test_cli_jsonl_to_parquet_with_bad_rows_resume_and_refusal(tmp_path, tiny_mo
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: it: 17 rows (4 errors)" in proc.stdout
     assert "requests in each engine on average (cap " in proc.stdout
+    assert "engines had work " in proc.stdout
 
     t = _read_output(out)
     assert t.num_rows == 17

@@ -160,3 +160,32 @@ def test_no_args_shows_help():
     result = runner.invoke(app, [])
     assert "validate" in cli_text(result)
     assert "manifest" in cli_text(result)
+
+
+def test_replica_line_says_how_much_of_the_time_the_engines_had_work():
+    """The run summary's replica line: start-up, the engines' share of time with work after
+    start-up (over all replicas), and the mean in-flight requests."""
+    reps = {
+        "a": {
+            "startup_s": 30.0,
+            "busy_s": 90.0,
+            "idle_s": 10.0,
+            "mean_inflight": 100.0,
+            "inflight_limit": 512,
+        },
+        "b": {
+            "startup_s": 40.0,
+            "busy_s": 60.0,
+            "idle_s": 40.0,
+            "mean_inflight": 50.0,
+            "inflight_limit": 512,
+        },
+    }
+    line = cli._replica_line(reps)
+    assert line.startswith(
+        "replicas: 2, ready after 40.0s; engines had work 75% of the time after start-up; "
+    )
+    assert "75 requests in each engine on average (cap 512)" in line
+    # A replica that never got a row has no share to show, rather than a made-up 0 % or 100 %.
+    idle = {"a": {"startup_s": 5.0, "busy_s": 0.0, "idle_s": 0.0, "inflight_limit": 0}}
+    assert "had work" not in cli._replica_line(idle)
