@@ -464,11 +464,13 @@ def ex_start_ratio(raw_wall: float, raw_start: float, wall: float, start: float)
 
 
 def print_table(results) -> None:
+    from batchjobs.tracker import busy_share
+
     base = {}
     for r in results:
         if r["mode"] == "raw" and r.get("wall_s"):
             base[(r["workload"], r["n"])] = r
-    hdr = f"{'mode':16} {'workload':9} {'rows':>6} {'wall s':>8} {'start s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'vs raw':>7} {'vs raw ex-start':>15} {'gpu busy':>8} {'gen util':>8} {'gpu GiB':>8} {'drv MiB':>8} {'cache hit':>9}"
+    hdr = f"{'mode':16} {'workload':9} {'rows':>6} {'wall s':>8} {'start s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'vs raw':>7} {'vs raw ex-start':>15} {'gpu busy':>8} {'gen util':>8} {'eng busy':>8} {'gpu GiB':>8} {'drv MiB':>8} {'cache hit':>9}"
     print(hdr)
     for r in results:
         if not r.get("wall_s"):
@@ -487,17 +489,24 @@ def print_table(results) -> None:
             if r.get("prompt_tokens") and "cached_tokens" in r
             else None
         )
+        # batchjobs' engines: share of their time after start-up with work (the run
+        # summary's busy_share over all replicas); on CPU, where there is no GPU to sample
+        reps = (r.get("replicas") or {}).values()
+        eng = busy_share(
+            sum(x.get("busy_s", 0.0) for x in reps), sum(x.get("idle_s", 0.0) for x in reps)
+        )
         r.update(
             out_tok_s=out_tps,
             tot_tok_s=tot_tps,
             ratio_vs_raw=ratio,
             ratio_vs_raw_ex_startup=ex,
             prefix_cache_hit=hit,
+            engine_busy_share=eng,
         )
         f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
         print(
             f"{label(r):16} {r['workload']:9} {r['rows']:>6} {r['wall_s']:>8.1f} {f(r.get('startup_s'), '8.1f')} "
-            f"{out_tps:>10.0f} {tot_tps:>10.0f} {f(ratio, '7.3f')} {f(ex, '15.3f')} {f(r.get('gpu_busy_frac'), '8.2f')} {f(r.get('gen_gpu_util_mean'), '8.2f')} "
+            f"{out_tps:>10.0f} {tot_tps:>10.0f} {f(ratio, '7.3f')} {f(ex, '15.3f')} {f(r.get('gpu_busy_frac'), '8.2f')} {f(r.get('gen_gpu_util_mean'), '8.2f')} {f(eng, '8.3f')} "
             f"{f(r.get('peak_gpu_mem_gib'), '8.1f')} {f(r.get('driver_peak_rss_mib'), '8.0f')} "
             f"{f(hit, '9.1%')}"
         )

@@ -75,3 +75,26 @@ def test_files_without_a_pair_are_left_out_and_none_at_all_is_an_error(bench, tm
     assert "lone.json: no raw run and batchjobs run to compare" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no batchjobs run with a raw run beside it"):
         bench.summarize([lone], "batchjobs")
+
+
+def test_table_shows_the_engines_busy_share(bench, capsys):
+    """The run table's `eng busy`: batchjobs' replicas' time with work after start-up over
+    all replicas (from the run summary), where a CPU run has no GPU to sample; raw has none."""
+
+    def counted(mode, replicas=None):
+        r = run(mode, 100.0, 40.0) | {"rows": 10, "completion_tokens": 100, "prompt_tokens": 50}
+        return r | ({"replicas": replicas} if replicas else {})
+
+    results = [
+        counted("raw"),
+        counted(
+            "batchjobs",
+            {"a": {"busy_s": 50.0, "idle_s": 0.0}, "b": {"busy_s": 30.0, "idle_s": 20.0}},
+        ),
+    ]
+    bench.print_table(results)
+    lines = capsys.readouterr().out.splitlines()
+    assert "eng busy" in lines[0]
+    assert results[1]["engine_busy_share"] == pytest.approx(0.8)
+    assert "0.800" in lines[2]
+    assert results[0]["engine_busy_share"] is None
