@@ -254,9 +254,7 @@ def _replica_line(replicas: dict) -> str:
     prompt = sum(r.get("prompt_tokens", 0) for r in reps)
     cached = sum(r.get("cached_tokens", 0) for r in reps)
     hits = f"; prefix cache served {cached / prompt:.0%} of prompt tokens" if prompt else ""
-    share = busy_share(
-        sum(r.get("busy_s", 0.0) for r in reps), sum(r.get("idle_s", 0.0) for r in reps)
-    )
+    share = busy_share(reps)
     busy = f"engines had work {share:.0%} of the time after start-up; " if share is not None else ""
     return (
         f"replicas: {len(reps)}, ready after {start:.1f}s; {busy}"

@@ -134,12 +134,10 @@ def wait_for_exit(class_parts: tuple[str, ...], timeout_s: float) -> int:
 
 
 def wait_pids(
-    pids: list[int], class_parts: str | tuple[str, ...], timeout_s: float, poll_s: float = 0.1
+    pids: list[int], class_parts: tuple[str, ...], timeout_s: float, poll_s: float = 0.1
 ) -> int:
     """Wait until none of ``pids`` is a running Ray worker of those classes; how many
     still were at the end."""
-    if isinstance(class_parts, str):
-        class_parts = (class_parts,)
     deadline = time.monotonic() + timeout_s
     while True:
         alive = [p for p in pids if _is_worker_of(p, class_parts)]

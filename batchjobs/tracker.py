@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -96,7 +96,7 @@ class Tracker:
             "mean_inflight": raw["inflight_s"] / raw["busy_s"] if raw["busy_s"] else 0.0,
             # Share of the replica's time after start-up (to its last completion) that its
             # engine had work: below 1, feeding left it waiting (or the job ran dry).
-            "busy_share": busy_share(raw["busy_s"], raw["idle_s"]),
+            "busy_share": busy_share([raw]),
             "inflight_limit": int(raw["limit"]),
             # Share of prompt tokens the engine's prefix cache served (order: prefix aims to
             # raise it).
@@ -161,10 +161,14 @@ class Tracker:
         self.last_print, self.last_line = now, line
 
 
-def busy_share(busy_s: float, idle_s: float) -> float | None:
-    """Busy time over busy plus idle time; None before the replica has done anything."""
-    held = busy_s + idle_s
-    return busy_s / held if held > 0 else None
+def busy_share(replicas: Iterable[dict[str, float]]) -> float | None:
+    """The replicas' time with work over their time after start-up (``busy_s`` over
+    ``busy_s`` + ``idle_s``, summed); None before any of them has done anything."""
+    busy = idle = 0.0
+    for r in replicas:
+        busy += r.get("busy_s", 0.0)
+        idle += r.get("idle_s", 0.0)
+    return busy / (busy + idle) if busy + idle > 0 else None
 
 
 def engine_label(kind: str) -> str:

@@ -491,10 +491,7 @@ def print_table(results) -> None:
         )
         # batchjobs' engines: share of their time after start-up with work (the run
         # summary's busy_share over all replicas); on CPU, where there is no GPU to sample
-        reps = (r.get("replicas") or {}).values()
-        eng = busy_share(
-            sum(x.get("busy_s", 0.0) for x in reps), sum(x.get("idle_s", 0.0) for x in reps)
-        )
+        eng = busy_share((r.get("replicas") or {}).values())
         r.update(
             out_tok_s=out_tps,
             tot_tok_s=tot_tps,

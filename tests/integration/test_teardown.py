@@ -84,5 +84,5 @@ def test_engine_closes_with_its_processes_and_the_driver_waits_for_it(
     # The engine ran in the actor the pipeline waits for (so the wait below is not vacuous).
     assert holder.encode() in (probe / "actor_title").read_bytes()
     # By the class, as the pipeline waits: a copied name that no longer matched would pass.
-    assert wait_pids([pid], holder, timeout_s=0) == 0
+    assert wait_pids([pid], (holder,), timeout_s=0) == 0
     assert summary.teardown_s > 0
