@@ -93,9 +93,8 @@ def start_gate_s(spec: JobSpec) -> float:
     ``inflight_batches`` batches before the others started (measured: 4 replicas, 2 served
     rows); ``tasks_per_replica`` now caps a small job's replicas at their share instead.
     Ray Data waits for the gate synchronously and holds back the read tasks too, so reads
-    start only when the engines are ready: each replica then idled 3.6-5.5 s for its first
-    rows (bench/start_gate.py on CPU: generation 1.28x longer than without the gate; 3.6
-    and 4.3 s on 2 H200s, run J). With one replica there is nothing to spread, so no gate.
+    start only when the engines are ready, and each replica then idles for its first rows.
+    With one replica there is nothing to spread, so no gate.
     """
     res = spec.resources
     if pool_min(spec) <= 1 or not res.start_timeout_s:

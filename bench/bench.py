@@ -226,7 +226,7 @@ def mode_raydata(a) -> dict:
     )
     ds = processor(ray.data.read_parquet(a.data))
     out = Path(a.workdir) / "raydata-out"
-    # A second raydata run in the same workdir (run Q2) would otherwise count both runs' rows.
+    # A second raydata run in the same workdir would otherwise count both runs' rows.
     shutil.rmtree(out, ignore_errors=True)
     ds.write_parquet(str(out))
     end = time.time()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One GPU call: setup, then the steps named in $STEPS (default: all), results into $OUT.
+# One GPU call: setup, then the steps named in $STEPS (default: longtail_raw_bj raydata cli
+# fixed), results into $OUT.
 #   STEPS="warm"              raw LLM.generate on 16 prompts: fills vLLM's torch.compile cache, so the
-#                             first timed engine on a fresh machine does not compile (run F: +45 s)
+#                             first timed engine on a fresh machine does not pay for compiling
 #   STEPS="longtail_raw_bj"   raw LLM.generate vs batchjobs, long-tailed outputs, 2000 prompts
 #                             (vLLM INFO logs of the engine actor kept in longtail.log)
 #   STEPS="longtail_head"     the same with batchjobs_head: raw vs batchjobs vs batchjobs joining a
@@ -31,8 +32,10 @@
 #   STEPS="pytest"            tests/gpu through pytest
 # Modes: `batchjobs` starts a local Ray inside the clock (`batchjobs run` with no cluster);
 # `batchjobs_head` joins a head started before the clock (the `ray job submit` case), the mode
-# of the goal's series in docs/PERFORMANCE.md (runs N-T). Steps default to `batchjobs`: for the
-# goal's numbers ask for `batchjobs_head` (HEAD_MODES, FIXED_MODES, P200_MODES, STARTUP_MODES).
+# of the results table in docs/PERFORMANCE.md. Steps default to `batchjobs`: for the table's
+# numbers ask for `batchjobs_head` (HEAD_MODES, FIXED_MODES, P200_MODES, STARTUP_MODES).
+# Measure a ratio in both orders (raw first, then batchjobs first): the first engine of a call
+# tends to start slowest.
 set -o pipefail
 cd "$(dirname "$0")/../.."
 . bench/gpu/setup.sh
@@ -43,8 +46,8 @@ P200=(--model /tmp/llama7b --load-format dummy --max-model-len 4096 --prompt-wor
   --prefixes 200 --shards 8 --workdir $W --workload prefix --max-tokens 64 --out $OUT/prefix200.json --append
   --resources '{"replicas":1,"batch_size":64,"num_cpus_per_replica":1}')
 # The engine actor's vLLM logs at INFO in longtail_raw_bj and (by default) longtail_head, so each
-# run shows where its engine start went (run Q: 40 s in one call, 32 s in another); no per-step
-# logging (log stats are off).
+# run's log shows where its engine start went (it varies by several seconds between runs); no
+# per-step logging (log stats are off).
 INFO_ENGINE='{"env":{"VLLM_LOGGING_LEVEL":"INFO"}}'
 HEAD_ENGINE=${HEAD_ENGINE:-$INFO_ENGINE}
 for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
@@ -92,7 +95,8 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
     prefix200) python3 bench/bench.py run "${P200[@]}" --modes "${P200_MODES:-raw,batchjobs}" 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -4 ;;
     prefix200_shard) # the same, each shard sorted alone (the behaviour before read groups)
         python3 bench/bench.py run "${P200[@]}" --modes batchjobs --spec-input '{"prefix_group_mb":0}' 2>&1 | tee -a $OUT/prefix200.log | grep -v "^(\|^\[" | tail -5 ;;
-    window) # Llama-3-8B shape (GQA: the KV cache holds ~1024 sequences, so the engine is slot-bound)
+    window) # Llama-3-8B shape (GQA: the KV cache holds ~1024 sequences, so the engine is slot-bound);
+            # window2048 stands for a per-batch cap: 32 batches of 64 rows, no per-request cap
         [ -f /tmp/llama8b/config.json ] || python3 -m batchjobs.cli make-model /tmp/llama8b --shape llama3-8b
         python3 bench/bench.py run --model /tmp/llama8b --load-format dummy --max-model-len 4096 --prompt-words 100 \
            --n 8000 --shards 16 --workdir /tmp/bench8b --workload longtail \
