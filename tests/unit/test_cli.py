@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 
 from batchjobs import cli
 from batchjobs.cli import app
+from batchjobs.layout import MANIFEST
 from batchjobs.manifest import COMMITTED, Manifest, ShardRecord
 from batchjobs.readers import list_shards, read_shard
-from batchjobs.sink import MANIFEST, OutputRoot
+from batchjobs.sink import OutputRoot
 
 runner = CliRunner()
 
@@ -189,3 +190,47 @@ def test_replica_line_says_how_much_of_the_time_the_engines_had_work():
     # A replica that never got a row has no share to show, rather than a made-up 0 % or 100 %.
     idle = {"a": {"startup_s": 5.0, "busy_s": 0.0, "idle_s": 0.0, "inflight_limit": 0}}
     assert "had work" not in cli._replica_line(idle)
+
+
+def _help(*args: str) -> str:
+    result = runner.invoke(app, [*args, "--help"], prog_name="batchjobs")
+    assert result.exit_code == 0, cli_text(result)
+    return cli_text(result)
+
+
+def _option_rows(text: str) -> dict[str, list[str]]:
+    """Each option row of a help screen (box drawing removed): first word -> the words after it."""
+    rows = {}
+    for line in text.splitlines():
+        words = line.replace("│", " ").replace("|", " ").split()
+        if words and words[0].startswith("--"):
+            rows[words[0]] = words[1:]
+    return rows
+
+
+@pytest.mark.parametrize("command", [[], ["validate"], ["run"], ["manifest"], ["make-model"]])
+def test_help_shows_flags_without_a_value_placeholder(command):
+    """A flag's row goes straight to its help text: no `<bool>` or `--no-fresh`, which read as
+    if the flag took a value (typer 0.27+ prints them; pyproject.toml keeps it below)."""
+    text = _help(*command)
+    rows = _option_rows(text)
+    assert rows["--help"][:2] == ["Show", "this"], text
+    assert "<bool>" not in text
+    assert "--no-" not in text
+
+
+def test_run_help_reads_as_usage_with_value_types_only_where_values_go():
+    text = _help("run")
+    assert "Usage: batchjobs run [OPTIONS] SPEC" in text
+    assert "{spec}" not in text
+    rows = _option_rows(text)
+    assert rows["--fresh"][0] == "Delete", text
+    assert rows["--quiet"][:2] == ["-q", "No"], text
+    assert rows["--set"][:2] == ["-s", "TEXT"], text  # options that take a value name its type
+    assert rows["--summary-json"][0] == "PATH", text
+
+
+def test_validate_help_names_the_spec_argument():
+    text = _help("validate")
+    assert "Usage: batchjobs validate [OPTIONS] SPEC" in text
+    assert "The job spec, a YAML file." in text
