@@ -12,7 +12,8 @@ from typing import Any
 
 from batchjobs.cost import per_million, usd
 from batchjobs.errors import OutputError
-from batchjobs.sink import MANIFEST, OutputRoot
+from batchjobs.layout import MANIFEST
+from batchjobs.sink import OutputRoot
 
 COMMITTED = "committed"
 SUPERSEDED = "superseded"  # its input file changed or vanished; output removed

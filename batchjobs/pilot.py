@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchjobs.errors import BatchJobError, EngineError, OutputError
+from batchjobs.layout import PILOT_DIR, PILOT_JSON, stamped
 from batchjobs.manifest import Manifest
 from batchjobs.projection import (
     FAILED,
@@ -58,8 +59,6 @@ from batchjobs.readers import (
 from batchjobs.sink import OutputRoot
 from batchjobs.spec import CandidateSpec, JobSpec
 
-PILOT_JSON = "_pilot.json"
-PILOT_DIR = "_pilot"
 ENGINE_MODULES = {"vllm": "vllm", "trtllm": "tensorrt_llm"}
 
 Progress = Callable[[str], None] | None
@@ -175,7 +174,8 @@ def prepare(spec: JobSpec, fresh: bool = False, progress: Progress = None) -> Pr
         say(f"pilot: skipped (the input has no rows); engine {candidates[0].name!r}")
         return Prepared(_resuming(apply_candidate(spec, candidates[0])), False, None)
     chosen, report = choose_engine(spec, todo, expected_rows, estimated, candidates, say)
-    out.write_atomic(PILOT_JSON, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    record = json.dumps(stamped(PILOT_JSON, report), indent=2, sort_keys=True) + "\n"
+    out.write_atomic(PILOT_JSON, record.encode())
     say(f"pilot: decision recorded in {_at(spec, PILOT_JSON)}")
     return Prepared(_resuming(chosen), False, report)
 

@@ -25,6 +25,7 @@ from batchjobs.feeding import (
     start_gate_s,
     tasks_per_replica,
 )
+from batchjobs.layout import RUNS
 from batchjobs.manifest import SUPERSEDED, Manifest, ShardRecord
 from batchjobs.ordering import group_by_prefix, read_groups
 from batchjobs.readers import Shard, list_shards, preflight, read_shard
@@ -41,7 +42,6 @@ from batchjobs.tracker import Tracker
 
 log = logging.getLogger("batchjobs")
 PREFLIGHT_ALL_UP_TO = 64  # shards; past that only the first is opened before the run
-RUNS = "_runs.jsonl"
 ERROR_STOP_TIMEOUT_S = 10.0  # a failed job does not wait long for its engines to close
 
 

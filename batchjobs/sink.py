@@ -27,12 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchjobs.errors import OutputError
+from batchjobs.layout import STAGING, SUCCESS
 from batchjobs.readers import ROW_ID, SHARD_ID, SHARD_ROWS, filesystem
 from batchjobs.records import REPLICA_FIGURES, merge_figures, output_schema
-
-STAGING = "_staging"
-MANIFEST = "_manifest.jsonl"
-SUCCESS = "_SUCCESS"
 
 
 def write_staged(

@@ -13,9 +13,10 @@ import pytest
 
 from batchjobs.cost import per_million, usd
 from batchjobs.errors import OutputError
+from batchjobs.layout import MANIFEST, STAGING, SUCCESS
 from batchjobs.manifest import COMMITTED, Manifest, ShardRecord
 from batchjobs.records import output_schema
-from batchjobs.sink import MANIFEST, STAGING, SUCCESS, SUMMARY_SCHEMA, OutputRoot, write_staged
+from batchjobs.sink import SUMMARY_SCHEMA, OutputRoot, write_staged
 
 
 def _two_shard_batch(engine_output) -> pa.Table:

@@ -1,0 +1,131 @@
+"""The output root's layout: every name batchjobs writes beside the results, and the schema
+version of each kind of record it writes there.
+
+::
+
+    <output>/
+      <shard_id>/part-*.parquet     a committed shard (``_SUCCESS`` too on object stores)
+      _manifest.jsonl                one record per shard, compacted ("v": MANIFEST_V)
+      _manifest.d/<seq>.jsonl        shard records committed since the last compaction
+      _runs.jsonl                    one record per run, succeeded or failed ("v": RUN_V)
+      _staging/<shard_id>/           files of shards still in flight
+      _pilot.json                    the pilot's decision ("v": PILOT_V)
+      _pilot/<candidate>/            the pilot's own output roots
+      _progress.jsonl                reserved for progress samples
+
+Every name starts with ``_``, so readers that skip such names (pyarrow, Spark, polars) see
+only committed rows. A record carries its kind's schema version as ``"v"``; readers accept
+records without one (written before versions existed) and refuse a newer version than they
+know, so an old batchjobs never misreads a newer output root.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchjobs.errors import BatchJobError, OutputError
+
+MANIFEST = "_manifest.jsonl"
+MANIFEST_DELTAS = "_manifest.d"
+RUNS = "_runs.jsonl"
+STAGING = "_staging"
+SUCCESS = "_SUCCESS"
+PILOT_JSON = "_pilot.json"
+PILOT_DIR = "_pilot"
+PROGRESS = "_progress.jsonl"  # reserved: not written yet
+
+# Schema version per record kind; raise one when its fields change meaning or go away
+# (adding a field readers may ignore does not need it).
+MANIFEST_V = 1
+RUN_V = 1
+PILOT_V = 1
+VERSIONS = {MANIFEST: MANIFEST_V, RUNS: RUN_V, PILOT_JSON: PILOT_V}
+
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+INTERRUPTED_EXIT = 130  # what a shell reports for Ctrl-C
+MAX_REASON = 500  # characters of a failure's reason kept in the run record
+
+
+def stamped(kind: str, record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with the schema version of ``kind`` (one of the names above) as ``"v"``."""
+    return {**record, "v": VERSIONS[kind]}
+
+
+def unstamped(kind: str, record: dict[str, Any], where: str) -> dict[str, Any]:
+    """``record`` without its ``"v"``; refuses a version newer than this batchjobs writes.
+    A record without ``"v"`` is version 1. ``where`` names the file (and line) for the error."""
+    rest = dict(record)
+    v = rest.pop("v", 1)
+    if not isinstance(v, int) or v > VERSIONS[kind]:
+        raise OutputError(
+            f"{where} has schema version {v!r}; this batchjobs reads up to "
+            f"{VERSIONS[kind]}: upgrade batchjobs to read it, or run with --fresh"
+        )
+    return rest
+
+
+def run_record(
+    summary: dict[str, Any],
+    *,
+    started_at: float,
+    ended_at: float,
+    failure: BaseException | None = None,
+    secrets: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """One line of ``_runs.jsonl``: the run's counters, how it ended and why.
+
+    ``status`` is ``succeeded`` or ``failed``; ``exit_code`` is what the CLI exits with
+    (``BatchJobError.exit_code``, 130 for an interrupt, 1 for anything else); ``reason`` is
+    the error's one-line message (null on success) with every string in ``secrets`` (storage
+    options, engine env values) masked, in case an error quoted one.
+    """
+    code, reason = (0, None) if failure is None else exit_status(failure, secrets)
+    return stamped(
+        RUNS,
+        {
+            **summary,
+            "status": SUCCEEDED if failure is None else FAILED,
+            "exit_code": code,
+            "reason": reason,
+            "started_at": started_at,
+            "ended_at": ended_at,
+        },
+    )
+
+
+def exit_status(exc: BaseException, secrets: list[str] | tuple[str, ...] = ()) -> tuple[int, str]:
+    """The exit code and one-line reason of a failure, as the CLI reports it."""
+    if isinstance(exc, KeyboardInterrupt):
+        return INTERRUPTED_EXIT, "interrupted"
+    if isinstance(exc, BatchJobError):
+        code, text = exc.exit_code, str(exc)
+    else:
+        code, text = 1, f"{type(exc).__name__}: {exc}"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4:  # shorter values ("us", "1") would mask ordinary words
+            reason = reason.replace(secret, "***")
+    if len(reason) > MAX_REASON:
+        reason = reason[: MAX_REASON - 3] + "..."
+    return code, reason
+
+
+def secret_values(*mappings: dict[str, Any] | None) -> list[str]:
+    """Every string value (nested too) of storage options or an env mapping."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    for m in mappings:
+        walk(m or {})
+    return found
