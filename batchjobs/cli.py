@@ -167,6 +167,21 @@ def manifest(
             typer.echo(line)
 
 
+@app.command()
+def schema(
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the markdown reference (docs/spec.md).")
+    ] = False,
+) -> None:
+    """Print the JSON Schema of a job spec, for editor completion and checks."""
+    from batchjobs.specdoc import json_schema, render_markdown
+
+    if markdown:
+        typer.echo(render_markdown(), nl=False)
+    else:
+        typer.echo(json.dumps(json_schema(), indent=2))
+
+
 @app.command("make-model")
 def make_model(
     out: Annotated[Path, typer.Argument(help="Directory to write the model to.")],

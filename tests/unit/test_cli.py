@@ -208,7 +208,9 @@ def _option_rows(text: str) -> dict[str, list[str]]:
     return rows
 
 
-@pytest.mark.parametrize("command", [[], ["validate"], ["run"], ["manifest"], ["make-model"]])
+@pytest.mark.parametrize(
+    "command", [[], ["validate"], ["run"], ["manifest"], ["make-model"], ["schema"]]
+)
 def test_help_shows_flags_without_a_value_placeholder(command):
     """A flag's row goes straight to its help text: no `<bool>` or `--no-fresh`, which read as
     if the flag took a value (typer 0.27+ prints them; pyproject.toml keeps it below)."""
