@@ -193,7 +193,7 @@ def make_model(
     ] = "tiny",
 ) -> None:
     """Build a local model (tokenizer + config, weights for tiny) that needs no hub access."""
-    from batchjobs.models import build_model
+    from batchjobs.tools.models import build_model
 
     try:
         build_model(out, shape)

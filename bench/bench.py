@@ -34,7 +34,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from batchjobs import cluster, models  # noqa: E402 - after the path is set
+from batchjobs import cluster  # noqa: E402 - after the path is set
+from batchjobs.tools import models  # noqa: E402
 
 WORDS = models.WORDS
 

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.gpu
 
 
 def test_generate_on_gpu_with_dummy_7b(tmp_path):
-    from batchjobs.models import build_model
     from batchjobs.pipeline import run
     from batchjobs.spec import parse_spec
+    from batchjobs.tools.models import build_model
 
     model = build_model(tmp_path / "llama7b", "llama-7b")
     (tmp_path / "in").mkdir()

@@ -20,7 +20,7 @@ def tiny_model(tmp_path_factory) -> Path:
     shipped = REPO / "models" / "tiny-llama"
     if (shipped / "model.safetensors").exists():
         return shipped
-    from batchjobs.models import build_model
+    from batchjobs.tools.models import build_model
 
     return build_model(tmp_path_factory.mktemp("model") / "tiny-llama", "tiny")
 
