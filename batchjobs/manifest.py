@@ -1,19 +1,54 @@
-"""The manifest: one JSON line per shard at the output root, rewritten atomically.
+"""The manifest: one record per shard at the output root, the single source of truth for
+resume (which shards are committed, under which job fingerprint) and for cost (rows,
+tokens, engine and GPU seconds, dollars per shard).
 
-It is the single source of truth for resume (which shards are committed, under which job
-fingerprint) and for cost (rows, tokens, engine and GPU seconds, dollars per shard).
+Layout (names in ``layout.py``)::
+
+    _manifest.jsonl              every shard's record as of the last compaction, one JSON
+                                 object per line
+    _manifest.d/<seq>.jsonl      one file per shard committed since then, <seq> a zero-padded
+                                 sequence number
+
+Committing a shard writes one small file, whatever the number of shards already committed,
+on a local disk and on an object store alike (object stores cannot append). Reading takes
+``_manifest.jsonl`` and then the files of ``_manifest.d/`` in sequence order; a later record
+of a shard replaces an earlier one. Every ``COMPACT_EVERY`` commits, or a tenth of the
+records if more (so the rewrites cost a constant amount per commit on average), and at the
+end of every run, ``_manifest.jsonl`` is rewritten in one step with all records and the
+files of ``_manifest.d/`` are deleted: after a run, ``_manifest.jsonl`` alone is complete.
+A driver killed mid-run leaves its last commits in ``_manifest.d/`` for the next run (and
+``batchjobs manifest``) to read.
+
+Each line of ``_manifest.jsonl`` carries the sequence number of the last commit it holds
+(``"seq"``), so a delta file left behind by a crash between writing the compaction and
+deleting the deltas is recognised as already included and skipped: no record is lost or
+read twice, and a record changed at compaction (a superseded shard) is not overwritten by an
+older delta. Lines also carry the schema version (``"v"``); neither is part of
+``ShardRecord``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import posixpath
+import re
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from batchjobs.cost import per_million, usd
 from batchjobs.errors import OutputError
-from batchjobs.layout import MANIFEST
+from batchjobs.layout import MANIFEST, MANIFEST_DELTAS, stamped, unstamped
 from batchjobs.sink import OutputRoot
+
+log = logging.getLogger("batchjobs")
+COMPACT_EVERY = 100  # commits between compactions, at the least
+COMPACT_SHARE = 10  # ... and at least records / COMPACT_SHARE of them
+_DELTA = re.compile(r"^(\d+)\.jsonl$")
+_SEQ_DIGITS = 12
+_RELOADS = 3  # a reader racing a compaction retries this often
 
 COMMITTED = "committed"
 SUPERSEDED = "superseded"  # its input file changed or vanished; output removed
@@ -54,24 +89,99 @@ class ShardRecord:
 
 
 class Manifest:
-    """Shard records by id, loaded from and saved to ``_manifest.jsonl``."""
+    """Shard records by id, read from ``_manifest.jsonl`` and ``_manifest.d/``.
 
-    def __init__(self, root: OutputRoot):
+    ``commit`` records one shard (constant cost); ``compact`` folds the commits into
+    ``_manifest.jsonl``; ``save`` writes every record now, for callers that changed records
+    in place.
+    """
+
+    def __init__(self, root: OutputRoot, compact_every: int = COMPACT_EVERY):
         self.root = root
+        self.compact_every = compact_every
         self.records: dict[str, ShardRecord] = {}
-        raw = root.read(MANIFEST)
-        if raw:
-            for n, line in enumerate(raw.decode().splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = ShardRecord(**json.loads(line))
-                except (ValueError, TypeError) as exc:
+        self.seq = 0  # the sequence number of the latest commit read or written
+        self._deltas: list[str] = []  # delta files present, folded into the manifest or not
+        self._pending = 0  # commits not yet in _manifest.jsonl
+        self._dir_ready = False
+        self._delete_warned = False
+        for attempt in range(_RELOADS):
+            try:
+                self._load()
+                break
+            except FileNotFoundError:
+                # A delta file vanished between listing and reading it: a running job
+                # compacted meanwhile, so _manifest.jsonl now holds it. Read again.
+                if attempt == _RELOADS - 1:
                     raise OutputError(
-                        f"{root.url}/{MANIFEST} line {n} is not a shard record ({exc}); "
-                        "move the output root aside or run with --fresh"
+                        f"{root.url}/{MANIFEST_DELTAS} keeps changing while being read; "
+                        "read the manifest again when the job has finished"
                     ) from None
+
+    # ------------------------------------------------------------------ reading
+
+    def _load(self) -> None:
+        self.records, self._deltas, self._pending = {}, [], 0
+        compacted_at = 0
+        raw = self.root.read(MANIFEST)
+        if raw:
+            for rec, seq in self._parse(raw, f"{self.root.url}/{MANIFEST}"):
                 self.records[rec.shard_id] = rec
+                compacted_at = max(compacted_at, seq)
+        self.seq = compacted_at
+        deltas = self._list_deltas()
+        self._deltas = [path for _, path in deltas]
+        later = [(num, path) for num, path in deltas if num > compacted_at]
+        if deltas:
+            self.seq = max(self.seq, deltas[-1][0])
+        if not later:
+            return
+        fs = self.root.fs
+        # One request per file, concurrent where the filesystem can (s3fs, gcsfs).
+        got = {posixpath.basename(k): v for k, v in fs.cat([p for _, p in later]).items()}
+        for _, path in later:
+            name = posixpath.basename(path)
+            if name not in got:
+                raise FileNotFoundError(path)
+            where = f"{self.root.url}/{MANIFEST_DELTAS}/{name}"
+            for rec, _ in self._parse(got[name], where):
+                self.records[rec.shard_id] = rec
+        self._pending = len(later)
+
+    def _list_deltas(self) -> list[tuple[int, str]]:
+        try:
+            paths = self.root.fs.ls(self.root.path(MANIFEST_DELTAS), detail=False)
+        except FileNotFoundError:
+            return []
+        found = []
+        for p in paths:
+            m = _DELTA.match(posixpath.basename(p))
+            if m:  # not a temporary file of a write that died
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    @staticmethod
+    def _parse(raw: bytes, where: str) -> list[tuple[ShardRecord, int]]:
+        out = []
+        for n, line in enumerate(raw.decode().splitlines(), start=1):
+            if not line.strip():
+                continue
+            at = f"{where} line {n}"
+            try:
+                data = json.loads(line)
+                if not isinstance(data, dict):
+                    raise TypeError(f"a JSON {type(data).__name__}, not an object")
+                data = unstamped(MANIFEST, data, at)
+                seq = data.pop("seq", 0)
+                if not isinstance(seq, int):
+                    raise TypeError(f"seq {seq!r} is not an integer")
+                out.append((ShardRecord(**data), seq))
+            except (ValueError, TypeError) as exc:
+                raise OutputError(
+                    f"{at} is not a shard record ({exc}); "
+                    "move the output root aside or run with --fresh"
+                ) from None
+        return out
 
     def committed(self) -> dict[str, ShardRecord]:
         return {k: r for k, r in self.records.items() if r.status == COMMITTED}
@@ -79,9 +189,75 @@ class Manifest:
     def fingerprints(self) -> set[str]:
         return {r.fingerprint for r in self.committed().values()}
 
-    def save(self) -> None:
-        lines = [json.dumps(asdict(r), sort_keys=True) for r in self.records.values()]
-        self.root.write_atomic(MANIFEST, ("\n".join(lines) + "\n").encode())
-
     def as_rows(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.records.values()]
+
+    # ------------------------------------------------------------------ writing
+
+    def commit(self, rec: ShardRecord) -> None:
+        """Record one shard: one small file under ``_manifest.d/``, and now and then a
+        compaction (see the module docstring)."""
+        self.records[rec.shard_id] = rec
+        self.seq += 1
+        name = f"{self.seq:0{_SEQ_DIGITS}d}.jsonl"
+        path = self.root.path(MANIFEST_DELTAS, name)
+        self._put(path, (_line(rec, self.seq) + "\n").encode())
+        self._deltas.append(path)
+        self._pending += 1
+        if self._pending >= max(self.compact_every, len(self.records) // COMPACT_SHARE):
+            self.compact()
+
+    def compact(self) -> None:
+        """Fold the commits under ``_manifest.d/`` into ``_manifest.jsonl``; nothing to do
+        when there are none."""
+        if self._deltas:
+            self.save()
+
+    def save(self) -> None:
+        """Write every record to ``_manifest.jsonl`` in one step, then delete the delta files."""
+        lines = [_line(r, self.seq) for r in self.records.values()]
+        self.root.write_atomic(MANIFEST, ("\n".join(lines) + "\n").encode())
+        self._pending = 0
+        if not self._deltas:
+            return
+        fs = self.root.fs
+        try:
+            fs.rm(self._deltas)
+            self._deltas = []
+        except OSError as exc:
+            # Harmless: _manifest.jsonl says which commits it holds, so readers skip
+            # these files; the next compaction tries again.
+            if not self._delete_warned:
+                log.warning(
+                    "cannot delete compacted manifest files under %s: %s", self.root.url, exc
+                )
+                self._delete_warned = True
+            return
+        if self.root.local:  # object stores have no folders to remove
+            with contextlib.suppress(OSError):  # not empty: a write that died left a temp file
+                fs.rmdir(self.root.path(MANIFEST_DELTAS))
+            self._dir_ready = False
+
+    def _put(self, path: str, data: bytes) -> None:
+        """Write a new file whole: rename into place locally, one PUT on object stores."""
+        fs = self.root.fs
+        try:
+            if self.root.local:
+                folder = posixpath.dirname(path)
+                if not self._dir_ready:
+                    fs.makedirs(folder, exist_ok=True)
+                    self._dir_ready = True
+                tmp = posixpath.join(
+                    folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
+                )
+                with fs.open(tmp, "wb") as fh:
+                    fh.write(data)
+                fs.mv(tmp, path)
+            else:
+                fs.pipe_file(path, data)
+        except OSError as exc:
+            raise OutputError(f"cannot write {fs.unstrip_protocol(path)}: {exc}") from None
+
+
+def _line(rec: ShardRecord, seq: int) -> str:
+    return json.dumps(stamped(MANIFEST, {**asdict(rec), "seq": seq}), sort_keys=True)

@@ -339,6 +339,7 @@ def run(
         except BaseException:
             stop_replicas(replicas, timeout_s=ERROR_STOP_TIMEOUT_S)
             raise
+    plan.manifest.compact()  # one complete _manifest.jsonl, no _manifest.d/ left
     ran = {s.shard_id for s in plan.todo}
     for rec in plan.manifest.committed().values():
         if rec.shard_id in ran:

@@ -111,8 +111,7 @@ class Tracker:
         rec.status = COMMITTED
         rec.committed_at = time.time()
         rec.finalise(self.gpus, self.price)
-        self.plan.manifest.records[sid] = rec
-        self.plan.manifest.save()
+        self.plan.manifest.commit(rec)
         self.committed += 1
 
     def finish(self) -> None:

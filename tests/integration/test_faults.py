@@ -20,6 +20,9 @@ import pytest
 import yaml
 from conftest import REPO, spec_dict
 
+from batchjobs.manifest import Manifest
+from batchjobs.sink import OutputRoot
+
 pytestmark = pytest.mark.integration
 
 
@@ -65,13 +68,12 @@ def _engine_actor_pids(title: str = REPLICA) -> list[int]:
     return pids
 
 
-def test_engine_actor_killed_three_times(tmp_path, tiny_model, ray_session, monkeypatch):
+def test_engine_actor_killed_three_times(tmp_path, tiny_model, ray_session):
     from batchjobs.pipeline import run
     from batchjobs.spec import parse_spec
 
-    # The engine in a replica the driver starts (the default on GPUs; on CPU by request),
-    # fed by Ray Data's actor: both processes are killed below.
-    monkeypatch.setenv("BATCHJOBS_EARLY_REPLICAS", "1")
+    # The engine in a replica the driver starts (the default on GPUs; on CPU when asked
+    # for), fed by Ray Data's actor: both processes are killed below.
     # One batch of 2 rows at a time and 64 tokens each: slow enough that three kills land
     # while work remains (a restarted replica finishes queued work in a burst).
     ids = _write_shards(tmp_path / "in", shards=3, rows=100)
@@ -121,7 +123,7 @@ def test_engine_actor_killed_three_times(tmp_path, tiny_model, ray_session, monk
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     try:
-        summary = run(spec)
+        summary = run(spec, placement="replicas")
     finally:
         finished.set()
     assert len(kills) == 3, kills
@@ -147,23 +149,14 @@ def test_driver_killed_then_rerun_skips_committed_shards(tmp_path, tiny_model):
     )
     manifest = out / "_manifest.jsonl"
     deadline = time.time() + 400
-    committed = 0
     while time.time() < deadline and proc.poll() is None:
-        if manifest.exists():
-            committed = sum(
-                1 for line in manifest.read_text().splitlines() if '"committed"' in line
-            )
-            if committed >= 2:
-                break
+        if len(_committed(out)) >= 2:
+            break
         time.sleep(0.2)
     assert proc.poll() is None, "the job finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait()
-    first = {
-        r["shard_id"]: r["committed_at"]
-        for r in map(json.loads, manifest.read_text().splitlines())
-        if r["status"] == "committed"
-    }
+    first = {sid: r.committed_at for sid, r in _committed(out).items()}
     assert 2 <= len(first) < 6
     time.sleep(2)
 
@@ -177,6 +170,11 @@ def test_driver_killed_then_rerun_skips_committed_shards(tmp_path, tiny_model):
     got = pds.dataset(str(out), format="parquet").to_table().column("id").to_pylist()
     assert len(got) == 360 and set(got) == ids
     assert not (out / "_staging").exists()
+
+
+def _committed(out: Path) -> dict:
+    """The committed shards' records: _manifest.jsonl and the commits since its compaction."""
+    return Manifest(OutputRoot(str(out))).committed()
 
 
 @pytest.fixture
@@ -201,13 +199,7 @@ def test_output_filesystem_failing_midway(tmp_path, tiny_model, small_fs):
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert err and "No space left on device" in err[-1] and str(out) in err[-1]
     # whatever was committed is whole; nothing else is visible to readers
-    manifest = out / "_manifest.jsonl"
-    records = (
-        [json.loads(line) for line in manifest.read_text().splitlines()]
-        if manifest.exists()
-        else []
-    )
-    committed = {r["shard_id"]: r["rows"] for r in records if r["status"] == "committed"}
+    committed = {sid: r.rows for sid, r in _committed(out).items()}
     assert len(committed) < 6
     visible = [p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("_")]
     assert sorted(visible) == sorted(committed)
@@ -271,7 +263,7 @@ def _dying_factory(spec):
 
 
 def test_replica_dead_for_good_fails_the_job_with_one_clear_error(
-    tmp_path, tiny_model, ray_session, monkeypatch
+    tmp_path, tiny_model, ray_session
 ):
     """With no restarts left, a replica whose engine died takes the job down with an
     EngineError that says so, not with Ray's actor-died traceback."""
@@ -282,7 +274,6 @@ def test_replica_dead_for_good_fails_the_job_with_one_clear_error(
     from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
-    monkeypatch.setenv("BATCHJOBS_EARLY_REPLICAS", "1")  # the replica the driver starts
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "in" / "p.parquet")
     spec = parse_spec(
@@ -294,7 +285,7 @@ def test_replica_dead_for_good_fails_the_job_with_one_clear_error(
         )
     )
     with pytest.raises(EngineError) as err:
-        run(spec, engine_factory=_dying_factory)
+        run(spec, engine_factory=_dying_factory, placement="replicas")  # the driver's replica
     msg = str(err.value)
     assert "died and Ray did not restart it" in msg and str(tiny_model) in msg
     assert not list((tmp_path / "out").glob("*/*.parquet"))

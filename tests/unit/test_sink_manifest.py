@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,8 +14,8 @@ import pytest
 
 from batchjobs.cost import per_million, usd
 from batchjobs.errors import OutputError
-from batchjobs.layout import MANIFEST, STAGING, SUCCESS
-from batchjobs.manifest import COMMITTED, Manifest, ShardRecord
+from batchjobs.layout import MANIFEST, MANIFEST_DELTAS, MANIFEST_V, STAGING, SUCCESS
+from batchjobs.manifest import COMMITTED, SUPERSEDED, Manifest, ShardRecord
 from batchjobs.records import output_schema
 from batchjobs.sink import SUMMARY_SCHEMA, OutputRoot, write_staged
 
@@ -342,6 +343,191 @@ def test_corrupt_manifest_line_names_the_line(tmp_path, bad_line):
     msg = str(info.value)
     assert f"{root}/{MANIFEST} line 3 is not a shard record" in msg
     assert "--fresh" in msg
+
+
+@pytest.fixture(params=["local", "memory"])
+def manifest_root(request, tmp_path, memfs):
+    """An output root on a local disk and on an object-store-like filesystem (no rename)."""
+    url = str(tmp_path / "out") if request.param == "local" else "memory://out"
+    return OutputRoot(url)
+
+
+def _deltas(root: OutputRoot) -> list[str]:
+    try:
+        return sorted(
+            os.path.basename(p) for p in root.fs.ls(root.path(MANIFEST_DELTAS), detail=False)
+        )
+    except FileNotFoundError:
+        return []
+
+
+def _count_rewrites(monkeypatch, root: OutputRoot) -> list[str]:
+    written: list[str] = []
+    real = root.write_atomic
+
+    def counting(name, data):
+        written.append(name)
+        real(name, data)
+
+    monkeypatch.setattr(root, "write_atomic", counting)
+    return written
+
+
+def test_commit_writes_one_small_file_and_not_the_whole_manifest(manifest_root, monkeypatch):
+    m = Manifest(manifest_root, compact_every=100)
+    rewrites = _count_rewrites(monkeypatch, manifest_root)
+    for i in range(99):
+        m.commit(_record(f"s{i:03d}"))
+    assert rewrites == []  # 99 commits, no rewrite of _manifest.jsonl
+    assert _deltas(manifest_root) == [f"{i:012d}.jsonl" for i in range(1, 100)]
+    assert manifest_root.read(MANIFEST) is None
+    # a reader (the next run, `batchjobs manifest`) sees every commit already
+    seen = Manifest(manifest_root)
+    assert seen.records == m.records and len(seen.committed()) == 99
+
+    m.commit(_record("s099"))  # the 100th: one compaction, the deltas go
+    assert rewrites == [MANIFEST]
+    assert _deltas(manifest_root) == []
+    if manifest_root.local:
+        assert not os.path.exists(manifest_root.path(MANIFEST_DELTAS))
+    lines = manifest_root.read(MANIFEST).decode().splitlines()
+    assert [json.loads(x)["shard_id"] for x in lines] == [f"s{i:03d}" for i in range(100)]
+    assert all(json.loads(x)["v"] == MANIFEST_V and json.loads(x)["seq"] == 100 for x in lines)
+    assert Manifest(manifest_root).records == m.records
+
+
+def test_compactions_grow_with_the_manifest(tmp_path, monkeypatch):
+    """Every max(compact_every, records / 10) commits: rewrites stay a constant cost per commit."""
+    root = OutputRoot(str(tmp_path / "out"))
+    m = Manifest(root, compact_every=5)
+    rewrites = _count_rewrites(monkeypatch, root)
+    sizes = []
+    for i in range(300):
+        m.commit(_record(f"s{i}"))
+        if len(rewrites) > len(sizes):
+            sizes.append(len(m.records))
+    assert sizes[:3] == [5, 10, 15]
+    gaps = [b - a for a, b in zip(sizes, sizes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] >= 25  # records // 10 once past 50
+    rows_written = sum(sizes)
+    assert rows_written < 300 * 12  # the old full rewrite per commit: 300 * 301 / 2
+    assert Manifest(root).records == m.records
+
+
+def test_compact_at_the_end_and_a_later_record_wins(manifest_root):
+    m = Manifest(manifest_root)
+    m.commit(_record("a", rows=1))
+    m.commit(_record("b"))
+    m.commit(_record("a", rows=2))  # the same shard again: the later record counts
+    assert Manifest(manifest_root).records["a"].rows == 2
+    m.compact()
+    assert _deltas(manifest_root) == []
+    lines = manifest_root.read(MANIFEST).decode().splitlines()
+    assert sorted((json.loads(x)["shard_id"], json.loads(x)["rows"]) for x in lines) == [
+        ("a", 2),
+        ("b", 10),
+    ]
+    m.compact()  # nothing new: no rewrite needed, nothing breaks
+    assert Manifest(manifest_root).records == m.records
+
+
+def test_a_killed_driver_leaves_its_commits_for_the_next_run(manifest_root):
+    first = Manifest(manifest_root)
+    first.save()  # an empty compacted manifest, as an earlier run would leave
+    for sid in ("a", "b", "c"):
+        first.commit(_record(sid))
+    # killed here: no compaction; the next run reads the deltas and goes on numbering
+    second = Manifest(manifest_root)
+    assert set(second.committed()) == {"a", "b", "c"} and second.seq == 3
+    second.commit(_record("d"))
+    assert _deltas(manifest_root)[-1] == f"{4:012d}.jsonl"
+    second.compact()
+    assert _deltas(manifest_root) == []
+    assert set(Manifest(manifest_root).committed()) == {"a", "b", "c", "d"}
+
+
+def test_crash_between_compaction_and_deleting_deltas_loses_and_doubles_nothing(
+    manifest_root, monkeypatch
+):
+    m = Manifest(manifest_root)
+    m.commit(_record("a"))
+    m.commit(_record("b"))
+
+    # the compaction is written, but the deltas are not deleted (crash or no delete right)
+    def denied(*args, **kwargs):
+        raise OSError("denied")
+
+    monkeypatch.setattr(type(manifest_root.fs), "rm", denied)
+    m.records["a"].status = SUPERSEDED  # changed in place, then saved whole (retire_superseded)
+    m.save()
+    assert _deltas(manifest_root) == [f"{1:012d}.jsonl", f"{2:012d}.jsonl"]
+    monkeypatch.undo()
+
+    again = Manifest(manifest_root)
+    # delta 1 (a: committed) is older than the compaction: it must not undo "superseded"
+    assert again.records["a"].status == SUPERSEDED
+    assert set(again.committed()) == {"b"} and len(again.records) == 2
+    again.commit(_record("c"))  # numbering continues after the leftovers
+    assert again.seq == 3
+    assert set(Manifest(manifest_root).committed()) == {"b", "c"}
+    again.compact()  # and the leftovers are deleted with this run's deltas
+    assert _deltas(manifest_root) == []
+    assert set(Manifest(manifest_root).committed()) == {"b", "c"}
+
+
+def test_a_reader_racing_a_compaction_reads_again(manifest_root, monkeypatch):
+    m = Manifest(manifest_root)
+    m.commit(_record("a"))
+    fs_type = type(manifest_root.fs)
+    real_cat = fs_type.cat
+    calls = []
+
+    def racing_cat(self, paths, *a, **k):
+        calls.append(paths)
+        if len(calls) == 1:  # the writer compacts between our listing and our read
+            m.compact()
+            raise FileNotFoundError(paths[0])
+        return real_cat(self, paths, *a, **k)
+
+    monkeypatch.setattr(fs_type, "cat", racing_cat)
+    assert set(Manifest(manifest_root).committed()) == {"a"}
+    assert len(calls) == 1  # the second reading found the compacted manifest, no deltas
+
+
+def test_old_manifest_lines_without_version_or_seq_are_read(tmp_path):
+    root = tmp_path / "out"
+    root.mkdir()
+    old = asdict(_record("a"))
+    (root / MANIFEST).write_text(json.dumps(old) + "\n")
+    m = Manifest(OutputRoot(str(root)))
+    assert m.records["a"] == _record("a") and m.seq == 0
+    m.commit(_record("b"))
+    assert set(Manifest(OutputRoot(str(root))).committed()) == {"a", "b"}
+
+
+def test_newer_manifest_version_and_bad_delta_lines_are_refused(tmp_path):
+    root = tmp_path / "out"
+    (root / MANIFEST_DELTAS).mkdir(parents=True)
+    (root / MANIFEST).write_text(json.dumps({"shard_id": "a", "source": "s", "v": 1}) + "\n")
+    (root / MANIFEST_DELTAS / "000000000001.jsonl").write_text('{"shard_id": "b"}\n')
+    with pytest.raises(OutputError) as info:
+        Manifest(OutputRoot(str(root)))
+    assert f"{root}/{MANIFEST_DELTAS}/000000000001.jsonl line 1 is not a shard record" in str(
+        info.value
+    )
+    (root / MANIFEST).write_text(json.dumps({"shard_id": "a", "source": "s", "v": 2}) + "\n")
+    with pytest.raises(OutputError, match=r"line 1 has schema version 2; .*upgrade batchjobs"):
+        Manifest(OutputRoot(str(root)))
+
+
+def test_temp_files_of_a_write_that_died_are_not_records(tmp_path):
+    root = tmp_path / "out"
+    (root / MANIFEST_DELTAS).mkdir(parents=True)
+    (root / MANIFEST_DELTAS / ".000000000001.jsonl.ab12cd34.tmp").write_text('{"trunc')
+    m = Manifest(OutputRoot(str(root)))
+    assert m.records == {}
+    m.commit(_record("a"))
+    assert set(Manifest(OutputRoot(str(root))).committed()) == {"a"}
 
 
 # --------------------------------------------------------------------------- cost
