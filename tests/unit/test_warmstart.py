@@ -128,10 +128,11 @@ def test_the_fork_server_is_told_to_run_the_preload():
 
 def test_setup_hook_env_names_the_early_start_unless_turned_off():
     from ray._common.utils import load_class
-    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR as var
 
+    from batchjobs import compat
     from batchjobs.engines import warmstart
 
+    var = compat.ray_setup_hook_env_var()
     env = warmstart.setup_hook_env({}, {})
     assert env == {var: "batchjobs.engines.warmstart.early_start"}
     assert load_class(env[var]) is warmstart.early_start  # what Ray's worker will call
@@ -139,6 +140,32 @@ def test_setup_hook_env_names_the_early_start_unless_turned_off():
     assert warmstart.setup_hook_env({"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}, {}) == {}
     # A job's own setup hook is left in place, not replaced in the engine actors.
     assert warmstart.setup_hook_env({}, {var: "mypkg.setup"}) == {}
+
+
+def test_setup_hook_env_is_empty_when_ray_has_no_such_variable(monkeypatch, caplog):
+    from batchjobs import compat
+    from batchjobs.engines import warmstart
+
+    def gone():
+        raise compat.CompatError("batchjobs.compat.ray_setup_hook_env_var: gone")
+
+    monkeypatch.setattr(compat, "ray_setup_hook_env_var", gone)
+    assert warmstart.setup_hook_env({}, {}) == {}
+    assert "ray_setup_hook_env_var: gone" in caplog.text
+
+
+def test_engine_core_start_falls_back_to_vllms_own_start(monkeypatch, caplog):
+    from batchjobs import compat
+    from batchjobs.engines import warmstart
+
+    def gone(choose):
+        raise compat.CompatError("batchjobs.compat.vllm_engine_core_context: gone")
+
+    monkeypatch.setattr(compat, "vllm_engine_core_context", gone)
+    ran = []
+    with warmstart.engine_core_start(True):
+        ran.append(True)
+    assert ran == [True] and "vllm_engine_core_context: gone" in caplog.text
 
 
 def test_early_start_never_raises(monkeypatch, caplog):
