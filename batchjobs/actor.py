@@ -13,12 +13,17 @@ the moment one finishes. A batch whose other rows are done but whose longest req
 runs holds no engine slot, so long-tailed outputs do not drain the engine as long as the
 replica holds more rows than the gate admits.
 
+The job's task (``batchjobs.tasks``) turns each row into an engine request and the
+results into its output columns; the replica itself knows nothing of tasks.
+
 Cost accounting is done here because only the replica knows when it holds its devices.
 The engine is shared like a processor: at every instant, the replica's time is split
 equally over the requests in flight, so a row is charged the integral of 1/n(t) over its
 life. Summed over rows that is exactly the time the replica had work; the time it had
 none (idle) and its start-up are reported per replica as overhead. So Σ row charges +
-idle + start-up = the time the replica held its devices, up to its last completion.
+idle + start-up = the time the replica held its devices, up to its last completion. A
+row's charge rides on its row (``_engine_s``, summed per shard by the sink); the replica's
+own figures go to the driver on their own channel, a ``ReplicaBoard`` actor.
 """
 
 from __future__ import annotations
@@ -37,29 +42,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchjobs.engines.base import Engine, EngineDead, Request, Result
+from batchjobs.engines import make_engine
+from batchjobs.engines.base import Engine, EngineDead, Result
 from batchjobs.errors import BatchJobError, EngineError
-from batchjobs.readers import INPUT_ERROR, PARAMS, PROMPT, ROW_ID, ROW_INDEX, SHARD_ID, SHARD_ROWS
+from batchjobs.readers import INPUT_ERROR, PARAMS, PAYLOAD, ROW_ID, ROW_INDEX, SHARD_ID, SHARD_ROWS
 from batchjobs.replicas import claim as claim_replica
 from batchjobs.spec import JobSpec
+from batchjobs.tasks import Prepared, task_for
 
 log = logging.getLogger("batchjobs.actor")
 
 EngineFactory = Callable[[JobSpec], Engine]
-
-
-def make_engine(spec: JobSpec) -> Engine:
-    """Build the engine the spec names. Imports the engine package only here."""
-    match spec.engine.kind:
-        case "vllm":
-            from batchjobs.engines.vllm import VLLMEngine
-
-            return VLLMEngine(spec)
-        case "trtllm":
-            from batchjobs.engines.trtllm import TRTLLMEngine
-
-            return TRTLLMEngine(spec)
-    raise EngineError(f"engine.kind {spec.engine.kind!r} is not supported")
+ENGINE_S = "_engine_s"  # a row's engine seconds: read by the sink, never written out
 
 
 class EngineActor:
@@ -75,21 +69,22 @@ class EngineActor:
 
     def __init__(
         self,
-        spec: dict[str, Any],
+        spec: JobSpec,
         engine_factory: EngineFactory | None = None,
         replicas: list | None = None,
         claim: str | None = None,
+        board: Any = None,
     ):
         self.local: EngineReplica | None = None
         self.remote = None
-        self.spec_model = spec.get("engine", {}).get("model")
+        self.spec_model = spec.engine.model
         if replicas:
             import ray
 
             self.remote = claim_replica(replicas, claim or "")
             ray.get(self.remote.started.remote())  # raises the replica's start error
         else:
-            self.local = EngineReplica(spec, engine_factory)
+            self.local = EngineReplica(spec, engine_factory, board)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.local is not None:
@@ -122,8 +117,15 @@ class EngineReplica:
     Lives in Ray Data's actor (``EngineActor``) or in a Ray actor of its own
     (``EngineReplicaActor``)."""
 
-    def __init__(self, spec: dict[str, Any], engine_factory: EngineFactory | None = None):
-        self.spec = JobSpec.model_validate(spec)
+    def __init__(
+        self, spec: JobSpec, engine_factory: EngineFactory | None = None, board: Any = None
+    ):
+        # The spec arrives as the driver validated it (pickled, not re-validated here: this
+        # node need not see the files the driver checked).
+        self.spec = spec
+        self.task = task_for(spec)
+        self.board = board
+        self.rows = 0
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         started = time.time()
         self.loop = asyncio.new_event_loop()
@@ -140,11 +142,20 @@ class EngineReplica:
                 f"replica {self.replica}: engine {self.spec.engine.kind} for model "
                 f"{self.spec.engine.model!r} failed to start: {type(exc).__name__}: {exc}"
             ) from exc
+        try:
+            self._on_loop(self.task.setup(self.engine))
+        except Exception as exc:
+            raise EngineError(
+                f"replica {self.replica}: task {self.spec.task} could not start on engine "
+                f"{self.spec.engine.kind} for model {self.spec.engine.model!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         self.ready = time.time()
         self.startup_s = self.ready - started
         self.clock = ShareClock(self.ready)
         self.limit = inflight_limit(self.spec, self.engine)
         self.prompt_tokens = self.cached_tokens = 0  # so far, to report the cache's share
+        self.engine_s = 0.0
         self.gate = self._on_loop(_make_gate(self.limit))
         log.info(
             "replica %s ready in %.1fs; at most %s requests in its engine",
@@ -157,56 +168,58 @@ class EngineReplica:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        prompts = batch.column(PROMPT).to_pylist()
+        payloads = batch.column(PAYLOAD).to_pylist()
         input_errors = batch.column(INPUT_ERROR).to_pylist()
         ids = batch.column(ROW_ID).to_pylist()
         params = [json.loads(p) if p else None for p in batch.column(PARAMS).to_pylist()]
+        # Prepared here, in the calling thread (tokenizing, rendering templates), so that
+        # the engine's event loop only feeds the engine.
+        prepared = self.task.prepare_batch(ids, payloads, input_errors, params)
         try:
-            pairs = self._on_loop(_serve(self, ids, prompts, input_errors, params))
+            rows = self._on_loop(_serve(self, prepared))
         except EngineDead as exc:
             # Exit the process: Ray restarts the actor and retries this batch on it,
             # so no row is lost and none is written twice.
             log.error("replica %s: %s; exiting so Ray restarts it", self.replica, exc)
             os._exit(1)
-        return self._to_table(batch, [r for r, _ in pairs], [c for _, c in pairs])
-
-    def _to_table(self, batch: pa.Table, results: list[Result], charges: list[float]) -> pa.Table:
-        n = len(results)
-        return pa.table(
+        results, extras, charges = zip(*rows) if rows else ((), (), ())
+        self.rows += len(results)
+        self.engine_s += sum(charges)
+        out = pa.table(
             {
                 ROW_ID: batch.column(ROW_ID),
                 SHARD_ID: batch.column(SHARD_ID),
                 ROW_INDEX: batch.column(ROW_INDEX),
                 SHARD_ROWS: batch.column(SHARD_ROWS),
-                "text": pa.array([r.text for r in results], pa.string()),
-                "finish_reason": pa.array([r.finish_reason for r in results], pa.string()),
-                "prompt_tokens": pa.array([r.prompt_tokens for r in results], pa.int32()),
-                "completion_tokens": pa.array([r.completion_tokens for r in results], pa.int32()),
-                "latency_s": pa.array([r.latency_s for r in results], pa.float32()),
-                "error": pa.array([r.error for r in results], pa.string()),
-                # Accounting columns: aggregated by the driver, not written to the output.
-                "_engine_s": pa.array(charges, pa.float64()),
-                "_replica": pa.array([self.replica] * n, pa.string()),
-                **{
-                    f"_replica_{name}": pa.array([value] * n, pa.float64())
-                    for name, value in self._figures().items()
-                },
+                **self.task.to_columns(results, extras),
+                ENGINE_S: pa.array(charges, pa.float64()),
             }
         )
+        self.report()
+        return out
 
-    def _figures(self) -> dict[str, float]:
-        """This replica's figures as of now (``records.REPLICA_FIGURES``)."""
+    def figures(self) -> dict[str, float]:
+        """This replica's figures as of now: start-up, ready at, then so far: idle, busy and
+        request-seconds in the engine, rows, engine seconds charged, prompt tokens and those
+        its prefix cache served; its cap on requests in the engine."""
         c = self.clock
-        return {  # the names of REPLICA_FIGURES: the sink reads each one back by name
+        return {
             "startup_s": self.startup_s,
             "ready_at": self.ready,
             "idle_s": c.idle,
             "busy_s": c.busy,
             "inflight_s": c.inflight_s,
+            "rows": self.rows,
+            "engine_s": self.engine_s,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
             "limit": self.limit or 0,
         }
+
+    def report(self) -> None:
+        """Send this replica's figures to the driver's board (fire and forget)."""
+        if self.board is not None:
+            self.board.report.remote(self.replica, self.figures())
 
     def close(self) -> None:
         """Shut the engine down and stop the loop thread. Safe to call twice."""
@@ -229,10 +242,12 @@ class EngineReplicaActor(EngineReplica):
     process as in ``EngineReplica``: Ray restarts the actor and retries the batches it held.
     """
 
-    def __init__(self, spec: dict[str, Any], engine_factory: EngineFactory | None = None):
+    def __init__(
+        self, spec: JobSpec, engine_factory: EngineFactory | None = None, board: Any = None
+    ):
         self.start_error: BatchJobError | None = None
         try:
-            super().__init__(spec, engine_factory)
+            super().__init__(spec, engine_factory, board)
         except BatchJobError as exc:
             self.start_error = exc
 
@@ -250,28 +265,45 @@ class EngineReplicaActor(EngineReplica):
         self.close()  # the driver closes it first (replicas.stop_replicas); a no-op then
 
 
-async def _serve(replica: EngineReplica, ids, prompts, input_errors, params):
-    """One batch's rows through the replica's gate and engine: (result, charge) per row.
+async def _serve(replica: EngineReplica, prepared: list):
+    """One batch's prepared rows through the replica's gate and engine: (result, the
+    task's extra values, charge) per row; a row that could not be prepared (its error
+    message) fails without reaching the engine.
 
     A function, not a method: Ray makes an actor whose class has a coroutine method an
     asyncio actor, which would run ``EngineReplicaActor``'s blocking calls one at a time.
     """
+    task = replica.task
 
-    async def one(i: int) -> tuple[Result, float]:
-        if input_errors[i] is not None:
-            return Result.failed(input_errors[i]), 0.0
-        request = Request(f"{ids[i]}#{uuid.uuid4().hex[:8]}", prompts[i], params[i])
+    async def one(row: Prepared | str) -> tuple[Result, dict, float]:
+        if isinstance(row, str):
+            return Result.failed(row), {}, 0.0
         async with replica.gate:
             mark = replica.clock.start(time.time())
             try:
-                result = await replica.engine.generate(request)
+                result = await task.run(replica.engine, row.request)
             finally:
                 charge = replica.clock.stop(time.time(), mark)
         replica.prompt_tokens += result.prompt_tokens
         replica.cached_tokens += result.cached_tokens
-        return result, charge
+        return result, row.extra, charge
 
-    return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+    return await asyncio.gather(*(one(row) for row in prepared))
+
+
+class ReplicaBoard:
+    """The driver's channel from the engine replicas: each reports its running figures
+    after every batch (``EngineReplica.report``); the driver reads the latest of each.
+    Figures are running totals, so the latest report of a replica is all of it."""
+
+    def __init__(self):
+        self.latest: dict[str, dict[str, float]] = {}
+
+    def report(self, replica: str, figures: dict[str, float]) -> None:
+        self.latest[replica] = figures
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        return self.latest
 
 
 def inflight_limit(spec: JobSpec, engine: Engine) -> int | None:

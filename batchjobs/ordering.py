@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 
-from batchjobs.readers import Shard
+from batchjobs.readers import PAYLOAD, Shard
 
 
 def read_groups(shards: list[Shard], order: str, group_mb: int) -> list[list[Shard]]:
@@ -34,8 +34,9 @@ def read_groups(shards: list[Shard], order: str, group_mb: int) -> list[list[Sha
 
 
 def group_by_prefix(tables: Iterable[pa.Table], batch_rows: int) -> Iterator[pa.Table]:
-    """Sort the rows of one read group by prompt, so rows sharing a prefix sit in the same
-    and neighbouring batches; then cut batches of ``batch_rows``.
+    """Sort the rows of one read group by their payload (the prompt, or the messages, as
+    JSON: rows sharing a prompt prefix share a payload prefix), so rows sharing a prefix
+    sit in the same and neighbouring batches; then cut batches of ``batch_rows``.
 
     The sort is bounded by the read group (``read_groups``), not the whole job: a global sort
     would hold every row back until the last shard is read, and no shard would commit
@@ -45,7 +46,7 @@ def group_by_prefix(tables: Iterable[pa.Table], batch_rows: int) -> Iterator[pa.
     if not parts:
         return
     table = pa.concat_tables(parts).sort_by(
-        [("prompt", "ascending"), ("shard_id", "ascending"), ("row_index", "ascending")]
+        [(PAYLOAD, "ascending"), ("shard_id", "ascending"), ("row_index", "ascending")]
     )
     for start in range(0, table.num_rows, batch_rows):
         yield table.slice(start, batch_rows)

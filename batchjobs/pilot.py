@@ -22,7 +22,6 @@ the job is produced by one engine configuration (one fingerprint).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import posixpath
 import time
@@ -33,6 +32,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchjobs.engines import engine_kind
 from batchjobs.errors import BatchJobError, EngineError, OutputError
 from batchjobs.layout import PILOT_DIR, PILOT_JSON, stamped
 from batchjobs.manifest import Manifest
@@ -49,7 +49,7 @@ from batchjobs.projection import (
 )
 from batchjobs.readers import (
     PARAMS,
-    PROMPT,
+    PAYLOAD,
     ROW_ID,
     Shard,
     count_rows,
@@ -58,8 +58,7 @@ from batchjobs.readers import (
 )
 from batchjobs.sink import OutputRoot
 from batchjobs.spec import CandidateSpec, JobSpec
-
-ENGINE_MODULES = {"vllm": "vllm", "trtllm": "tensorrt_llm"}
+from batchjobs.tasks import task_for
 
 Progress = Callable[[str], None] | None
 
@@ -84,7 +83,7 @@ def apply_candidate(spec: JobSpec, cand: CandidateSpec) -> JobSpec:
 
 def installed(kind: str) -> bool:
     """Whether the engine package is importable, without importing it."""
-    return importlib.util.find_spec(ENGINE_MODULES[kind]) is not None
+    return engine_kind(kind).installed()
 
 
 def shown_overrides(cand: CandidateSpec) -> dict[str, Any]:
@@ -221,7 +220,8 @@ def choose_engine(
         table.append(row)
         if not installed(job.engine.kind):
             row.update(
-                status=NOT_INSTALLED, error=f"{ENGINE_MODULES[job.engine.kind]} is not importable"
+                status=NOT_INSTALLED,
+                error=f"{engine_kind(job.engine.kind).package} is not importable",
             )
             say(f"pilot: {cand.name}: skipped, engine {job.engine.kind} is not installed")
             continue
@@ -311,40 +311,42 @@ def pilot_spec(job: JobSpec, name: str, pilot_input: str) -> JobSpec:
 
 def write_pilot_input(spec: JobSpec, shards: list[Shard]) -> tuple[str, int]:
     """The first ``pilot.rows`` rows of the shards as one Parquet file under the output
-    root, with the spec's prompt, id and sampling columns (read by the job's own reader, so
-    a row the job would refuse is refused in the pilot too). Returns (its directory, rows)."""
+    root, with the columns the job's task reads, its id and sampling columns (read by the
+    job's own reader, so a row the job would refuse is refused in the pilot too). Returns
+    (its directory, rows)."""
     inp = spec.input
+    read = task_for(spec).input_columns()
     want = spec.pilot.rows
     parts: list[pa.Table] = []
     have = 0
     for shard in shards:
-        for batch in read_shard(
-            shard,
-            inp.prompt_column,
-            inp.id_column,
-            min(want, 4096),
-            inp.storage_options,
-            inp.sampling_columns,
-        ):
+        for batch in read_shard(shard, read, min(want, 4096), inp.storage_options):
             parts.append(batch.slice(0, want - have))
             have += parts[-1].num_rows
             if have >= want:
                 break
         if have >= want:
             break
-    rows = pa.concat_tables(parts) if parts else None
-    cols: dict[str, list] = {inp.prompt_column: rows.column(PROMPT).to_pylist() if rows else []}
+    rows = pa.concat_tables(parts).to_pylist() if parts else []
+    values = [json.loads(r[PAYLOAD]) if r[PAYLOAD] else {} for r in rows]
+    cols: dict[str, list] = {
+        col: [v.get(role) for v in values] for role, col in read.fields.items()
+    }
     if inp.id_column:
-        cols[inp.id_column] = rows.column(ROW_ID).to_pylist() if rows else []
-    params = [json.loads(p) if p else {} for p in (rows.column(PARAMS).to_pylist() if rows else [])]
+        cols[inp.id_column] = [r[ROW_ID] for r in rows]
+    params = [json.loads(r[PARAMS]) if r[PARAMS] else {} for r in rows]
     for param, col in inp.sampling_columns.items():
-        values = [p.get(param) for p in params]
+        got = [p.get(param) for p in params]
         if col not in cols:
-            cols[col] = values
-        elif col not in (inp.prompt_column, inp.id_column):  # one column for two parameters
-            cols[col] = [a if a is not None else b for a, b in zip(cols[col], values)]
+            cols[col] = got
+        elif col not in (*read.fields.values(), inp.id_column):  # one column, two parameters
+            cols[col] = [a if a is not None else b for a, b in zip(cols[col], got)]
     table = pa.table(cols)
-    table = table.set_column(0, inp.prompt_column, table.column(0).cast(pa.string()))
+    for role, col in read.fields.items():
+        if role == "prompt":  # all-null when every pilot row is bad: keep the type a string
+            table = table.set_column(
+                table.schema.get_field_index(col), col, table.column(col).cast(pa.string())
+            )
     directory = _at(spec, PILOT_DIR, "input")
     out = OutputRoot(directory, spec.output.storage_options)
     out.wipe()

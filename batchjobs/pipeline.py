@@ -25,10 +25,11 @@ from batchjobs.feeding import (
     start_gate_s,
     tasks_per_replica,
 )
-from batchjobs.layout import RUNS
+from batchjobs.layout import RUNS, run_record, secret_values
 from batchjobs.manifest import SUPERSEDED, Manifest, ShardRecord
 from batchjobs.ordering import group_by_prefix, read_groups
 from batchjobs.readers import Shard, list_shards, preflight, read_shard
+from batchjobs.records import ShardCounts
 from batchjobs.replicas import (
     ENGINE_STOP_TIMEOUT_S,
     Replicas,
@@ -38,6 +39,7 @@ from batchjobs.replicas import (
 )
 from batchjobs.sink import OutputRoot, write_staged
 from batchjobs.spec import JobSpec
+from batchjobs.tasks import task_for
 from batchjobs.tracker import Tracker
 
 log = logging.getLogger("batchjobs")
@@ -57,10 +59,11 @@ class Plan:
 
 
 def preflight_shards(spec: JobSpec, shards: list[Shard]) -> None:
-    """Check the columns the spec names exist in each shard (footer or first line only)."""
-    i = spec.input
+    """Check that the columns the task reads exist in each shard and have a type it can
+    use (footer or first line only)."""
+    cols = task_for(spec).input_columns()
     for shard in shards:
-        preflight(shard, i.prompt_column, i.id_column, i.storage_options, i.sampling_columns)
+        preflight(shard, cols, spec.input.storage_options)
 
 
 def open_output(spec: JobSpec, fresh: bool = False) -> OutputRoot:
@@ -126,6 +129,7 @@ class RunSummary:
     shards: int
     shards_skipped: int
     shards_run: int
+    task: str = "generate"
     rows: int = 0
     error_rows: int = 0
     prompt_tokens: int = 0
@@ -137,6 +141,8 @@ class RunSummary:
     gpu_s: float = 0.0
     cost_usd: float = 0.0
     replicas: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The output files' Parquet schema metadata (task, fingerprint, an embedding's size).
+    output_metadata: dict[str, str] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -153,23 +159,19 @@ class RunSummary:
         return d
 
 
-def _read_fn(batch: pa.Table, spec: dict, batch_rows: int):
-    """Ray Data UDF: read one group of shards; with ``order: prefix`` sort it as one."""
-    s = JobSpec.model_validate(spec)
+def _read_fn(batch: pa.Table, spec: JobSpec, batch_rows: int):
+    """Ray Data UDF: read one group of shards; with ``order: prefix`` sort it as one.
+
+    ``spec`` arrives as the driver validated it: a read task re-checks nothing, so it may
+    run on a node that lacks the model directory."""
+    cols = task_for(spec).input_columns()
     for row in batch.to_pylist():
         tables = (
             table
             for shard in json.loads(row["shards"])
-            for table in read_shard(
-                Shard(**shard),
-                s.input.prompt_column,
-                s.input.id_column,
-                batch_rows,
-                s.input.storage_options,
-                s.input.sampling_columns,
-            )
+            for table in read_shard(Shard(**shard), cols, batch_rows, spec.input.storage_options)
         )
-        if s.input.order == "prefix":
+        if spec.input.order == "prefix":
             tables = group_by_prefix(tables, batch_rows)
         yield from tables
 
@@ -179,6 +181,7 @@ def build_dataset(
     device: str,
     engine_factory: Callable | None = None,
     replicas: Replicas | None = None,
+    board=None,
 ):
     """The Ray Data plan: one read task per read group of shards, an engine actor pool,
     staged writes."""
@@ -187,7 +190,6 @@ def build_dataset(
 
     spec = plan.spec
     res = spec.resources
-    raw = spec.model_dump()
     groups = read_groups(plan.todo, spec.input.order, spec.input.prefix_group_mb)
     ds = ray.data.from_items(
         [{"shards": json.dumps([s.to_dict() for s in group])} for group in groups],
@@ -198,7 +200,7 @@ def build_dataset(
         _read_fn,
         # Read blocks of exactly one engine batch: Ray Data runs the batches of one task in
         # sequence, so a task holding several would wait on each batch's longest request.
-        fn_kwargs={"spec": raw, "batch_rows": res.batch_size},
+        fn_kwargs={"spec": spec, "batch_rows": res.batch_size},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.5,
@@ -215,13 +217,14 @@ def build_dataset(
         # deprecated **ray_remote_args; the warning would greet every run (it still works
         # up to Ray 2.64).
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = _engine_stage(ds, plan, device, raw, engine_factory, replicas)
+        ds = _engine_stage(ds, plan, device, engine_factory, replicas, board)
     return ds.map_batches(
         write_staged,
         fn_kwargs={
             "root": spec.output.path,
             "storage_options": spec.output.storage_options,
             "id_column": spec.input.id_column,
+            "metadata": {"batchjobs.task": spec.task, "batchjobs.fingerprint": plan.fingerprint},
         },
         batch_size=res.rows_per_file,
         batch_format="pyarrow",
@@ -230,7 +233,7 @@ def build_dataset(
     )
 
 
-def _engine_stage(ds, plan: Plan, device: str, raw: dict, engine_factory, replicas):
+def _engine_stage(ds, plan: Plan, device: str, engine_factory, replicas, board):
     from ray.data import ActorPoolStrategy
 
     from batchjobs.actor import EngineActor
@@ -243,10 +246,10 @@ def _engine_stage(ds, plan: Plan, device: str, raw: dict, engine_factory, replic
         kwargs = {"replicas": replicas.actors, "claim": replicas.claim}
     else:
         held = engine_resources(spec, device, engine_factory)
-        kwargs = {"engine_factory": engine_factory}
+        kwargs = {"engine_factory": engine_factory, "board": board}
     return ds.map_batches(
         EngineActor,
-        fn_constructor_kwargs={"spec": raw, **kwargs},
+        fn_constructor_kwargs={"spec": spec, **kwargs},
         batch_size=res.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(
@@ -272,6 +275,7 @@ def _execute(
     engine_factory: Callable | None,
     progress: Callable[[str], None] | None,
     progress_every: float,
+    board=None,
 ) -> None:
     """Run the Ray Data plan to its end; the replicas' figures go into ``summary``."""
     import ray
@@ -286,21 +290,22 @@ def _execute(
     ctx.memory_usage_poll_interval_s = None
     ctx.wait_for_min_actors_s = start_gate_s(spec)
     gpus = spec.gpus_per_replica() if device == "cuda" else 1  # a CPU replica is priced as one unit
-    tracker = Tracker(plan, gpus, progress, progress_every)
+    tracker = Tracker(plan, gpus, progress, progress_every, board)
     try:
         with warnings.catch_warnings():
             # Ray Data warns when a job has fewer read groups or staged files than the
             # read/write task cap (every small job): a cap, not a request for more work.
             warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
-            for batch in build_dataset(plan, device, engine_factory, replicas).iter_batches(
-                batch_size=None, batch_format="pyarrow"
-            ):
+            dataset = build_dataset(plan, device, engine_factory, replicas, board)
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 tracker.add(batch)
     except Exception as exc:  # noqa: BLE001
         raise _translate(exc) from None
     tracker.finish()
     plan.out.remove_empty_staging()
+    tracker.read_board(rows=tracker.done_rows)
     summary.replicas = tracker.replicas
+    summary.output_metadata = tracker.metadata
     # Overhead: replica time no row was charged for (start-up, waiting for work).
     summary.overhead_s = sum(r["startup_s"] + r["idle_s"] for r in tracker.replicas.values()) * gpus
 
@@ -312,53 +317,85 @@ def run(
     engine_factory: Callable | None = None,
     progress: Callable[[str], None] | None = None,
     progress_every: float = 5.0,
+    placement: str | None = None,
 ) -> RunSummary:
-    """Run a job to completion and return its summary; raise ``BatchJobError`` on failure."""
+    """Run a job to completion and return its summary; raise ``BatchJobError`` on failure.
+
+    ``placement`` says where the engines run: ``None`` for the default of the device and
+    pool (``replicas.engine_placement``), ``"replicas"`` or ``"pool"`` to choose one (tests
+    and benchmarks cover both placements on one machine this way)."""
     started = time.time()
-    plan = plan_job(spec, fresh=fresh)
-    summary = RunSummary(
-        name=spec.name,
-        output=spec.output.path,
-        fingerprint=plan.fingerprint,
-        shards=len(plan.shards),
-        shards_skipped=len(plan.skipped),
-        shards_run=len(plan.todo),
-    )
-    retire_superseded(plan)
-    replicas = None
-    if plan.todo:
-        for shard in plan.todo:
-            plan.out.clear_shard(shard.shard_id)
-        connect_ray()
-        device = resolve_device(spec)
-        check_resources(spec, device)
-        # Before Ray Data is even imported: the engines start while the driver plans.
-        replicas = start_replicas(spec, device, engine_factory)
+    plan: Plan | None = None
+    summary: RunSummary | None = None
+    try:
+        plan = plan_job(spec, fresh=fresh)
+        summary = RunSummary(
+            name=spec.name,
+            output=spec.output.path,
+            fingerprint=plan.fingerprint,
+            task=spec.task,
+            shards=len(plan.shards),
+            shards_skipped=len(plan.skipped),
+            shards_run=len(plan.todo),
+        )
         try:
-            _execute(plan, summary, device, replicas, engine_factory, progress, progress_every)
-        except BaseException:
-            stop_replicas(replicas, timeout_s=ERROR_STOP_TIMEOUT_S)
-            raise
-    plan.manifest.compact()  # one complete _manifest.jsonl, no _manifest.d/ left
-    ran = {s.shard_id for s in plan.todo}
-    for rec in plan.manifest.committed().values():
-        if rec.shard_id in ran:
-            summary.rows += rec.rows
-            summary.error_rows += rec.error_rows
-            summary.prompt_tokens += rec.prompt_tokens
-            summary.completion_tokens += rec.completion_tokens
-            summary.engine_s += rec.engine_s
-            summary.gpu_s += rec.gpu_s
-            summary.cost_usd += rec.cost_usd
-    summary.gpu_s += summary.overhead_s
-    summary.cost_usd += summary.overhead_s / 3600 * spec.cost.price_per_gpu_hour()
-    summary.wall_s = time.time() - started
-    if plan.todo:
-        if progress:
-            progress(f"[{spec.name}] all rows committed; waiting for the engine replicas to stop")
-        summary.teardown_s = _stop_engines(replicas)
-    _append_run(plan.out, summary)
+            retire_superseded(plan)
+            replicas = None
+            if plan.todo:
+                for shard in plan.todo:
+                    plan.out.clear_shard(shard.shard_id)
+                connect_ray()
+                device = resolve_device(spec)
+                check_resources(spec, device)
+                board = start_board()
+                # Before Ray Data is even imported: the engines start while the driver plans.
+                replicas = start_replicas(spec, device, engine_factory, placement, board=board)
+                try:
+                    _execute(
+                        plan,
+                        summary,
+                        device,
+                        replicas,
+                        engine_factory,
+                        progress,
+                        progress_every,
+                        board,
+                    )
+                except BaseException:
+                    stop_replicas(replicas, timeout_s=ERROR_STOP_TIMEOUT_S)
+                    raise
+            plan.manifest.compact()  # one complete _manifest.jsonl, no _manifest.d/ left
+        finally:
+            # A failed run's record counts what it committed too.
+            ran = {s.shard_id for s in plan.todo}
+            for rec in plan.manifest.committed().values():
+                if rec.shard_id in ran:
+                    ShardCounts.add(summary, ShardCounts.of(rec))
+                    summary.gpu_s += rec.gpu_s
+                    summary.cost_usd += rec.cost_usd
+            summary.gpu_s += summary.overhead_s
+            summary.cost_usd += summary.overhead_s / 3600 * spec.cost.price_per_gpu_hour()
+            summary.wall_s = time.time() - started
+        if plan.todo:
+            if progress:
+                progress(
+                    f"[{spec.name}] all rows committed; waiting for the engine replicas to stop"
+                )
+            summary.teardown_s = _stop_engines(replicas)
+    except BaseException as exc:
+        _append_run(spec, plan, summary, started, failure=exc)
+        raise
+    _append_run(spec, plan, summary, started)
     return summary
+
+
+def start_board():
+    """The actor the engine replicas report their figures to (``actor.ReplicaBoard``)."""
+    import ray
+
+    from batchjobs.actor import ReplicaBoard
+
+    return ray.remote(ReplicaBoard).options(num_cpus=0).remote()
 
 
 def _stop_engines(replicas: Replicas | None) -> float:
@@ -382,11 +419,51 @@ def _stop_engines(replicas: Replicas | None) -> float:
     return waited
 
 
-def _append_run(out: OutputRoot, summary: RunSummary) -> None:
-    previous = out.read(RUNS) or b""
-    out.write_atomic(
-        RUNS, previous + (json.dumps(summary.to_dict(), sort_keys=True) + "\n").encode()
-    )
+def _append_run(
+    spec: JobSpec,
+    plan: Plan | None,
+    summary: RunSummary | None,
+    started: float,
+    failure: BaseException | None = None,
+) -> None:
+    """Append the run's record to ``_runs.jsonl`` (``layout.run_record``): on success, and
+    on a failure too, so a scheduler finds the exit code and the reason beside the output.
+
+    A failure never hides behind this: what cannot be written is logged. A run that failed
+    before planning finished records it too, except under ``output.mode: error``, where the
+    file would make the root non-empty and refuse the rerun.
+    """
+    ended = time.time()
+    try:
+        if plan is not None:
+            out = plan.out
+            if failure is not None:
+                plan.manifest.compact()  # the commits so far in one _manifest.jsonl
+        elif spec.output.mode == "error":
+            return
+        else:
+            out = OutputRoot(spec.output.path, spec.output.storage_options)
+        if summary is not None:
+            base = summary.to_dict()
+            committed = plan.manifest.committed()
+            base["shards_committed"] = sum(1 for s in plan.todo if s.shard_id in committed)
+        else:
+            base = {"name": spec.name, "output": spec.output.path}
+        record = run_record(
+            base,
+            started_at=started,
+            ended_at=ended,
+            failure=failure,
+            secrets=secret_values(
+                spec.input.storage_options, spec.output.storage_options, spec.engine.env
+            ),
+        )
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        out.write_atomic(RUNS, (out.read(RUNS) or b"") + line)
+    except Exception as exc:  # noqa: BLE001
+        if failure is None:
+            raise
+        log.warning("cannot record the failed run in %s/%s: %s", spec.output.path, RUNS, exc)
 
 
 def _translate(exc: BaseException) -> BatchJobError:

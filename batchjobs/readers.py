@@ -3,10 +3,13 @@
 A shard is one input file. Its id is stable across runs (relative path + size + mtime/ETag)
 so that resume can recognise committed work, and safe to use as a file name.
 
-Row-level problems (malformed JSON line, non-UTF-8 bytes, null or non-string prompt) do
-not stop the job: the row gets an ``input_error`` and flows on, so every input row still
-yields exactly one output row. Shard-level problems (file vanished, corrupt Parquet,
-missing column) raise ``InputError`` naming the file, the row or line, and the column.
+Readers know file formats, not tasks: they read the columns a ``Columns`` names (the
+task's, by role) and carry each row's values on as one JSON object (``payload``), checked
+by the task's ``check_row``. Row-level problems (malformed JSON line, non-UTF-8 bytes, a
+value the task cannot use) do not stop the job: the row gets an ``input_error`` and flows
+on, so every input row still yields exactly one output row. Shard-level problems (file
+vanished, corrupt Parquet, missing column) raise ``InputError`` naming the file, the row
+or line, and the column.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import hashlib
 import json
 import posixpath
 import re
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
@@ -30,15 +33,39 @@ JSONL_EXT = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz"
 GLOB_CHARS = "*?["
 
 # Internal columns a read batch carries into the engine stage.
-SHARD_ID, ROW_INDEX, SHARD_ROWS, ROW_ID, PROMPT, INPUT_ERROR, PARAMS = (
+SHARD_ID, ROW_INDEX, SHARD_ROWS, ROW_ID, PAYLOAD, INPUT_ERROR, PARAMS = (
     "shard_id",
     "row_index",
     "shard_rows",
     "row_id",
-    "prompt",
+    "payload",  # JSON object of the row's task values by role ({"prompt": ...}), or null
     "input_error",
     "params",  # JSON object of per-row sampling overrides, or null
 )
+
+
+@dataclass(frozen=True)
+class Columns:
+    """What to read from each row: the task's columns by role, the id column, per-row
+    sampling columns, and the task's checks of a value (``check_row``) and of a Parquet
+    column's type (``check_type``); each returns why not, or None."""
+
+    fields: dict[str, str]
+    id_column: str | None = None
+    sampling: dict[str, str] = field(default_factory=dict)
+    check_row: Callable[[dict[str, Any]], str | None] | None = None
+    check_type: Callable[[str, pa.DataType], str | None] | None = None
+
+    def spec_key(self, column: str) -> str:
+        """The spec key that names ``column``, for the hint in an error."""
+        for role, col in self.fields.items():
+            if col == column:
+                return f"input.{role}_column"
+        return "input.id_column" if column == self.id_column else "input.sampling_columns"
+
+    def names(self) -> list[str]:
+        cols = [*self.fields.values(), *([self.id_column] if self.id_column else [])]
+        return list(dict.fromkeys(cols + list(self.sampling.values())))
 
 
 @dataclass(frozen=True)
@@ -132,38 +159,26 @@ def _format_of(path: str, fmt: str) -> str | None:
     return None
 
 
-def preflight(
-    shard: Shard,
-    prompt_column: str,
-    id_column: str | None,
-    storage_options=None,
-    sampling_columns: dict[str, str] | None = None,
-) -> None:
-    """Check the first shard's columns before any engine starts (cheap: footer or first line)."""
+def preflight(shard: Shard, cols: Columns, storage_options=None) -> None:
+    """Check a shard's columns before any engine starts (cheap: footer or first line)."""
     fs, path = filesystem(shard.url, storage_options)
-    needed = [c for c in (prompt_column, id_column) if c]
     if shard.format == "parquet":
         try:
             schema = pq.ParquetFile(fs.open(path, "rb")).schema_arrow
         except Exception as exc:  # noqa: BLE001 - any parse failure means "not a Parquet file"
             raise InputError(f"{shard.url}: not a readable Parquet file ({exc})") from None
-        for col in needed:
+        for col in cols.names():
             if col not in schema.names:
                 raise InputError(
                     f"{shard.url}: no column {col!r} (columns: {', '.join(schema.names)}); "
-                    f"set input.{'prompt_column' if col == prompt_column else 'id_column'}"
+                    f"set {cols.spec_key(col)}"
                 )
-        for param, col in (sampling_columns or {}).items():
-            if col not in schema.names:
+        for role, col in cols.fields.items():
+            problem = cols.check_type(role, schema.field(col).type) if cols.check_type else None
+            if problem:
                 raise InputError(
-                    f"{shard.url}: no column {col!r} for per-row {param} "
-                    f"(columns: {', '.join(schema.names)}); fix input.sampling_columns"
+                    f"{shard.url}: column {col!r} has type {schema.field(col).type}, {problem}"
                 )
-        ptype = schema.field(prompt_column).type
-        if not (pa.types.is_string(ptype) or pa.types.is_large_string(ptype)):
-            raise InputError(
-                f"{shard.url}: column {prompt_column!r} has type {ptype}, expected string"
-            )
         return
     with fs.open(path, "rb", compression="infer") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -174,44 +189,39 @@ def preflight(
                     raise InputError(f"{shard.url} line {lineno}: not valid JSON ({exc})") from None
                 if not isinstance(obj, dict):
                     raise InputError(f"{shard.url} line {lineno}: expected a JSON object per line")
-                for col in needed:
+                for col in [*cols.fields.values(), *([cols.id_column] if cols.id_column else [])]:
                     if col not in obj:
                         raise InputError(
                             f"{shard.url} line {lineno}: no column {col!r} "
-                            f"(columns: {', '.join(obj)}); set input."
-                            f"{'prompt_column' if col == prompt_column else 'id_column'}"
+                            f"(columns: {', '.join(obj)}); set {cols.spec_key(col)}"
                         )
                 return
 
 
 def read_shard(
     shard: Shard,
-    prompt_column: str,
-    id_column: str | None,
+    cols: Columns,
     batch_rows: int = 1024,
     storage_options: dict | None = None,
-    sampling_columns: dict[str, str] | None = None,
 ) -> Iterator[pa.Table]:
-    """Yield batches with shard_id, row_index, shard_rows, row_id, prompt, input_error, params."""
+    """Yield batches with shard_id, row_index, shard_rows, row_id, payload, input_error, params."""
     fs, path = filesystem(shard.url, storage_options)
-    cols = sampling_columns or {}
     try:
         if shard.format == "parquet":
-            yield from _read_parquet(shard, fs, path, prompt_column, id_column, batch_rows, cols)
+            yield from _read_parquet(shard, fs, path, cols, batch_rows)
         else:
-            yield from _read_jsonl(shard, fs, path, prompt_column, id_column, batch_rows, cols)
+            yield from _read_jsonl(shard, fs, path, cols, batch_rows)
     except FileNotFoundError:
         raise InputError(f"{shard.url}: file vanished after planning") from None
 
 
-def _read_parquet(shard, fs, path, prompt_column, id_column, batch_rows, sampling_columns):
+def _read_parquet(shard, fs, path, cols: Columns, batch_rows):
     try:
         pf = pq.ParquetFile(fs.open(path, "rb"))
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{shard.url}: not a readable Parquet file ({exc})") from None
     total = pf.metadata.num_rows
-    columns = [c for c in (prompt_column, id_column) if c]
-    columns += [c for c in sampling_columns.values() if c not in columns]
+    columns = cols.names()
     missing = [c for c in columns if c not in pf.schema_arrow.names]
     if missing:
         raise InputError(
@@ -220,25 +230,9 @@ def _read_parquet(shard, fs, path, prompt_column, id_column, batch_rows, samplin
     start = 0
     try:
         for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
-            prompts = batch.column(prompt_column).to_pylist()
-            ids = batch.column(id_column).to_pylist() if id_column else None
-            values = {p: batch.column(c).to_pylist() for p, c in sampling_columns.items()}
-            params = [
-                {p: v[i] for p, v in values.items() if v[i] is not None}
-                for i in range(batch.num_rows)
-            ]
-            yield _make_batch(
-                shard,
-                start,
-                total,
-                prompts,
-                ids,
-                [None] * len(prompts),
-                prompt_column,
-                id_column,
-                "row",
-                params=params,
-            )
+            values = {c: batch.column(c).to_pylist() for c in columns}
+            rows = [{c: values[c][i] for c in columns} for i in range(batch.num_rows)]
+            yield _make_batch(shard, start, total, rows, [None] * len(rows), cols, "row")
             start += batch.num_rows
     except InputError:
         raise
@@ -246,38 +240,24 @@ def _read_parquet(shard, fs, path, prompt_column, id_column, batch_rows, samplin
         raise InputError(f"{shard.url}: corrupt Parquet data after row {start} ({exc})") from None
 
 
-def _read_jsonl(shard, fs, path, prompt_column, id_column, batch_rows, sampling_columns):
+def _read_jsonl(shard, fs, path, cols: Columns, batch_rows):
     with fs.open(path, "rb", compression="infer") as fh:
         raw_lines = [
             (n, line) for n, line in enumerate(fh.read().split(b"\n"), start=1) if line.strip()
         ]
     total = len(raw_lines)
     for start in range(0, total, batch_rows) if total else ():
-        prompts, ids, errors, linenos, params = [], [], [], [], []
+        rows, errors, linenos = [], [], []
         for lineno, line in raw_lines[start : start + batch_rows]:
             linenos.append(lineno)
             obj, err = _parse_line(line, lineno, shard.url)
-            if err is None and prompt_column not in obj:
-                err = f"{shard.url} line {lineno}: no column {prompt_column!r}"
-            prompts.append(obj.get(prompt_column) if err is None else None)
-            ids.append(obj.get(id_column) if (id_column and err is None) else None)
-            params.append(
-                {p: obj[c] for p, c in sampling_columns.items() if obj.get(c) is not None}
-            )
+            if err is None:
+                absent = [c for c in cols.fields.values() if c not in obj]
+                if absent:
+                    err = f"{shard.url} line {lineno}: no column {absent[0]!r}"
+            rows.append(obj if err is None else {})
             errors.append(err)
-        yield _make_batch(
-            shard,
-            start,
-            total,
-            prompts,
-            ids if id_column else None,
-            errors,
-            prompt_column,
-            id_column,
-            "line",
-            linenos,
-            params=params,
-        )
+        yield _make_batch(shard, start, total, rows, errors, cols, "line", linenos)
 
 
 def _parse_line(line: bytes, lineno: int, url: str) -> tuple[dict, str | None]:
@@ -294,52 +274,40 @@ def _parse_line(line: bytes, lineno: int, url: str) -> tuple[dict, str | None]:
     return obj, None
 
 
-def _make_batch(
-    shard,
-    start,
-    total,
-    prompts,
-    ids,
-    errors,
-    prompt_column,
-    id_column,
-    unit,
-    linenos=None,
-    params=None,
-):
-    n = len(prompts)
-    for i, p in enumerate(prompts):
+def _make_batch(shard, start, total, rows, errors, cols: Columns, unit, linenos=None):
+    """One read batch: each row's task values as a JSON payload, or its input error."""
+    n = len(rows)
+    payloads: list[str | None] = [None] * n
+    params: list[str | None] = [None] * n
+    ids: list[str] = [f"{shard.shard_id}:{i}" for i in range(start, start + n)]
+    for i, row in enumerate(rows):
+        if cols.id_column and row.get(cols.id_column) is not None:
+            ids[i] = str(row[cols.id_column])
         if errors[i] is not None:
             continue
         where = f"{shard.url} {unit} {linenos[i] if linenos else start + i}"
-        if ids is not None and ids[i] is None:
-            errors[i] = f"{where}: id column {id_column!r} is null or missing"
-        elif p is None:
-            errors[i] = f"{where}: {prompt_column!r} is null"
-        elif not isinstance(p, str):
-            errors[i] = f"{where}: {prompt_column!r} is {type(p).__name__}, expected string"
-            prompts[i] = None
-        elif not p.strip():
-            errors[i] = f"{where}: {prompt_column!r} is empty"
-    rows = pa.array(range(start, start + n), pa.int64())
-    # A row whose id is unknown (null id, unparseable line) gets the generated id, so that
+        if cols.id_column and row.get(cols.id_column) is None:
+            errors[i] = f"{where}: id column {cols.id_column!r} is null or missing"
+            continue
+        values = {role: row.get(col) for role, col in cols.fields.items()}
+        problem = cols.check_row(values) if cols.check_row else None
+        if problem:
+            errors[i] = f"{where}: {problem}"
+            continue
+        payloads[i] = json.dumps(values, ensure_ascii=False)
+        overrides = {p: row[c] for p, c in cols.sampling.items() if row.get(c) is not None}
+        params[i] = json.dumps(overrides) if overrides else None
+    # A row whose id is unknown (null id, unparseable line) keeps the generated id, so that
     # its error row can still be found and joined back.
-    generated = [f"{shard.shard_id}:{i}" for i in range(start, start + n)]
-    row_ids = pa.array(
-        generated if ids is None else [g if v is None else str(v) for v, g in zip(ids, generated)],
-        pa.string(),
-    )
     return pa.table(
         {
             SHARD_ID: pa.array([shard.shard_id] * n, pa.string()),
-            ROW_INDEX: rows,
+            ROW_INDEX: pa.array(range(start, start + n), pa.int64()),
             SHARD_ROWS: pa.array([total] * n, pa.int64()),
-            ROW_ID: row_ids,
-            PROMPT: pa.array(prompts, pa.string()),
+            ROW_ID: pa.array(ids, pa.string()),
+            PAYLOAD: pa.array(payloads, pa.string()),
             INPUT_ERROR: pa.array(errors, pa.string()),
-            PARAMS: pa.array(
-                [json.dumps(p) if p else None for p in (params or [None] * n)], pa.string()
-            ),
+            PARAMS: pa.array(params, pa.string()),
         }
     )
 

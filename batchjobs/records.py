@@ -1,55 +1,65 @@
-"""The output row contract: which columns a result row has, and how they are typed."""
+"""The output row contract and the per-shard counts every stage shares.
+
+An output row is the id column (the input's, or ``row_id``), the shard bookkeeping
+(``shard_id``, ``row_index``) and the task's result columns (``Task.output_fields``).
+``ShardCounts`` is what the sink sums per staged file, the tracker per shard, and the
+manifest records per shard.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import pyarrow as pa
 
-# Result columns of a `generate` row, after the id column and the shard bookkeeping.
-GENERATE_COLUMNS: dict[str, pa.DataType] = {
-    "text": pa.string(),
-    "finish_reason": pa.string(),
-    "prompt_tokens": pa.int32(),
-    "completion_tokens": pa.int32(),
-    "latency_s": pa.float32(),
-    "error": pa.string(),
-}
 BOOKKEEPING_COLUMNS: dict[str, pa.DataType] = {"shard_id": pa.string(), "row_index": pa.int64()}
-# What an engine actor reports about itself on every row it returns, as "_replica_<name>":
-# start-up, ready at, then so far: idle, busy and request-seconds in the engine, prompt
-# tokens and those its prefix cache served; its cap.
-REPLICA_FIGURES = (
-    "startup_s",
-    "ready_at",
-    "idle_s",
-    "busy_s",
-    "inflight_s",
-    "prompt_tokens",
-    "cached_tokens",
-    "limit",
-)
-
-
-def merge_figures(into: dict[str, float], figures: dict[str, float]) -> None:
-    """Fold one report of a replica (``engine_s`` charged to some rows, plus its
-    ``REPLICA_FIGURES``) into ``into``: engine seconds add up; every figure is a constant or
-    a running total, so the largest is the latest."""
-    into["engine_s"] = into.get("engine_s", 0.0) + figures["engine_s"]
-    for name in REPLICA_FIGURES:
-        into[name] = max(into.get(name, 0.0), figures[name])
-
-
 # Columns the pipeline carries between stages; an id column may not take one of these names.
 INTERNAL_COLUMNS = frozenset(
-    {"shard_rows", "prompt", "input_error", "params", "_engine_s", "_replica"}
-    | {f"_replica_{name}" for name in REPLICA_FIGURES}
+    {"shard_rows", "payload", "input_error", "params", "_engine_s", "row_id"}
 )
-RESERVED = frozenset(GENERATE_COLUMNS) | frozenset(BOOKKEEPING_COLUMNS) | INTERNAL_COLUMNS
+# Result columns of any task (generate and chat: text ...; embed: embedding ...).
+RESULT_COLUMNS = frozenset(
+    {
+        "text",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "latency_s",
+        "error",
+        "embedding",
+        "truncated",
+    }
+)
+RESERVED = RESULT_COLUMNS | frozenset(BOOKKEEPING_COLUMNS) | INTERNAL_COLUMNS
 DEFAULT_ID_COLUMN = "row_id"
 
 
-def output_schema(id_column: str | None) -> pa.Schema:
-    """The schema of every Parquet file a generate job writes."""
-    fields = [pa.field(id_column or DEFAULT_ID_COLUMN, pa.string())]
-    fields += [pa.field(k, v) for k, v in BOOKKEEPING_COLUMNS.items()]
-    fields += [pa.field(k, v) for k, v in GENERATE_COLUMNS.items()]
-    return pa.schema(fields)
+@dataclass
+class ShardCounts:
+    """Rows, error rows, tokens and engine seconds of some rows of one shard."""
+
+    rows: int = 0
+    error_rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    engine_s: float = 0.0
+
+    def add(self, other: ShardCounts) -> None:
+        for f in fields(ShardCounts):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    @classmethod
+    def of(cls, obj) -> ShardCounts:
+        """The counts of anything that has them as attributes or keys."""
+        get = obj.get if isinstance(obj, dict) else lambda k: getattr(obj, k)
+        return cls(**{f.name: get(f.name) for f in fields(cls)})
+
+
+COUNT_TYPES: dict[str, pa.DataType] = {
+    "rows": pa.int64(),
+    "error_rows": pa.int64(),
+    "prompt_tokens": pa.int64(),
+    "completion_tokens": pa.int64(),
+    "engine_s": pa.float64(),
+}
+assert set(COUNT_TYPES) == {f.name for f in fields(ShardCounts)}

@@ -1,10 +1,16 @@
 """Where the engines run, and the engine replicas the driver starts itself.
 
-An engine runs in an actor that holds its devices (``engine_resources``). For a fixed pool
-on GPUs (``early_replicas``) the driver starts those actors as soon as it has joined the
-cluster (``start_replicas``), before Ray Data is imported and plans the dataset; Ray Data's
-actors then each claim one replica (``claim``) and forward their batches to it
-(``actor.EngineActor``). Otherwise the engine lives in Ray Data's actor itself.
+An engine runs in an actor that holds its devices (``engine_resources``). There are two
+placements (``engine_placement``), one per kind of pool:
+
+- ``"replicas"`` (a fixed pool on GPUs): the driver starts those actors as soon as it has
+  joined the cluster (``start_replicas``), before Ray Data is imported and plans the
+  dataset; Ray Data's actors then each claim one replica (``claim``) and forward their
+  batches to it (``actor.EngineActor``).
+- ``"pool"`` (on CPU, and any autoscaling pool): the engine lives in Ray Data's actor.
+
+Tests and benchmarks pick one explicitly (``pipeline.run(..., placement=...)``) to cover
+both on a CPU machine.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from batchjobs import compat
 from batchjobs.engines import warmstart
@@ -22,7 +29,8 @@ from batchjobs.spec import JobSpec
 
 log = logging.getLogger("batchjobs")
 ENGINE_STOP_TIMEOUT_S = 60.0
-EARLY_VAR = "BATCHJOBS_EARLY_REPLICAS"  # "1" / "0": replicas started early or not (start_replicas)
+Placement = Literal["replicas", "pool"]
+PLACEMENTS: tuple[Placement, ...] = ("replicas", "pool")
 
 
 def engine_env(spec: JobSpec, device: str, engine_factory: Callable | None = None) -> dict:
@@ -73,30 +81,40 @@ class Replicas:
     claim: str  # the key under which Ray Data's actors claim one each
 
 
-def early_replicas(spec: JobSpec, device: str) -> bool:
-    """Whether the driver starts the engine replicas itself (``start_replicas``): for a
-    fixed pool on GPUs, unless ``BATCHJOBS_EARLY_REPLICAS`` says otherwise ("1": also on
-    CPU, "0": never).
+def engine_placement(spec: JobSpec, device: str, placement: Placement | None = None) -> Placement:
+    """Where the engines run: ``placement`` when given, else ``"replicas"`` (started by the
+    driver, ``start_replicas``) for a fixed pool on GPUs and ``"pool"`` (in Ray Data's
+    actors) otherwise.
 
-    On an H200 host it started the engine 2.5 s sooner and start-up was 4.4 s shorter on
-    the mean of four pairs, with generation unchanged (docs/PERFORMANCE.md, run T). On a
-    2-core CPU machine it saved no start-up and generation ran at 0.833 of raw against
-    0.881 with the engine in Ray Data's actor (runs U1-U4): there the driver's own start
-    and the forwarding hop share the engine's two cores. An autoscaling pool (``min_replicas``
-    below ``replicas``) always keeps its engines in Ray Data's actors, whose number Ray
-    Data decides.
+    On GPUs, replicas started by the driver start the engine sooner and shorten start-up
+    by seconds, with generation unchanged. On a 2-core CPU machine they save no start-up
+    and generation is slower: the driver's own start and the forwarding hop share the
+    engine's two cores. An autoscaling pool (``min_replicas`` below ``replicas``) always
+    keeps its engines in Ray Data's actors, whose number Ray Data decides; asking for
+    ``"replicas"`` there is a ``ValueError``.
     """
-    if pool_min(spec) != spec.resources.replicas:
-        return False
-    setting = os.environ.get(EARLY_VAR, "")
-    if setting in ("0", "1"):
-        return setting == "1"
-    return device == "cuda"
+    if placement is not None and placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS} or None, not {placement!r}")
+    fixed = pool_min(spec) == spec.resources.replicas
+    if placement == "replicas" and not fixed:
+        raise ValueError(
+            "placement='replicas' needs a fixed pool: an autoscaling pool (min_replicas < "
+            "replicas) keeps its engines in Ray Data's actors"
+        )
+    if placement is not None:
+        return placement
+    return "replicas" if fixed and device == "cuda" else "pool"
 
 
-def start_replicas(spec: JobSpec, device: str, engine_factory: Callable | None = None):
-    """Start the engine replicas now, as Ray actors of their own, or ``None`` (see
-    ``early_replicas``).
+def start_replicas(
+    spec: JobSpec,
+    device: str,
+    engine_factory: Callable | None = None,
+    placement: Placement | None = None,
+    board=None,
+) -> Replicas | None:
+    """Start the engine replicas now, as Ray actors of their own, or ``None`` when the
+    engines belong in Ray Data's actors (``engine_placement``).
 
     Ray Data would start its engine actors only after importing itself and planning, and
     its actor's process imports Ray Data and pandas before the actor's ``__init__`` starts
@@ -110,7 +128,7 @@ def start_replicas(spec: JobSpec, device: str, engine_factory: Callable | None =
     from batchjobs.actor import EngineReplicaActor
 
     res = spec.resources
-    if not early_replicas(spec, device):
+    if engine_placement(spec, device, placement) != "replicas":
         return None
     cls = ray.remote(EngineReplicaActor).options(
         max_restarts=res.max_restarts,
@@ -118,8 +136,9 @@ def start_replicas(spec: JobSpec, device: str, engine_factory: Callable | None =
         max_concurrency=inflight_batches(spec, device) + 4,  # + started, close
         **engine_resources(spec, device, engine_factory),
     )
-    raw = spec.model_dump()
-    actors = [cls.remote(raw, engine_factory) for _ in range(res.replicas)]
+    # The validated spec itself: an actor does not re-validate it (its node need not
+    # see the files the driver checked).
+    actors = [cls.remote(spec, engine_factory, board) for _ in range(res.replicas)]
     return Replicas(actors, uuid.uuid4().hex)
 
 

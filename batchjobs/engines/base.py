@@ -1,15 +1,20 @@
 """The engine contract every adapter implements.
 
 An engine turns one ``Request`` into one ``Result``, asynchronously, so that an actor can
-keep many requests in flight and the engine's continuous batching stays full. Everything
-engine-specific (request id types, finish-reason vocabularies, timing types, output
-shapes) is normalised by the adapter; the pipeline never sees an engine's own objects.
+keep many requests in flight and the engine's continuous batching stays full. A request
+carries a prompt as text or as token ids (the task decides which); ``generate`` runs it
+through sampling, ``embed`` through the engine's pooling mode. Everything engine-specific
+(request id types, finish-reason vocabularies, timing types, output shapes) is normalised
+by the adapter; the pipeline never sees an engine's own objects. Which calls a kind
+implements is declared in the registry (``batchjobs.engines.ENGINES``), so a job whose
+task needs a call its engine lacks is refused before anything starts.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 # The finish reasons a Result may carry, whatever the engine calls them.
@@ -19,7 +24,8 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 @dataclass(frozen=True)
 class Request:
     request_id: str
-    prompt: str
+    prompt: str | None = None  # text the engine tokenizes, or
+    token_ids: Sequence[int] | None = None  # the prompt already tokenized (chat, embed)
     # Per-row sampling overrides (names as in the spec's sampling section), or None.
     params: dict[str, Any] | None = None
 
@@ -32,9 +38,10 @@ class Result:
     completion_tokens: int = 0
     latency_s: float = 0.0
     error: str | None = None
-    token_ids: list[int] | None = field(default=None, repr=False)
     # Prompt tokens the engine took from its prefix cache instead of computing them.
     cached_tokens: int = 0
+    # The pooled vector of an embed request (float32 array-like), else None.
+    embedding: Sequence[float] | None = None
 
     @classmethod
     def failed(cls, error: str, latency_s: float = 0.0, prompt_tokens: int = 0) -> Result:
@@ -46,7 +53,7 @@ class Result:
     def finished(
         cls,
         text: str,
-        token_ids: list[int],
+        completion_tokens: int,
         engine_reason: object,
         mapping: dict[str, str],
         prompt_tokens: int,
@@ -59,10 +66,9 @@ class Result:
             text=text,
             finish_reason=reason,
             prompt_tokens=prompt_tokens,
-            completion_tokens=len(token_ids),
+            completion_tokens=completion_tokens,
             latency_s=latency_s,
             error=None if reason != "error" else f"finish reason {engine_reason!r}",
-            token_ids=token_ids,
             cached_tokens=cached_tokens,
         )
 
@@ -77,18 +83,22 @@ class Engine(abc.ABC):
         """Run one request to completion. A request the engine rejects gives ``Result.failed``;
         an engine that can no longer serve anything raises ``EngineDead``."""
 
+    async def embed(self, request: Request) -> Result:
+        """Pool one request into ``Result.embedding`` (engines that declare ``embed``)."""
+        raise NotImplementedError(f"engine {self.kind} does not embed")
+
     @abc.abstractmethod
     def close(self) -> None:
         """Release the engine's processes and devices. Safe to call twice."""
-
-    def info(self) -> dict[str, Any]:
-        """Engine kind and version, recorded in the manifest."""
-        return {"kind": self.kind}
 
     def max_concurrency(self) -> int | None:
         """How many requests the engine runs at once (vLLM's ``max_num_seqs``), or None if
         it has no such limit. The actor keeps twice this many in the engine by default, so
         the engine's scheduler always has the next request waiting when one finishes."""
+        return None
+
+    def max_model_len(self) -> int | None:
+        """The longest prompt (plus output) the engine accepts, as it resolved it, or None."""
         return None
 
 

@@ -40,10 +40,9 @@ def normalize(output: Any, latency_s: float) -> Result:
     if not completions:
         return Result.failed("engine returned no completion", latency_s, prompt_tokens)
     comp = completions[0]
-    token_ids = [int(t) for t in (comp.token_ids or ())]
     return Result.finished(
         comp.text,
-        token_ids,
+        len(comp.token_ids or ()),
         getattr(comp, "finish_reason", None),
         _FINISH,
         prompt_tokens,
@@ -81,11 +80,9 @@ class TRTLLMEngine(Engine):
     kind = "trtllm"
 
     def __init__(self, spec: JobSpec):
-        import tensorrt_llm
         from tensorrt_llm import LLM, SamplingParams
         from tensorrt_llm.llmapi import KvCacheConfig
 
-        self.version = tensorrt_llm.__version__
         self.spec = spec
         self._sampling = SamplingParams
         kw = llm_kwargs(spec)
@@ -108,7 +105,9 @@ class TRTLLMEngine(Engine):
             except Exception as exc:  # noqa: BLE001
                 return Result.failed(f"invalid per-row sampling parameters {request.params}: {exc}")
         try:
-            output = await self.llm.generate_async(request.prompt, params)
+            # The LLM API takes a prompt as text or as a list of token ids.
+            prompt = list(request.token_ids) if request.token_ids is not None else request.prompt
+            output = await self.llm.generate_async(prompt, params)
         except Exception as exc:  # noqa: BLE001 - a rejected request is a row error
             return Result.failed(
                 f"rejected by engine: {type(exc).__name__}: {exc}", time.perf_counter() - t0
@@ -120,10 +119,11 @@ class TRTLLMEngine(Engine):
         if llm is not None:
             llm.shutdown()
 
-    def info(self) -> dict[str, Any]:
-        return {"kind": self.kind, "version": self.version}
-
     def max_concurrency(self) -> int | None:
         # The LLM API's resolved max_batch_size (the spec's engine.max_num_seqs, if set).
         resolved = getattr(getattr(self.llm, "args", None), "max_batch_size", None)
         return resolved or self.spec.engine.max_num_seqs
+
+    def max_model_len(self) -> int | None:
+        resolved = getattr(getattr(self.llm, "args", None), "max_seq_len", None)
+        return resolved or self.spec.engine.max_model_len

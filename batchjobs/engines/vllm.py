@@ -15,7 +15,9 @@ _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
 def engine_args(spec: JobSpec) -> dict[str, Any]:
-    """The spec's engine section as vLLM ``AsyncEngineArgs`` keywords (unset values left out)."""
+    """The spec's engine section as vLLM ``AsyncEngineArgs`` keywords (unset values left out).
+    An embedding job runs the model in vLLM's pooling mode (``runner="pooling"``,
+    ``convert="embed"``), which turns a generative checkpoint into an embedding model."""
     e = spec.engine
     args: dict[str, Any] = {
         "model": e.model,
@@ -30,9 +32,38 @@ def engine_args(spec: JobSpec) -> dict[str, Any]:
         "trust_remote_code": e.trust_remote_code,
         "disable_log_stats": True,
     }
+    if spec.task == "embed":
+        args.update({"runner": "pooling", "convert": "embed"})
     args = {k: v for k, v in args.items() if v is not None}
     args.update(e.args)
     return args
+
+
+def pooling_kwargs(spec: JobSpec, accepted: set[str]) -> dict[str, Any]:
+    """``PoolingParams`` keywords for an embed job. vLLM has called the L2 normalisation of
+    an embedding both ``normalize`` and ``use_activation``; pass the one this version has."""
+    kw: dict[str, Any] = {"task": "embed", "dimensions": spec.embed.dimensions}
+    for name in ("use_activation", "normalize"):
+        if name in accepted:
+            kw[name] = spec.embed.normalize
+            break
+    return {k: v for k, v in kw.items() if k in accepted and v is not None}
+
+
+def normalize_pooled(final: Any, latency_s: float) -> Result:
+    """The last vLLM ``PoolingRequestOutput`` of an embed request as a ``Result``."""
+    data = getattr(getattr(final, "outputs", None), "data", None)
+    if data is None:
+        return Result.failed("engine returned no embedding", latency_s)
+    prompt_tokens = len(final.prompt_token_ids or ())
+    vector = data.float().cpu().numpy() if hasattr(data, "cpu") else data
+    return Result(
+        finish_reason="stop",
+        prompt_tokens=prompt_tokens,
+        latency_s=latency_s,
+        cached_tokens=getattr(final, "num_cached_tokens", None) or 0,
+        embedding=vector,
+    )
 
 
 def sampling_kwargs(s: SamplingSpec) -> dict[str, Any]:
@@ -61,7 +92,7 @@ def normalize(final: Any, latency_s: float) -> Result:
     prompt_tokens = len(final.prompt_token_ids or ())
     return Result.finished(
         comp.text,
-        list(comp.token_ids),
+        len(comp.token_ids),
         comp.finish_reason,
         _FINISH,
         prompt_tokens,
@@ -76,7 +107,6 @@ class VLLMEngine(Engine):
     def __init__(self, spec: JobSpec):
         # First, so that the fork server imports vLLM while this process does (warmstart.py).
         warm = warmstart.prestart()
-        import vllm
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.sampling_params import RequestOutputKind
@@ -90,7 +120,6 @@ class VLLMEngine(Engine):
         except ImportError:  # pragma: no cover
             EngineDeadError = RuntimeError  # noqa: N806
         self._dead_errors = (EngineDeadError,)
-        self.version = vllm.__version__
         self._sampling_params = SamplingParams
         # FINAL_ONLY: one output per request instead of one per generated token, so the
         # actor builds no Python object per request per step (on an H200 with 2000 requests
@@ -100,6 +129,13 @@ class VLLMEngine(Engine):
             "output_kind": RequestOutputKind.FINAL_ONLY,
         }
         self.params = SamplingParams(**self._base_kwargs)
+        self.pooling = None
+        if spec.task == "embed":
+            from vllm import PoolingParams
+
+            accepted = set(getattr(PoolingParams, "__struct_fields__", ()))
+            accepted |= set(getattr(PoolingParams, "__dataclass_fields__", ()))
+            self.pooling = PoolingParams(**pooling_kwargs(spec, accepted))
         with warmstart.engine_core_start(warm):
             self.engine = AsyncLLM.from_engine_args(
                 AsyncEngineArgs(**engine_args(spec)), **_offline_defaults()
@@ -116,7 +152,7 @@ class VLLMEngine(Engine):
             except Exception as exc:  # noqa: BLE001 - vLLM validates in the constructor
                 return Result.failed(f"invalid per-row sampling parameters {request.params}: {exc}")
         try:
-            async for out in self.engine.generate(request.prompt, params, request.request_id):
+            async for out in self.engine.generate(_prompt(request), params, request.request_id):
                 final = out
         except self._dead_errors as exc:
             raise EngineDead(f"vLLM engine died: {exc}") from exc
@@ -127,6 +163,20 @@ class VLLMEngine(Engine):
                 f"rejected by engine: {type(exc).__name__}: {exc}", time.perf_counter() - t0
             )
         return normalize(final, time.perf_counter() - t0)
+
+    async def embed(self, request: Request) -> Result:
+        t0 = time.perf_counter()
+        final = None
+        try:
+            async for out in self.engine.encode(_prompt(request), self.pooling, request.request_id):
+                final = out
+        except self._dead_errors as exc:
+            raise EngineDead(f"vLLM engine died: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a rejected request is a row error
+            return Result.failed(
+                f"rejected by engine: {type(exc).__name__}: {exc}", time.perf_counter() - t0
+            )
+        return normalize_pooled(final, time.perf_counter() - t0)
 
     def close(self) -> None:
         if not self._closed:
@@ -150,14 +200,24 @@ class VLLMEngine(Engine):
             # shutdown() by 15-60 s at full CPU, slowing whatever starts next on the node.
             _stop(workers)
 
-    def info(self) -> dict[str, Any]:
-        return {"kind": self.kind, "version": self.version}
-
     def max_concurrency(self) -> int | None:
         # As resolved by vLLM for this device and usage context (1024 on an H100/H200 for
         # the offline LLM class, 256 on CPU), or the spec's engine.max_num_seqs.
         config = getattr(self.engine, "vllm_config", None)
         return getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None)
+
+    def max_model_len(self) -> int | None:
+        config = getattr(self.engine, "model_config", None) or getattr(
+            getattr(self.engine, "vllm_config", None), "model_config", None
+        )
+        return getattr(config, "max_model_len", None)
+
+
+def _prompt(request: Request) -> Any:
+    """Text, or vLLM's tokens prompt when the task tokenized the row itself."""
+    if request.token_ids is not None:
+        return {"prompt_token_ids": list(request.token_ids)}
+    return request.prompt
 
 
 def _offline_defaults() -> dict[str, Any]:

@@ -1,0 +1,22 @@
+"""Tasks: the kinds of job (``spec.task``). One module per kind; this is their registry."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from batchjobs.tasks.base import Prepared, RowError, Task
+from batchjobs.tasks.chat import ChatTask
+from batchjobs.tasks.embed import EmbedTask
+from batchjobs.tasks.generate import GenerateTask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchjobs.spec import JobSpec
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (GenerateTask, ChatTask, EmbedTask)}
+
+
+def task_for(spec: JobSpec) -> Task:
+    return TASKS[spec.task](spec)
+
+
+__all__ = ["TASKS", "Prepared", "RowError", "Task", "task_for"]

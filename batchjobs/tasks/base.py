@@ -1,0 +1,200 @@
+"""What every task shares: the contract, and the checks of the values a row may carry.
+
+A task is the one place that knows how an input row becomes an engine request and how a
+result becomes typed output columns. It names the input columns it reads (``columns``),
+checks a row's values where they are read (``check_row``: cheap, no model), turns a row
+into a ``Request`` in the engine's process (``prepare``, which may tokenize or render a
+chat template), picks the engine call (``call``), and writes the result columns
+(``output_fields`` / ``to_columns``). Readers, actors, the sink, resume and the manifest
+know nothing about tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+
+if TYPE_CHECKING:  # pragma: no cover
+    from batchjobs.engines.base import Engine, Request, Result
+    from batchjobs.readers import Columns
+    from batchjobs.spec import JobSpec
+
+
+def request_id(row_id: str) -> str:
+    """An engine request id for a row: unique even when a retried batch sends it again."""
+    return f"{row_id}#{uuid.uuid4().hex[:8]}"
+
+
+class RowError(Exception):
+    """A row that cannot become a request: its message becomes the row's ``error``."""
+
+
+@dataclass
+class Prepared:
+    """A row ready for the engine, plus output values the task knew before running it."""
+
+    request: Request
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    name: ClassVar[str]
+    call: ClassVar[str]  # the engine call that serves it: "generate" | "embed"
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        # Ray Data calls a replica from several threads; a fast tokenizer must not be used
+        # by two at once ("Already borrowed"), so tasks hold this lock around it.
+        self.lock = threading.Lock()
+
+    def input_columns(self) -> Columns:
+        """What the readers read for this task, and the checks they apply."""
+        from batchjobs.readers import Columns
+
+        inp = self.spec.input
+        return Columns(
+            fields=self.columns(),
+            id_column=inp.id_column,
+            sampling=dict(inp.sampling_columns),
+            check_row=self.check_row,
+            check_type=self.check_type,
+        )
+
+    # -- planning and reading (driver and read tasks; no engine, no model files) --------
+
+    def columns(self) -> dict[str, str]:
+        """The input columns this task reads, by role (``prompt``, ``messages``,
+        ``token_ids``): the spec's column names."""
+        inp = self.spec.input
+        if inp.token_ids_column:
+            return {"token_ids": inp.token_ids_column}
+        return {"prompt": inp.prompt_column}
+
+    def check_type(self, role: str, dtype: pa.DataType) -> str | None:
+        """Why a Parquet column of this type cannot serve ``role``, or None."""
+        if role == "prompt" and not (pa.types.is_string(dtype) or pa.types.is_large_string(dtype)):
+            return "expected string"
+        if role == "token_ids" and not (
+            (pa.types.is_list(dtype) or pa.types.is_large_list(dtype))
+            and pa.types.is_integer(dtype.value_type)
+        ):
+            return "expected list<int>"
+        return None
+
+    def check_row(self, values: dict[str, Any]) -> str | None:
+        """Why this row's values cannot run (naming the column), or None."""
+        for role, column in self.columns().items():
+            problem = CHECKS[role](values.get(role))
+            if problem:
+                return f"{column!r} {problem}"
+        return None
+
+    # -- in the engine's process ---------------------------------------------------------
+
+    async def setup(self, engine: Engine) -> None:
+        """Load what ``prepare`` needs (a tokenizer), once per engine replica, on the
+        engine's event loop once the engine is up."""
+
+    def prepare(self, request_id: str, values: dict[str, Any], params: dict | None) -> Prepared:
+        """One checked row as an engine request; raise ``RowError`` for a row that cannot run."""
+        from batchjobs.engines.base import Request
+
+        if "token_ids" in values:
+            return Prepared(Request(request_id, token_ids=values["token_ids"], params=params))
+        return Prepared(Request(request_id, prompt=values["prompt"], params=params))
+
+    def prepare_batch(
+        self, ids: list[str], payloads: list, input_errors: list, params: list
+    ) -> list[Prepared | str]:
+        """Each row of a read batch prepared, or the reason it fails (its input error, or
+        the ``RowError`` that ``prepare`` raised)."""
+        out: list[Prepared | str] = []
+        for row_id, payload, error, row_params in zip(ids, payloads, input_errors, params):
+            if error is not None:
+                out.append(error)
+                continue
+            try:
+                out.append(self.prepare(request_id(row_id), json.loads(payload), row_params))
+            except RowError as exc:
+                out.append(f"row {row_id}: {exc}")
+        return out
+
+    async def run(self, engine: Engine, request: Request) -> Result:
+        return await getattr(engine, self.call)(request)
+
+    # -- output --------------------------------------------------------------------------
+
+    def output_fields(self) -> dict[str, pa.DataType]:
+        """The task's result columns, after the id column and the shard bookkeeping."""
+        raise NotImplementedError
+
+    def to_columns(self, results: Sequence[Result], extras: Sequence[dict]) -> dict[str, pa.Array]:
+        """The result columns of one batch, typed as ``output_fields`` says."""
+        raise NotImplementedError
+
+    def schema_metadata(self) -> dict[str, str]:
+        """Key-value metadata written into every output file's Parquet schema."""
+        return {"batchjobs.task": self.name}
+
+
+def check_text(value: Any) -> str | None:
+    if value is None:
+        return "is null"
+    if not isinstance(value, str):
+        return f"is {type(value).__name__}, expected string"
+    if not value.strip():
+        return "is empty"
+    return None
+
+
+def check_token_ids(value: Any) -> str | None:
+    if value is None:
+        return "is null"
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    ):
+        return "is not a list of non-negative integer token ids"
+    if not value:
+        return "is an empty list"
+    return None
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def check_messages(value: Any) -> str | None:
+    if value is None:
+        return "is null"
+    if not isinstance(value, list):
+        return f"is {type(value).__name__}, expected a list of {{role, content}} messages"
+    if not value:
+        return "is an empty list of messages"
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            return f"message {i} is {type(msg).__name__}, expected {{role, content}}"
+        role = msg.get("role")
+        if role not in CHAT_ROLES:
+            return f"message {i} has role {role!r} (allowed: {', '.join(CHAT_ROLES)})"
+        content = msg.get("content")
+        if not isinstance(content, str):
+            what = "no content" if content is None else f"content of type {type(content).__name__}"
+            return f"message {i} ({role}) has {what}, expected a string"
+    return None
+
+
+CHECKS = {"prompt": check_text, "token_ids": check_token_ids, "messages": check_messages}
+
+
+def common_columns(results: Sequence[Result]) -> dict[str, pa.Array]:
+    """``prompt_tokens``, ``latency_s`` and ``error``: the columns every task writes."""
+    return {
+        "prompt_tokens": pa.array([r.prompt_tokens for r in results], pa.int32()),
+        "latency_s": pa.array([r.latency_s for r in results], pa.float32()),
+        "error": pa.array([r.error for r in results], pa.string()),
+    }
