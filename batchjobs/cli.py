@@ -188,11 +188,13 @@ def make_model(
     shape: Annotated[
         str,
         typer.Option(
-            help="tiny (real random weights), llama-7b, llama3-8b, llama3-70b (config only)."
+            help="tiny (real random weights), or config only for load_format: dummy: "
+            "llama-7b, llama3-8b, llama3-70b."
         ),
     ] = "tiny",
 ) -> None:
-    """Build a local model (tokenizer + config, weights for tiny) that needs no hub access."""
+    """Build a local model (tokenizer with a chat template + config, weights for tiny) that
+    needs no hub access."""
     from batchjobs.tools.models import build_model
 
     try:

@@ -1,8 +1,9 @@
 """Build small local models (no hub access needed): a tiny real Llama for the CPU demo and
-tests, and config-only Llama shapes for GPU benchmarks with ``load_format: dummy``.
+tests, and config-only shapes of real models for GPU benchmarks with ``load_format: dummy``.
 
-Needs ``transformers`` and ``tokenizers`` (and ``torch`` for real weights); they are
-imported only when a model is built.
+Every model gets its own BPE tokenizer with a ChatML chat template, so chat jobs run on
+it offline. Needs ``transformers`` and ``tokenizers`` (and ``torch`` for real weights);
+they are imported only when a model is built.
 """
 
 from __future__ import annotations
@@ -10,11 +11,15 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
-SHAPES = {
-    # hidden, intermediate, layers, heads, kv heads, vocab. head_dim 64: vLLM's CPU attention
-    # rejects 16.
+# Each shape is a transformers config: model_type picks the class, the rest are its keys.
+# Shapes without weights set the published models' dimensions and dtype.
+_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"])
+SHAPES: dict[str, dict[str, Any]] = {
+    # head_dim 64: vLLM's CPU attention rejects 16.
     "tiny": dict(
+        **_LLAMA,
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
@@ -23,6 +28,7 @@ SHAPES = {
         vocab_size=512,
     ),
     "llama-7b": dict(
+        **_LLAMA,
         hidden_size=4096,
         intermediate_size=11008,
         num_hidden_layers=32,
@@ -31,6 +37,7 @@ SHAPES = {
         vocab_size=32000,
     ),
     "llama3-8b": dict(
+        **_LLAMA,
         hidden_size=4096,
         intermediate_size=14336,
         num_hidden_layers=32,
@@ -39,6 +46,7 @@ SHAPES = {
         vocab_size=32000,
     ),
     "llama3-70b": dict(
+        **_LLAMA,
         hidden_size=8192,
         intermediate_size=28672,
         num_hidden_layers=80,
@@ -47,6 +55,16 @@ SHAPES = {
         vocab_size=32000,
     ),
 }
+
+# ChatML: every turn is <|im_start|>role\ncontent<|im_end|>\n; the generation prompt opens
+# the assistant's turn. Roles are not checked here: the job validates messages first.
+CHAT_START, CHAT_END = "<|im_start|>", "<|im_end|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 WORDS = [
     "the",
@@ -131,6 +149,8 @@ def corpus(lines: int = 4000, seed: int = 0) -> list[str]:
 
 
 def build_tokenizer(out: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer of at most ``vocab_size`` tokens (special tokens included,
+    so the model's embedding covers every id) with the ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -139,43 +159,60 @@ def build_tokenizer(out: Path, vocab_size: int) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],
+        special_tokens=["<unk>", "<s>", "</s>", CHAT_START, CHAT_END],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=[CHAT_START, CHAT_END],
     )
-    fast.save_pretrained(str(out))
+    fast.chat_template = CHAT_TEMPLATE
+    # In tokenizer_config.json, where every transformers version looks (newer ones would
+    # write chat_template.jinja instead).
+    fast.save_pretrained(str(out), save_jinja_files=False)
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("chat_template") != CHAT_TEMPLATE:
+        config["chat_template"] = CHAT_TEMPLATE
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        (out / "chat_template.jinja").unlink(missing_ok=True)
 
 
 def build_model(
     out: str | Path, shape: str = "tiny", max_position_embeddings: int = 4096, seed: int = 0
 ) -> Path:
-    """Write tokenizer + config (+ random weights for ``tiny``) to ``out``; return it."""
+    """Write tokenizer + config (+ random weights for ``tiny``) to ``out``; return it.
+
+    ``max_position_embeddings`` applies to shapes that do not set their own.
+    """
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dims = SHAPES[shape]
-    build_tokenizer(out, dims["vocab_size"])
-    from transformers import LlamaConfig
+    keys = dict(SHAPES[shape])
+    build_tokenizer(out, keys["vocab_size"])
+    from transformers import AutoConfig
 
-    config = LlamaConfig(
-        **dims,
-        max_position_embeddings=max_position_embeddings,
+    keys.setdefault("max_position_embeddings", max_position_embeddings)
+    keys.setdefault("tie_word_embeddings", False)
+    config = AutoConfig.for_model(
+        keys.pop("model_type"),
+        **keys,
         bos_token_id=1,
         eos_token_id=2,
-        tie_word_embeddings=False,
         torch_dtype="bfloat16" if shape != "tiny" else "float32",
     )
     if shape == "tiny":
         import torch
-        from transformers import LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
-        LlamaForCausalLM(config).save_pretrained(str(out))
+        AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
     else:
         config.save_pretrained(str(out))  # weights come from load_format: dummy
     (out / "batchjobs-model.json").write_text(json.dumps({"shape": shape, "seed": seed}) + "\n")

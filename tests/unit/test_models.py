@@ -1,0 +1,77 @@
+"""make-model's local models: the tokenizer's chat template and the config-only shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batchjobs.tools.models import SHAPES, build_model, build_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "the model of the city?"},
+    {"role": "assistant", "content": "data."},
+    {"role": "user", "content": "and?"},
+]
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    build_tokenizer(out, SHAPES["tiny"]["vocab_size"])
+    return out
+
+
+def _ids(encoded) -> list[int]:
+    """apply_chat_template's token ids, whether this transformers returns a list or a dict."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def test_chat_template_renders_chatml_with_a_generation_prompt(tokenizer_dir, offline):
+    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    text = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nthe model of the city?<|im_end|>\n"
+        "<|im_start|>assistant\ndata.<|im_end|>\n"
+        "<|im_start|>user\nand?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    closed = tok.apply_chat_template(MESSAGES[:2], add_generation_prompt=False, tokenize=False)
+    assert closed.endswith("the model of the city?<|im_end|>\n")
+
+
+def test_chat_markers_are_single_tokens_the_model_can_embed(tokenizer_dir, offline):
+    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    ids = _ids(tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True))
+    start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert start != tok.unk_token_id and end != tok.unk_token_id
+    assert ids.count(start) == 5 and ids.count(end) == 4
+    assert tok.decode(ids) == tok.apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=False
+    )
+    assert max(ids) < len(tok) <= SHAPES["tiny"]["vocab_size"]
+    # where every transformers version reads it
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == tok.chat_template
+
+
+@pytest.mark.parametrize("vocab_size", sorted({s["vocab_size"] for s in SHAPES.values()}))
+def test_every_shape_has_an_embedding_row_for_every_token(tmp_path, vocab_size, offline):
+    build_tokenizer(tmp_path, vocab_size)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(tok) <= vocab_size
+    assert tok.chat_template
+
+
+def test_unknown_shape_names_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match="llama3-70b"):
+        build_model(tmp_path, "gpt-9")
