@@ -189,7 +189,7 @@ def make_model(
         str,
         typer.Option(
             help="tiny (real random weights), or config only for load_format: dummy: "
-            "llama-7b, llama3-8b, llama3-70b."
+            "llama-7b, llama3-8b, llama3-70b, qwen3-0.6b."
         ),
     ] = "tiny",
 ) -> None:

@@ -54,6 +54,23 @@ SHAPES: dict[str, dict[str, Any]] = {
         num_key_value_heads=8,
         vocab_size=32000,
     ),
+    # Qwen3-0.6B and Qwen3-Embedding-0.6B (the same network; vLLM embeds with it in pooling
+    # mode). vocab_size is the embedding model's.
+    "qwen3-0.6b": dict(
+        model_type="qwen3",
+        architectures=["Qwen3ForCausalLM"],
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151669,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
 }
 
 # ChatML: every turn is <|im_start|>role\ncontent<|im_end|>\n; the generation prompt opens

@@ -72,6 +72,32 @@ def test_every_shape_has_an_embedding_row_for_every_token(tmp_path, vocab_size, 
     assert tok.chat_template
 
 
+def test_qwen3_shape_writes_a_loadable_config_without_weights(tmp_path, offline):
+    out = build_model(tmp_path / "qwen3", "qwen3-0.6b")
+    config = transformers.AutoConfig.from_pretrained(str(out))
+    assert config.model_type == "qwen3"
+    assert config.architectures == ["Qwen3ForCausalLM"]
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.intermediate_size,
+        config.vocab_size,
+        config.max_position_embeddings,
+    ) == (1024, 28, 16, 8, 128, 3072, 151669, 32768)
+    rope = getattr(config, "rope_parameters", None) or {}
+    assert rope.get("rope_theta", getattr(config, "rope_theta", None)) == 1000000.0
+    assert config.tie_word_embeddings is True
+    assert config.rms_norm_eps == 1e-6
+    assert "bfloat16" in str(getattr(config, "dtype", None) or config.torch_dtype)
+    assert not list(out.glob("*.safetensors"))  # vLLM's load_format: dummy makes the weights
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) <= config.vocab_size
+    assert tok.apply_chat_template(MESSAGES[1:2], add_generation_prompt=True, tokenize=False)
+
+
 def test_unknown_shape_names_the_known_ones(tmp_path):
-    with pytest.raises(ValueError, match="llama3-70b"):
+    with pytest.raises(ValueError, match="qwen3-0.6b"):
         build_model(tmp_path, "gpt-9")
