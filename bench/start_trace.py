@@ -7,11 +7,11 @@ adds is the time before the actor's ``__init__``. This measures it with a stand-
 (no vLLM): a Ray head is started first (the ``ray job submit`` case), then per round two
 fresh drivers, each a new process:
 
-- ``raydata``: ``pipeline.run`` with ``BATCHJOBS_EARLY_REPLICAS=0``: the engine is in Ray
-  Data's map worker, as before the replicas were started by the driver. Marks the driver's
-  imports, its join, its Ray Data plan, and the actor's process start and ``__init__``;
-- ``early``: ``pipeline.run`` with ``BATCHJOBS_EARLY_REPLICAS=1`` (the default on GPUs):
-  the driver starts the engine replica as an actor of its own right after joining
+- ``raydata``: ``pipeline.run(..., placement="pool")``: the engine is in Ray Data's map
+  worker (the default on CPU). Marks the driver's imports, its join, its Ray Data plan,
+  and the actor's process start and ``__init__``;
+- ``early``: ``pipeline.run(..., placement="replicas")`` (the default on GPUs): the driver
+  starts the engine replica as an actor of its own right after joining
   (``replicas.start_replicas``);
 - ``plain``: the driver joins and creates one plain Ray actor with the engine actor's
   kind of environment, whose ``__init__`` imports ``batchjobs.actor``, then imports Ray
@@ -140,7 +140,8 @@ def child_pipeline(a) -> None:
         }
     )
     mark("spec")
-    pipeline.run(spec, engine_factory=factory)
+    placement = "pool" if a.child == "raydata" else "replicas"
+    pipeline.run(spec, engine_factory=factory, placement=placement)
     mark("done")
     MARKS.update(actor_marks(a.trace))
 
@@ -199,8 +200,6 @@ def main() -> None:
     a = p.parse_args()
     if a.child:
         sys.path.insert(0, str(REPO))
-        if a.child != "plain":
-            os.environ["BATCHJOBS_EARLY_REPLICAS"] = "0" if a.child == "raydata" else "1"
         (child_plain if a.child == "plain" else child_pipeline)(a)
         print("TRACE " + json.dumps(MARKS), flush=True)
         return

@@ -15,8 +15,8 @@ inside a Ray actor does not apply. The child runs with the environment the actor
 vLLM asked for the process (vLLM sets variables while it builds its config), as a spawned
 one would.
 
-What the server imports is ``preload.py``'s: vLLM's engine core (and, when asked for, the
-GPU worker the core will build), so that a forked core finds it loaded.
+What the server imports is ``preload.py``'s: vLLM's engine core, so that a forked core
+finds it loaded.
 
 The server starts as early as the actor's process does: Ray runs ``early_start`` (a worker
 setup hook, installed through the engine actors' environment by ``setup_hook_env``) before
@@ -27,8 +27,7 @@ starts in the engine's ``__init__``.
 
 Only the start method changes: vLLM's own choice (fork where it would fork) stands
 wherever it is not ``spawn``. Setting ``VLLM_WORKER_MULTIPROC_METHOD`` (e.g. in the spec's
-``engine.env``) turns this off and leaves the choice to vLLM; ``BATCHJOBS_EARLY_START=0``
-keeps the warm start but starts the server in ``__init__``, as before the hook. The private APIs this needs
+``engine.env``) turns this off and leaves the choice to vLLM. The private APIs this needs
 (Ray's setup hook variable, vLLM's ``get_mp_context``) are reached through ``compat``.
 """
 
@@ -50,7 +49,6 @@ from batchjobs import compat
 log = logging.getLogger("batchjobs.engines")
 
 METHOD_VAR = "VLLM_WORKER_MULTIPROC_METHOD"
-EARLY_VAR = "BATCHJOBS_EARLY_START"
 PRELOAD = ["batchjobs.engines._server_preload"]
 HOOK = f"{__name__}.early_start"
 early_at: float | None = None  # when early_start started the server in this process
@@ -159,10 +157,10 @@ def early_start() -> None:
 def setup_hook_env(engine_env: dict[str, str], job_env: dict[str, str]) -> dict[str, str]:
     """The environment variable that makes Ray run ``early_start`` when it starts an engine
     actor's process, or nothing: when the warm start is off (``engine.env`` sets the start
-    method or ``BATCHJOBS_EARLY_START=0``), when the job has its own setup hook (``job_env``, the job's runtime_env
+    method), when the job has its own setup hook (``job_env``, the job's runtime_env
     variables: ours would replace it in the engine actors), or when this Ray has no such
     variable (``compat.ray_setup_hook_env_var``). Then the server starts in ``__init__``."""
-    if engine_env.get(METHOD_VAR) or engine_env.get(EARLY_VAR, "1") == "0":
+    if engine_env.get(METHOD_VAR):
         return {}
     try:
         var = compat.ray_setup_hook_env_var()

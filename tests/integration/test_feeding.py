@@ -46,15 +46,13 @@ def counting_factory(spec):
 
 
 @pytest.mark.parametrize(
-    "early", ["1", "0"], ids=["replica-started-by-driver", "in-ray-data-actor"]
+    "placement", ["replicas", "pool"], ids=["replica-started-by-driver", "in-ray-data-actor"]
 )
-def test_engine_sees_every_in_flight_batch(tmp_path, tiny_model, ray_session, monkeypatch, early):
+def test_engine_sees_every_in_flight_batch(tmp_path, tiny_model, ray_session, placement):
     """Either way the engine is placed: in a replica the driver starts (the default on
     GPUs), which Ray Data's actor forwards to, or in Ray Data's actor (the CPU default)."""
     from batchjobs.pipeline import run
     from batchjobs.spec import parse_spec
-
-    monkeypatch.setenv("BATCHJOBS_EARLY_REPLICAS", early)
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     # two big shards: each read task yields one 160-row block
@@ -67,7 +65,7 @@ def test_engine_sees_every_in_flight_batch(tmp_path, tiny_model, ray_session, mo
             resources={"replicas": 1, "batch_size": 8, "max_inflight_batches": 6},
         )
     )
-    summary = run(spec, engine_factory=counting_factory)
+    summary = run(spec, engine_factory=counting_factory, placement=placement)
     assert summary.rows == 320
     peak = max(int(t) for t in pq.read_table(tmp_path / "out").column("text").to_pylist())
     # Up to 6 batches of 8 in flight (48). Whole-shard blocks allow at most 2 tasks that run

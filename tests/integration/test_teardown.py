@@ -57,10 +57,10 @@ def _factory(probe: str, spec):
 
 
 @pytest.mark.parametrize(
-    "early", ["1", "0"], ids=["replica-started-by-driver", "in-ray-data-actor"]
+    "placement", ["replicas", "pool"], ids=["replica-started-by-driver", "in-ray-data-actor"]
 )
 def test_engine_closes_with_its_processes_and_the_driver_waits_for_it(
-    tmp_path, tiny_model, ray_session, monkeypatch, early
+    tmp_path, tiny_model, ray_session, placement
 ):
     from batchjobs.actor import EngineActor, EngineReplicaActor
     from batchjobs.cluster import wait_pids
@@ -68,13 +68,12 @@ def test_engine_closes_with_its_processes_and_the_driver_waits_for_it(
     from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
-    monkeypatch.setenv("BATCHJOBS_EARLY_REPLICAS", early)
-    holder = (EngineReplicaActor if early == "1" else EngineActor).__name__
+    holder = (EngineReplicaActor if placement == "replicas" else EngineActor).__name__
     prompt_shards(tmp_path / "in", shards=2, rows=20)
     probe = tmp_path / "probe"
     probe.mkdir()
     spec = parse_spec(spec_dict(tiny_model, str(tmp_path / "in"), str(tmp_path / "out")))
-    summary = run(spec, engine_factory=functools.partial(_factory, str(probe)))
+    summary = run(spec, engine_factory=functools.partial(_factory, str(probe)), placement=placement)
     assert summary.rows == 40
     # Ray did not kill the engine's child before the engine's own close ran ...
     assert (probe / "child_alive_at_close").read_text() == "True"

@@ -179,21 +179,29 @@ def test_the_replica_actor_runs_its_batches_on_threads_not_one_at_a_time():
 
 
 @pytest.mark.parametrize(
-    "device, setting, resources, early",
+    "device, asked, resources, placement",
     [
-        ("cuda", None, {"replicas": 2}, True),  # the default on GPUs (run T)
-        ("cpu", None, {"replicas": 2}, False),  # not on CPU (runs U1-U4)
-        ("cpu", "1", {"replicas": 1}, True),
-        ("cuda", "0", {"replicas": 1}, False),
-        ("cuda", "1", {"replicas": 4, "min_replicas": 2}, False),  # autoscaling: Ray Data's
+        ("cuda", None, {"replicas": 2}, "replicas"),  # the default on GPUs
+        ("cpu", None, {"replicas": 2}, "pool"),  # not on CPU
+        ("cuda", None, {"replicas": 4, "min_replicas": 2}, "pool"),  # autoscaling: Ray Data's
+        ("cpu", "replicas", {"replicas": 1}, "replicas"),  # tests cover both on CPU
+        ("cuda", "pool", {"replicas": 1}, "pool"),
+        ("cpu", "pool", {"replicas": 4, "min_replicas": 2}, "pool"),
     ],
 )
-def test_where_the_engine_replicas_start(spec_dict, monkeypatch, device, setting, resources, early):
-    from batchjobs.replicas import early_replicas
+def test_where_the_engines_run(spec_dict, device, asked, resources, placement):
+    from batchjobs.replicas import engine_placement
 
-    if setting is None:
-        monkeypatch.delenv("BATCHJOBS_EARLY_REPLICAS", raising=False)
-    else:
-        monkeypatch.setenv("BATCHJOBS_EARLY_REPLICAS", setting)
     spec_dict["resources"] = resources
-    assert early_replicas(parse_spec(spec_dict), device) is early
+    assert engine_placement(parse_spec(spec_dict), device, asked) == placement
+
+
+def test_engine_placement_refuses_what_cannot_be(spec_dict):
+    from batchjobs.replicas import engine_placement
+
+    spec_dict["resources"] = {"replicas": 4, "min_replicas": 2}
+    with pytest.raises(ValueError, match="needs a fixed pool"):
+        engine_placement(parse_spec(spec_dict), "cuda", "replicas")
+    spec_dict["resources"] = {"replicas": 1}
+    with pytest.raises(ValueError, match="placement must be one of"):
+        engine_placement(parse_spec(spec_dict), "cuda", "early")

@@ -85,34 +85,28 @@ def test_children_take_the_owners_environment_and_die_with_it(tmp_path):
                 os.kill(int((tmp_path / "pids").read_text().split()[1]), signal.SIGKILL)
 
 
-def test_preload_imports_the_gpu_worker_only_when_asked_on_cuda_and_skips_failures(
-    tmp_path, monkeypatch
-):
+def test_preload_imports_what_it_can_and_names_what_failed(tmp_path, monkeypatch):
     from batchjobs.engines import preload
 
     (tmp_path / "pre_core.py").write_text("")
-    (tmp_path / "pre_gpu.py").write_text("")
     (tmp_path / "pre_broken.py").write_text("raise RuntimeError('broken at import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("pre_core", "pre_gpu", "pre_broken"):
+    for name in ("pre_core", "pre_broken"):
         monkeypatch.delitem(sys.modules, name, raising=False)
 
-    def cuda_unknown():
-        raise RuntimeError("no platform")
-
-    failed = preload.preload(("pre_core",), ("pre_gpu",), is_cuda=cuda_unknown, gpu_worker=True)
-    assert failed == [] and "pre_core" in sys.modules and "pre_gpu" not in sys.modules
-
-    monkeypatch.delenv(preload.GPU_WORKER_VAR, raising=False)  # off unless asked for
-    assert preload.preload(("pre_core",), ("pre_gpu",), is_cuda=lambda: True) == []
-    assert "pre_gpu" not in sys.modules
-
-    monkeypatch.setenv(preload.GPU_WORKER_VAR, "1")
-    failed = preload.preload(
-        ("pre_core", "pre_missing"), ("pre_broken", "pre_gpu"), is_cuda=lambda: True
-    )
+    failed = preload.preload(("pre_missing", "pre_broken", "pre_core"))
     assert failed == ["pre_missing", "pre_broken"]
-    assert "pre_gpu" in sys.modules
+    assert "pre_core" in sys.modules
+
+
+def test_preload_defaults_to_vllms_engine_core(monkeypatch):
+    from batchjobs import compat
+    from batchjobs.engines import preload
+
+    asked = []
+    monkeypatch.setattr(preload, "_try_import", lambda name: asked.append(name) or True)
+    assert preload.preload() == []
+    assert asked == list(compat.vllm_engine_core_modules()) == ["vllm.v1.engine.core"]
 
 
 def test_the_fork_server_is_told_to_run_the_preload():
@@ -136,7 +130,6 @@ def test_setup_hook_env_names_the_early_start_unless_turned_off():
     env = warmstart.setup_hook_env({}, {})
     assert env == {var: "batchjobs.engines.warmstart.early_start"}
     assert load_class(env[var]) is warmstart.early_start  # what Ray's worker will call
-    assert warmstart.setup_hook_env({"BATCHJOBS_EARLY_START": "0"}, {}) == {}
     assert warmstart.setup_hook_env({"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}, {}) == {}
     # A job's own setup hook is left in place, not replaced in the engine actors.
     assert warmstart.setup_hook_env({}, {var: "mypkg.setup"}) == {}
