@@ -55,7 +55,7 @@ def tasks_per_replica(spec: JobSpec, todo: list[Shard], device: str = "cuda") ->
     """Batches one replica may hold at once: ``inflight_batches``, or less in a job too
     small to give every replica that many: then each replica's fair share of the job,
     ceil(batches / replicas), so the first replica up cannot take the batches the others
-    would get (measured on 4 H200s before any fix: 2 of 4 replicas served a 32-batch job).
+    would get (without the cap, 2 of 4 replicas on a GPU host served a whole 32-batch job).
 
     The pool stays work-conserving: a replica that finishes its share early takes more
     while batches are left. Rows are counted only when the shards alone cannot make the
@@ -88,12 +88,11 @@ def io_concurrency() -> int | None:
 def start_gate_s(spec: JobSpec) -> float:
     """Ray Data's ``wait_for_min_actors_s`` for this job: -1 (no gate) or the timeout.
 
-    The gate (``resources.start_timeout_s`` > 0, off by default) feeds no replica until the
-    pool's minimum is up. It was the default while the first replica up could take
-    ``inflight_batches`` batches before the others started (measured: 4 replicas, 2 served
-    rows); ``tasks_per_replica`` now caps a small job's replicas at their share instead.
-    Ray Data waits for the gate synchronously and holds back the read tasks too, so reads
-    start only when the engines are ready, and each replica then idles for its first rows.
+    The gate (``resources.start_timeout_s`` > 0) feeds no replica until the pool's minimum
+    is up. It is off by default: ``tasks_per_replica`` already keeps the first replica up
+    from taking the batches of a small job that the others would get, and Ray Data waits
+    for the gate synchronously and holds back the read tasks too, so reads would start
+    only when the engines are ready and each replica would then idle for its first rows.
     With one replica there is nothing to spread, so no gate.
     """
     res = spec.resources

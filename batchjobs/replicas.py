@@ -39,9 +39,8 @@ def engine_env(spec: JobSpec, device: str, engine_factory: Callable | None = Non
 
     # Ray starts engine actors, like all its workers, at nice 15 (`worker_niceness`), below
     # the raylet and this driver. `engine.env: {RAY_worker_niceness: "0"}` lifts them to the
-    # normal priority; on 2 cores that measured from 0.04 worse to 0.07 better than 15 (raw
-    # LLM.generate = 1, start-up excluded; docs/PERFORMANCE.md, runs I2-I4 and J1-J2), so
-    # Ray's default stands.
+    # normal priority; on 2 cores that measured within noise of nice 15 (from 0.04 worse to
+    # 0.07 better as a share of raw LLM.generate's throughput), so Ray's default stands.
     env = {
         "VLLM_LOGGING_LEVEL": "ERROR",
         # Ray kills an exiting actor's child processes before the shutdown hook that closes

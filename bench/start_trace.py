@@ -2,8 +2,7 @@
 engine actor created by the driver itself, before Ray Data, would save.
 
 The engine's own start (importing vLLM, building the engine) is the same in batchjobs'
-actor as in raw ``LLM.generate``'s process (docs/PERFORMANCE.md, run R). What batchjobs
-adds is the time before the actor's ``__init__``. This measures it with a stand-in engine
+actor as in raw ``LLM.generate``'s process. What batchjobs adds is the time before the actor's ``__init__``. This measures it with a stand-in engine
 (no vLLM): a Ray head is started first (the ``ray job submit`` case), then per round two
 fresh drivers, each a new process:
 
