@@ -65,7 +65,7 @@ def spec_dict(model: Path, inp: str, out: str, **over) -> dict:
         },
     }
     for key, value in over.items():
-        spec[key] = {**spec.get(key, {}), **value}
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
     return spec
 
 
