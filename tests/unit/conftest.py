@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -69,30 +70,21 @@ def write_jsonl():
     return _write_jsonl
 
 
-ENGINE_OUTPUT_SCHEMA = pa.schema(
-    [
-        ("row_id", pa.string()),
-        ("shard_id", pa.string()),
-        ("row_index", pa.int64()),
-        ("shard_rows", pa.int64()),
-        ("text", pa.string()),
-        ("finish_reason", pa.string()),
-        ("prompt_tokens", pa.int32()),
-        ("completion_tokens", pa.int32()),
-        ("latency_s", pa.float32()),
-        ("error", pa.string()),
-        ("_engine_s", pa.float64()),
-        ("_replica", pa.string()),
-        ("_replica_startup_s", pa.float64()),
-        ("_replica_ready_at", pa.float64()),
-        ("_replica_idle_s", pa.float64()),
-        ("_replica_limit", pa.int64()),
-        ("_replica_inflight_s", pa.float64()),
-        ("_replica_busy_s", pa.float64()),
-        ("_replica_prompt_tokens", pa.float64()),
-        ("_replica_cached_tokens", pa.float64()),
-    ]
-)
+def _engine_output_schema() -> pa.Schema:
+    """The engine stage's output for a generate job: the read bookkeeping, the task's
+    result columns, and each row's engine seconds (``actor.EngineReplica.__call__``)."""
+    from batchjobs.tasks.generate import TEXT_FIELDS
+
+    return pa.schema(
+        [
+            ("row_id", pa.string()),
+            ("shard_id", pa.string()),
+            ("row_index", pa.int64()),
+            ("shard_rows", pa.int64()),
+            *TEXT_FIELDS.items(),
+            ("_engine_s", pa.float64()),
+        ]
+    )
 
 
 def _engine_output(rows: list[dict[str, Any]]) -> pa.Table:
@@ -109,22 +101,56 @@ def _engine_output(rows: list[dict[str, Any]]) -> pa.Table:
             "latency_s": 0.25,
             "error": None,
             "_engine_s": 0.5,
-            "_replica": "rep-a",
-            "_replica_startup_s": 3.0,
-            "_replica_ready_at": 1000.0,
-            "_replica_idle_s": 0.5,
-            "_replica_limit": 512,
-            "_replica_inflight_s": 30.0,
-            "_replica_busy_s": 10.0,
-            "_replica_prompt_tokens": 400.0,
-            "_replica_cached_tokens": 100.0,
         }
         d.update(r)
         full.append(d)
-    return pa.Table.from_pylist(full, schema=ENGINE_OUTPUT_SCHEMA)
+    return pa.Table.from_pylist(full, schema=_engine_output_schema())
 
 
 @pytest.fixture
 def engine_output():
     """engine_output(rows) -> pa.Table shaped like the engine actor's output."""
     return _engine_output
+
+
+@pytest.fixture
+def make_spec(spec_dict):
+    """make_spec(task=..., input={...}, chat={...}, ...) -> the validated JobSpec of
+    ``spec_dict`` with those sections merged in (a dict updates the section, anything else
+    replaces the key)."""
+    from batchjobs.spec import parse_spec
+
+    def _make(**sections: Any):
+        raw = copy.deepcopy(spec_dict)
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(raw.get(key), dict):
+                raw[key] = {**raw[key], **value}
+            else:
+                raw[key] = value
+        return parse_spec(raw)
+
+    return _make
+
+
+@pytest.fixture
+def read_columns(make_spec):
+    """read_columns(task="generate", spec={sections}, **input_keys) -> the ``Columns`` the
+    task of that spec reads (``task_for(spec).input_columns()``)."""
+    from batchjobs.tasks import task_for
+
+    def _cols(task: str = "generate", spec: dict[str, Any] | None = None, **input_keys: Any):
+        return task_for(make_spec(task=task, input=input_keys, **(spec or {}))).input_columns()
+
+    return _cols
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A local tokenizer as ``batchjobs make-model --shape tiny`` builds it (ChatML chat
+    template included), built once per session: it takes seconds."""
+    from batchjobs.tools.models import SHAPES, build_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    build_tokenizer(out, SHAPES["tiny"]["vocab_size"])
+    (out / "config.json").write_text("{}")
+    return out

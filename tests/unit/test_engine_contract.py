@@ -60,9 +60,8 @@ def test_success_is_normalised(adapter):
         completion_tokens=3,
         latency_s=0.25,
         error=None,
-        token_ids=[5, 6, 7],
     )
-    assert all(isinstance(t, int) for t in r.token_ids)
+    assert type(r.completion_tokens) is int and type(r.prompt_tokens) is int
 
 
 def test_finish_reasons_map_onto_one_vocabulary(adapter):
@@ -89,11 +88,97 @@ def test_trtllm_single_prompt_list_is_unwrapped():
     assert trtllm.normalize([trtllm_output(), trtllm_output()], 0.1).finish_reason == "error"
 
 
-def test_trtllm_token_ids_become_ints():
+def test_trtllm_numpy_token_ids_are_counted_as_an_int():
     import numpy as np
 
     r = trtllm.normalize(trtllm_output(ids=np.array([3, 4], dtype=np.int32)), 0.1)
-    assert r.token_ids == [3, 4] and type(r.token_ids[0]) is int
+    assert r.completion_tokens == 2 and type(r.completion_tokens) is int
+    assert r.finish_reason == "stop" and r.error is None
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def vllm_pooled(data, prompt=(1, 2, 3), cached=None):
+    # vllm.PoolingRequestOutput: prompt_token_ids, outputs.data (a torch tensor or array)
+    return NS(
+        request_id="r-1",
+        prompt_token_ids=list(prompt),
+        outputs=NS(data=data),
+        num_cached_tokens=cached,
+        finished=True,
+    )
+
+
+def test_vllm_pooled_output_is_normalised():
+    import numpy as np
+
+    r = vllm.normalize_pooled(vllm_pooled(np.array([0.6, 0.8], dtype=np.float32), cached=2), 0.5)
+    assert (r.finish_reason, r.error, r.prompt_tokens, r.latency_s) == ("stop", None, 3, 0.5)
+    assert r.cached_tokens == 2 and r.text is None and r.completion_tokens == 0
+    assert np.asarray(r.embedding, dtype=np.float32).tolist() == pytest.approx([0.6, 0.8])
+
+
+def test_vllm_pooled_tensor_becomes_float32_numbers():
+    class Tensor:  # the torch.Tensor methods the adapter calls, without torch
+        def __init__(self, values):
+            self.values = values
+
+        def float(self):
+            return self
+
+        def cpu(self):
+            return self
+
+        def numpy(self):
+            import numpy as np
+
+            return np.asarray(self.values, dtype=np.float32)
+
+    r = vllm.normalize_pooled(vllm_pooled(Tensor([1.0, 0.0, 0.0])), 0.1)
+    assert list(r.embedding) == [1.0, 0.0, 0.0] and r.error is None
+
+
+def test_vllm_pooled_output_without_data_is_an_error_row():
+    r = vllm.normalize_pooled(NS(prompt_token_ids=[1], outputs=None), 0.1)
+    assert r.finish_reason == "error" and r.error and r.embedding is None
+
+
+@pytest.mark.parametrize(
+    "accepted, expected",
+    [
+        # vLLM has called L2 normalisation both use_activation and normalize
+        ({"task", "dimensions", "use_activation"}, {"task": "embed", "use_activation": False}),
+        ({"task", "dimensions", "normalize"}, {"task": "embed", "normalize": False}),
+        ({"task"}, {"task": "embed"}),
+    ],
+)
+def test_pooling_kwargs_follow_the_installed_vllm(make_spec, accepted, expected):
+    spec = make_spec(task="embed", embed={"normalize": False})
+    assert vllm.pooling_kwargs(spec, accepted) == expected
+
+
+def test_pooling_kwargs_pass_matryoshka_dimensions(make_spec, model_dir):
+    (model_dir / "config.json").write_text('{"is_matryoshka": true}')
+    spec = make_spec(task="embed", embed={"dimensions": 64})
+    assert vllm.pooling_kwargs(spec, {"task", "dimensions", "normalize"}) == {
+        "task": "embed",
+        "dimensions": 64,
+        "normalize": True,
+    }
+
+
+def test_embed_jobs_run_vllm_in_pooling_mode(make_spec):
+    assert vllm.engine_args(make_spec(task="embed"))["runner"] == "pooling"
+    assert vllm.engine_args(make_spec(task="embed"))["convert"] == "embed"
+    assert "runner" not in vllm.engine_args(make_spec(task="generate"))
+
+
+def test_request_carries_text_or_token_ids_to_vllm():
+    from batchjobs.engines.base import Request
+
+    assert vllm._prompt(Request("r", prompt="hi")) == "hi"
+    assert vllm._prompt(Request("r", token_ids=(4, 5))) == {"prompt_token_ids": [4, 5]}
 
 
 def test_trtllm_kwargs_map_the_spec(spec_dict):

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
+import pytest
 
 from batchjobs.ordering import group_by_prefix, read_groups
 from batchjobs.readers import Shard, read_shard
+
+
+def _prompts(batch: pa.Table) -> list[str | None]:
+    """The prompt each row of a read batch carries (None: an input error, no payload)."""
+    return [json.loads(p)["prompt"] if p else None for p in batch.column("payload").to_pylist()]
 
 
 def _shard(tmp_path, prompts):
@@ -18,32 +26,32 @@ def _shard(tmp_path, prompts):
     )
 
 
-def test_rows_sharing_a_prefix_land_in_the_same_batches(tmp_path):
+def test_rows_sharing_a_prefix_land_in_the_same_batches(tmp_path, read_columns):
     prefixes = ["DOC A " * 20, "DOC B " * 20, "DOC C " * 20]
     prompts = [f"{prefixes[i % 3]} question {i}" for i in range(30)]  # interleaved A B C A B C
     shard = _shard(tmp_path, prompts)
-    batches = list(group_by_prefix(read_shard(shard, "prompt", None, batch_rows=4), 10))
+    batches = list(group_by_prefix(read_shard(shard, read_columns(), batch_rows=4), 10))
     assert [b.num_rows for b in batches] == [10, 10, 10]
     for b, prefix in zip(batches, sorted(prefixes)):
-        assert all(p.startswith(prefix) for p in b.column("prompt").to_pylist())
+        assert all(p.startswith(prefix) for p in _prompts(b))
     rows = pa.concat_tables(batches)
     # nothing lost or duplicated, and each row keeps its own index and id
     assert sorted(rows.column("row_index").to_pylist()) == list(range(30))
-    for p, i in zip(rows.column("prompt").to_pylist(), rows.column("row_index").to_pylist()):
+    for p, i in zip(_prompts(rows), rows.column("row_index").to_pylist()):
         assert p == prompts[i]
 
 
-def test_error_rows_and_empty_shards_survive_grouping(tmp_path):
+def test_error_rows_and_empty_shards_survive_grouping(tmp_path, read_columns):
     shard = _shard(tmp_path, ["b", None, "a", ""])
-    rows = pa.concat_tables(list(group_by_prefix(read_shard(shard, "prompt", None), 3)))
-    assert rows.column("row_index").to_pylist() == [3, 2, 0, 1]  # "" < "a" < "b" < null
-    assert rows.column("input_error").is_null().to_pylist() == [False, True, True, False]
+    rows = pa.concat_tables(list(group_by_prefix(read_shard(shard, read_columns()), 3)))
+    # "a" < "b", then the error rows (no payload: null sorts last) in row order
+    assert rows.column("row_index").to_pylist() == [2, 0, 1, 3]
+    assert rows.column("input_error").is_null().to_pylist() == [True, True, False, False]
+    assert _prompts(rows) == ["a", "b", None, None]
     assert list(group_by_prefix(iter([]), 3)) == []
 
 
 def test_min_replicas_above_replicas_is_refused():
-    import pytest
-
     from batchjobs.spec import ResourcesSpec
 
     assert ResourcesSpec(replicas=4, min_replicas=2).min_replicas == 2
@@ -73,8 +81,6 @@ def test_read_groups_bound_the_input_one_task_sorts():
 def test_a_read_group_sorts_rows_of_all_its_shards_as_one(tmp_path):
     """Three shards each hold questions about the same three documents: read as one group,
     every batch holds one document's rows, whichever shard they came from."""
-    import json
-
     import pyarrow.parquet as pq
 
     from batchjobs.pipeline import _read_fn
@@ -102,12 +108,12 @@ def test_a_read_group_sorts_rows_of_all_its_shards_as_one(tmp_path):
             "output": {"path": str(tmp_path / "out")},
             "engine": {"model": str(tmp_path)},
         }
-    ).model_dump()
+    )
     batch = pa.table({"shards": [json.dumps([s.to_dict() for s in shards])]})
     batches = list(_read_fn(batch, spec, batch_rows=6))
     assert [b.num_rows for b in batches] == [6, 6, 6]
     for b, doc in zip(batches, docs):
-        assert all(p.startswith(doc) for p in b.column("prompt").to_pylist())
+        assert all(p.startswith(doc) for p in _prompts(b))
         assert len(set(b.column("shard_id").to_pylist())) == 3  # rows of every shard
     rows = pa.concat_tables(batches)
     assert sorted(

@@ -17,6 +17,7 @@ from batchjobs.errors import EngineError, OutputError, SpecError
 from batchjobs.pipeline import RunSummary
 from batchjobs.readers import count_rows, list_shards, read_shard
 from batchjobs.spec import parse_spec
+from batchjobs.tasks import task_for
 
 
 @pytest.fixture
@@ -219,9 +220,11 @@ def test_pilot_input_is_the_first_rows_with_ids_and_sampling_columns(pilot_dict,
     path, rows = pl.write_pilot_input(spec, shards)
     assert rows == 5
     (shard,) = list_shards(path)
-    t = next(read_shard(shard, "prompt", "id", 100, sampling_columns={"max_tokens": "mt"}))
+    # read back as the job reads it: the same task columns, ids and sampling columns
+    t = next(read_shard(shard, task_for(spec).input_columns(), 100))
     assert t.column("row_id").to_pylist() == ["a0", "a1", "a2", "b0", "b1"]
-    assert t.column("prompt").to_pylist()[3] == "prompt b 0"
+    assert json.loads(t.column("payload")[3].as_py()) == {"prompt": "prompt b 0"}
+    assert t.column("input_error").null_count == 5
     params = [json.loads(p) if p else None for p in t.column("params").to_pylist()]
     assert params == [None, {"max_tokens": 1}, {"max_tokens": 2}, {"max_tokens": 2}] + [
         {"max_tokens": 2}

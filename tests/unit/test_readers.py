@@ -21,7 +21,7 @@ READ_COLUMNS = [
     "row_index",
     "shard_rows",
     "row_id",
-    "prompt",
+    "payload",
     "input_error",
     "params",
 ]
@@ -43,12 +43,23 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _read_all(shard, prompt_column="prompt", id_column=None, batch_rows=1024, **kw):
-    return list(read_shard(shard, prompt_column, id_column, batch_rows, **kw))
+def _read_all(shard, cols, batch_rows=1024):
+    return list(read_shard(shard, cols, batch_rows))
 
 
 def _rows(batches) -> list[dict]:
     return [r for b in batches for r in b.to_pylist()]
+
+
+def _prompt(row: dict) -> str | None:
+    """The prompt a read row carries to the engine (None: the row carries nothing)."""
+    return json.loads(row["payload"])["prompt"] if row["payload"] is not None else None
+
+
+@pytest.fixture
+def generate(read_columns):
+    """The columns a generate job reads (prompt column "prompt"; keys as in input:)."""
+    return read_columns
 
 
 # --------------------------------------------------------------------------- list_shards
@@ -231,8 +242,8 @@ def ten_row_shard(request, tmp_path, memfs):
     return shard
 
 
-def test_read_shard_batches_and_bookkeeping(ten_row_shard):
-    batches = _read_all(ten_row_shard, batch_rows=3)
+def test_read_shard_batches_and_bookkeeping(ten_row_shard, generate):
+    batches = _read_all(ten_row_shard, generate(), batch_rows=3)
     assert [b.num_rows for b in batches] == [3, 3, 3, 1]
     for b in batches:
         assert b.column_names == READ_COLUMNS
@@ -244,30 +255,30 @@ def test_read_shard_batches_and_bookkeeping(ten_row_shard):
     assert {r["shard_rows"] for r in rows} == {10}
     assert {r["shard_id"] for r in rows} == {sid}
     assert [r["row_id"] for r in rows] == [f"{sid}:{i}" for i in range(10)]
-    assert [r["prompt"] for r in rows] == [f"p{i}" for i in range(10)]
+    assert [json.loads(r["payload"]) for r in rows] == [{"prompt": f"p{i}"} for i in range(10)]
     assert all(r["input_error"] is None for r in rows)
     assert all(r["params"] is None for r in rows)
 
 
-def test_read_shard_id_column_values_become_strings(ten_row_shard):
-    rows = _rows(_read_all(ten_row_shard, id_column="id", batch_rows=4))
+def test_read_shard_id_column_values_become_strings(ten_row_shard, generate):
+    rows = _rows(_read_all(ten_row_shard, generate(id_column="id"), batch_rows=4))
     assert [r["row_id"] for r in rows] == [str(100 + i) for i in range(10)]
     assert [r["row_index"] for r in rows] == list(range(10))
     assert all(r["input_error"] is None for r in rows)
 
 
-def test_jsonl_ids_of_mixed_types_are_strings(tmp_path, write_jsonl):
+def test_jsonl_ids_of_mixed_types_are_strings(tmp_path, write_jsonl, generate):
     path = write_jsonl(
         tmp_path / "ids.jsonl",
         [{"prompt": "a", "id": 7}, {"prompt": "b", "id": "x-1"}, {"prompt": "c", "id": 2.5}],
     )
     (shard,) = list_shards(str(path))
-    (batch,) = _read_all(shard, id_column="id")
+    (batch,) = _read_all(shard, generate(id_column="id"))
     assert batch.schema.field("row_id").type == pa.string()
     assert batch.column("row_id").to_pylist() == ["7", "x-1", "2.5"]
 
 
-def test_jsonl_row_level_problems_become_input_errors(tmp_path):
+def test_jsonl_row_level_problems_become_input_errors(tmp_path, generate):
     lines = [
         b'{"prompt": "ok", "id": 1}',  # line 1
         b"",  # line 2: blank, skipped
@@ -287,7 +298,7 @@ def test_jsonl_row_level_problems_become_input_errors(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     (shard,) = list_shards(str(path))
-    rows = _rows(_read_all(shard, id_column="id", batch_rows=5))
+    rows = _rows(_read_all(shard, generate(id_column="id"), batch_rows=5))
     url = shard.url
     assert len(rows) == 12  # the two blank lines are not rows
     assert {r["shard_rows"] for r in rows} == {12}
@@ -308,46 +319,46 @@ def test_jsonl_row_level_problems_become_input_errors(tmp_path):
     ]
     for i, fragment in expected:
         assert errors[i] is not None and errors[i].startswith(fragment), (i, errors[i])
-    # a row with a non-string prompt carries no prompt to the engine
-    assert rows[5]["prompt"] is None
-    assert rows[0]["prompt"] == "ok" and rows[0]["row_id"] == "1"
-    assert rows[11]["prompt"] == "fine" and rows[11]["row_id"] == "14"
+    # a row with an input error (a non-string prompt) carries nothing to the engine
+    assert all(r["payload"] is None for r in rows[1:11])
+    assert _prompt(rows[0]) == "ok" and rows[0]["row_id"] == "1"
+    assert _prompt(rows[11]) == "fine" and rows[11]["row_id"] == "14"
 
 
-def test_jsonl_without_id_column_keeps_generated_ids_for_bad_rows(tmp_path):
+def test_jsonl_without_id_column_keeps_generated_ids_for_bad_rows(tmp_path, generate):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"prompt": "a"}\nnot json\n{"prompt": "c"}\n')
     (shard,) = list_shards(str(path))
-    rows = _rows(_read_all(shard))
+    rows = _rows(_read_all(shard, generate()))
     assert [r["row_id"] for r in rows] == [f"{shard.shard_id}:{i}" for i in range(3)]
     assert rows[1]["input_error"].startswith(f"{shard.url} line 2: not valid JSON")
 
 
-def test_empty_jsonl_yields_no_batches(tmp_path):
+def test_empty_jsonl_yields_no_batches(tmp_path, generate):
     path = tmp_path / "empty.jsonl"
     path.write_bytes(b"\n\n")
     (shard,) = list_shards(str(path))
-    assert _read_all(shard) == []
+    assert _read_all(shard, generate()) == []
 
 
-def test_gzipped_jsonl_is_read(tmp_path):
+def test_gzipped_jsonl_is_read(tmp_path, generate):
     import gzip
 
     path = tmp_path / "z.jsonl.gz"
     path.write_bytes(gzip.compress(b'{"prompt": "a"}\n{"prompt": "b"}\n'))
     (shard,) = list_shards(str(path))
     assert shard.format == "jsonl"
-    preflight(shard, "prompt", None)
-    assert [r["prompt"] for r in _rows(_read_all(shard))] == ["a", "b"]
+    preflight(shard, generate(), None)
+    assert [_prompt(r) for r in _rows(_read_all(shard, generate()))] == ["a", "b"]
 
 
-def test_parquet_row_level_problems_name_the_row(tmp_path):
+def test_parquet_row_level_problems_name_the_row(tmp_path, generate):
     path = _write_parquet(
         tmp_path / "p.parquet",
         pa.table({"prompt": ["ok", None, "", "fine"], "id": [1, 2, None, 4]}),
     )
     (shard,) = list_shards(str(path))
-    rows = _rows(_read_all(shard, id_column="id", batch_rows=3))
+    rows = _rows(_read_all(shard, generate(id_column="id"), batch_rows=3))
     errors = [r["input_error"] for r in rows]
     assert errors[0] is None and errors[3] is None
     assert errors[1] == f"{shard.url} row 1: 'prompt' is null"
@@ -356,43 +367,43 @@ def test_parquet_row_level_problems_name_the_row(tmp_path):
     assert [r["row_id"] for r in rows] == ["1", "2", f"{shard.shard_id}:2", "4"]
 
 
-def test_sampling_columns_become_params(tmp_path, write_jsonl):
+def test_sampling_columns_become_params(tmp_path, write_jsonl, generate):
     path = write_jsonl(
         tmp_path / "s.jsonl",
         [{"prompt": "a", "mt": 5}, {"prompt": "b", "mt": None}, {"prompt": "c"}],
     )
     (shard,) = list_shards(str(path))
-    rows = _rows(_read_all(shard, sampling_columns={"max_tokens": "mt"}))
+    rows = _rows(_read_all(shard, generate(sampling_columns={"max_tokens": "mt"})))
     assert [r["params"] for r in rows] == [json.dumps({"max_tokens": 5}), None, None]
 
 
-def test_vanished_file(tmp_path, write_jsonl):
+def test_vanished_file(tmp_path, write_jsonl, generate):
     path = write_jsonl(tmp_path / "gone.jsonl", _prompts(1))
     (shard,) = list_shards(str(path))
     path.unlink()
     with pytest.raises(InputError) as info:
-        _read_all(shard)
+        _read_all(shard, generate())
     assert f"{shard.url}: file vanished after planning" in str(info.value)
 
 
-def test_jsonl_with_utf8_bom_reads_first_row(tmp_path):
+def test_jsonl_with_utf8_bom_reads_first_row(tmp_path, generate):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n{"prompt": "b"}\n')
     (shard,) = list_shards(str(path))
-    preflight(shard, "prompt", None)  # passes
-    rows = _rows(_read_all(shard))
+    preflight(shard, generate(), None)  # passes
+    rows = _rows(_read_all(shard, generate()))
     assert [r["input_error"] for r in rows] == [None, None]
-    assert [r["prompt"] for r in rows] == ["a", "b"]
+    assert [_prompt(r) for r in rows] == ["a", "b"]
 
 
 # --------------------------------------------------------------------------- preflight
 
 
-def test_preflight_parquet_missing_column(tmp_path):
+def test_preflight_parquet_missing_column(tmp_path, generate):
     path = _write_parquet(tmp_path / "p.parquet", pa.table({"question": ["a"], "uid": [1]}))
     (shard,) = list_shards(str(path))
     with pytest.raises(InputError) as info:
-        preflight(shard, "prompt", None)
+        preflight(shard, generate(), None)
     msg = str(info.value)
     assert msg.startswith(shard.url)
     assert "no column 'prompt'" in msg
@@ -400,75 +411,75 @@ def test_preflight_parquet_missing_column(tmp_path):
     assert "set input.prompt_column" in msg
 
 
-def test_preflight_parquet_missing_id_column(tmp_path):
+def test_preflight_parquet_missing_id_column(tmp_path, generate):
     path = _write_parquet(tmp_path / "p.parquet", pa.table({"prompt": ["a"]}))
     (shard,) = list_shards(str(path))
     with pytest.raises(InputError) as info:
-        preflight(shard, "prompt", "uid")
+        preflight(shard, generate(id_column="uid"), None)
     msg = str(info.value)
     assert "no column 'uid'" in msg
     assert "set input.id_column" in msg
 
 
-def test_preflight_parquet_non_string_prompt(tmp_path):
+def test_preflight_parquet_non_string_prompt(tmp_path, generate):
     path = _write_parquet(tmp_path / "p.parquet", pa.table({"prompt": [1, 2]}))
     (shard,) = list_shards(str(path))
     with pytest.raises(InputError) as info:
-        preflight(shard, "prompt", None)
+        preflight(shard, generate(), None)
     assert f"{shard.url}: column 'prompt' has type int64, expected string" in str(info.value)
 
 
-def test_preflight_parquet_accepts_string_and_large_string(tmp_path):
+def test_preflight_parquet_accepts_string_and_large_string(tmp_path, generate):
     for i, typ in enumerate([pa.string(), pa.large_string()]):
         path = _write_parquet(
             tmp_path / f"p{i}.parquet", pa.table({"prompt": pa.array(["a"], typ)})
         )
         (shard,) = list_shards(str(path))
-        preflight(shard, "prompt", None)  # no error
+        preflight(shard, generate(), None)  # no error
 
 
-def test_preflight_parquet_on_memory(memfs):
+def test_preflight_parquet_on_memory(memfs, generate):
     memfs.pipe("/in/p.parquet", _parquet_bytes(pa.table({"q": ["a"]})))
     (shard,) = list_shards("memory://in/p.parquet")
     with pytest.raises(InputError) as info:
-        preflight(shard, "prompt", None)
+        preflight(shard, generate(), None)
     assert "memory:///in/p.parquet: no column 'prompt' (columns: q)" in str(info.value)
 
 
-def test_preflight_jsonl_first_line_missing_column(tmp_path):
+def test_preflight_jsonl_first_line_missing_column(tmp_path, generate):
     path = tmp_path / "j.jsonl"
     path.write_text('\n{"question": "a", "n": 1}\n{"prompt": "b"}\n')
     (shard,) = list_shards(str(path))
     with pytest.raises(InputError) as info:
-        preflight(shard, "prompt", None)
+        preflight(shard, generate(), None)
     msg = str(info.value)
     assert f"{shard.url} line 2: no column 'prompt' (columns: question, n)" in msg
     assert "set input.prompt_column" in msg
 
 
-def test_preflight_jsonl_first_line_missing_id_column(tmp_path, write_jsonl):
+def test_preflight_jsonl_first_line_missing_id_column(tmp_path, write_jsonl, generate):
     path = write_jsonl(tmp_path / "j.jsonl", [{"prompt": "a"}])
     (shard,) = list_shards(str(path))
     with pytest.raises(InputError) as info:
-        preflight(shard, "prompt", "uid")
+        preflight(shard, generate(id_column="uid"), None)
     assert "no column 'uid'" in str(info.value)
     assert "set input.id_column" in str(info.value)
 
 
-def test_preflight_jsonl_accepts_good_first_line(tmp_path, write_jsonl):
+def test_preflight_jsonl_accepts_good_first_line(tmp_path, write_jsonl, generate):
     path = write_jsonl(tmp_path / "j.jsonl", [{"prompt": "a", "id": 1}, {"other": 1}])
     (shard,) = list_shards(str(path))
-    preflight(shard, "prompt", "id")  # only the first line is checked
+    preflight(shard, generate(id_column="id"), None)  # only the first line is checked
 
 
-def test_corrupt_parquet_is_an_input_error(tmp_path):
+def test_corrupt_parquet_is_an_input_error(tmp_path, generate):
     path = tmp_path / "corrupt.parquet"
     path.write_bytes(os.urandom(64) + b"definitely not parquet")
     (shard,) = list_shards(str(path))
     assert shard.format == "parquet"
     with pytest.raises(InputError) as info:
-        preflight(shard, "prompt", None)
+        preflight(shard, generate(), None)
     assert f"{shard.url}: not a readable Parquet file" in str(info.value)
     with pytest.raises(InputError) as info:
-        _read_all(shard)
+        _read_all(shard, generate())
     assert f"{shard.url}: not a readable Parquet file" in str(info.value)

@@ -16,8 +16,20 @@ from batchjobs.cost import per_million, usd
 from batchjobs.errors import OutputError
 from batchjobs.layout import MANIFEST, MANIFEST_DELTAS, MANIFEST_V, STAGING, SUCCESS
 from batchjobs.manifest import COMMITTED, SUPERSEDED, Manifest, ShardRecord
-from batchjobs.records import output_schema
-from batchjobs.sink import SUMMARY_SCHEMA, OutputRoot, write_staged
+from batchjobs.sink import SUMMARY_SCHEMA, OutputRoot, output_table, write_staged
+from batchjobs.tasks.generate import TEXT_FIELDS
+
+
+def output_schema(id_column: str | None) -> pa.Schema:
+    """A generate job's output file: the id, the shard bookkeeping, the task's columns."""
+    return pa.schema(
+        [
+            (id_column or "row_id", pa.string()),
+            ("shard_id", pa.string()),
+            ("row_index", pa.int64()),
+            *TEXT_FIELDS.items(),
+        ]
+    )
 
 
 def _two_shard_batch(engine_output) -> pa.Table:
@@ -33,7 +45,7 @@ def _two_shard_batch(engine_output) -> pa.Table:
             },
             {"shard_id": "s-b", "row_index": 1, "shard_rows": 2, "completion_tokens": 9},
             {"shard_id": "s-a", "row_index": 0, "shard_rows": 4, "error": "prompt too long"},
-            {"shard_id": "s-b", "row_index": 0, "shard_rows": 2, "_replica": "rep-b"},
+            {"shard_id": "s-b", "row_index": 0, "shard_rows": 2},
             {"shard_id": "s-a", "row_index": 1, "shard_rows": 4, "_engine_s": 1.0},
         ]
     )
@@ -56,7 +68,8 @@ def _staged(root: Path) -> dict[str, list[str]]:
 
 def test_write_staged_summaries(tmp_path, engine_output):
     root = tmp_path / "out"
-    summary = write_staged(_two_shard_batch(engine_output), str(root), {}, None)
+    meta = {"batchjobs.task": "generate", "batchjobs.fingerprint": "f" * 16}
+    summary = write_staged(_two_shard_batch(engine_output), str(root), {}, None, meta)
     assert summary.schema == SUMMARY_SCHEMA
     by_shard = {r["shard_id"]: r for r in summary.to_pylist()}
     assert set(by_shard) == {"s-a", "s-b"}
@@ -70,23 +83,13 @@ def test_write_staged_summaries(tmp_path, engine_output):
     assert b["completion_tokens"] == 9 + 5
     assert a["engine_s"] == pytest.approx(0.25 + 0.5 + 1.0)
     assert b["engine_s"] == pytest.approx(1.0)
-    # per replica (what Tracker.add reads): engine seconds charged to these rows, and the
-    # replica's own figures (start-up, ready at, idle / busy / request-seconds so far, cap)
-    figures = {
-        "startup_s": 3.0,
-        "ready_at": 1000.0,
-        "idle_s": 0.5,
-        "busy_s": 10.0,
-        "inflight_s": 30.0,
-        "prompt_tokens": 400.0,
-        "cached_tokens": 100.0,
-        "limit": 512,
+    # the file's schema metadata rides along, for the tracker (manifest, run summary)
+    assert json.loads(a["metadata"]) == meta and json.loads(b["metadata"]) == meta
+    files = {
+        r["shard_id"]: pq.read_schema(root / STAGING / r["shard_id"] / r["file"]) for r in (a, b)
     }
-    assert json.loads(a["replicas"]) == {"rep-a": {"engine_s": pytest.approx(1.75), **figures}}
-    assert json.loads(b["replicas"]) == {
-        "rep-a": {"engine_s": 0.5, **figures},
-        "rep-b": {"engine_s": 0.5, **figures},
-    }
+    for schema in files.values():
+        assert {k.decode(): v.decode() for k, v in schema.metadata.items()} == meta
 
     # one staged file per shard, named as the summary says
     assert _staged(root) == {"s-a": [a["file"]], "s-b": [b["file"]]}
@@ -130,6 +133,39 @@ def test_staged_file_uses_id_column_name(tmp_path, engine_output):
     assert table.column_names[0] == "uid"
     assert "row_id" not in table.column_names
     assert table.column("uid").to_pylist() == ["u-0", "u-1"]
+
+
+def test_output_table_puts_id_and_bookkeeping_first_and_records_vector_size():
+    """Whatever columns a task writes (here embed's), the file starts with the id, shard_id
+    and row_index, drops the pipeline's internal columns, and says the vector size."""
+    from batchjobs.tasks.embed import embedding_array
+
+    part = pa.table(
+        {
+            "embedding": embedding_array([[1.0, 0.0, 0.0], None], 3),
+            "row_index": pa.array([1, 0], pa.int64()),
+            "shard_rows": pa.array([2, 2], pa.int64()),
+            "row_id": pa.array(["d-1", "d-0"]),
+            "truncated": pa.array([True, False]),
+            "_engine_s": pa.array([0.1, 0.2], pa.float64()),
+            "shard_id": pa.array(["s", "s"]),
+            "error": pa.array([None, "row d-0: document is empty"]),
+        }
+    )
+    out = output_table(part, "doc_id", {"batchjobs.task": "embed"})
+    assert out.column_names == [
+        "doc_id",
+        "shard_id",
+        "row_index",
+        "embedding",
+        "truncated",
+        "error",
+    ]
+    assert out.column("doc_id").to_pylist() == ["d-0", "d-1"]  # sorted by row_index
+    assert out.column("row_index").to_pylist() == [0, 1]
+    assert out.column("embedding").to_pylist() == [None, [1.0, 0.0, 0.0]]
+    assert out.schema.field("embedding").type == pa.list_(pa.float32(), 3)
+    assert out.schema.metadata == {b"batchjobs.task": b"embed", b"batchjobs.embedding.dim": b"3"}
 
 
 def test_write_staged_on_memory(memfs, engine_output):
