@@ -35,7 +35,7 @@ import logging
 import posixpath
 import re
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from batchjobs.cost import per_million, usd
@@ -260,4 +260,9 @@ class Manifest:
 
 
 def _line(rec: ShardRecord, seq: int) -> str:
-    return json.dumps(stamped(MANIFEST, {**asdict(rec), "seq": seq}), sort_keys=True)
+    # Not asdict(): it deep-copies each record, a third of the time of a compaction.
+    data = {name: getattr(rec, name) for name in _FIELDS}
+    return json.dumps(stamped(MANIFEST, {**data, "seq": seq}), sort_keys=True)
+
+
+_FIELDS = tuple(f.name for f in fields(ShardRecord))
