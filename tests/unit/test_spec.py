@@ -173,7 +173,9 @@ def test_hub_name_accepted_online_refused_offline(spec_dict, monkeypatch, tmp_pa
     assert "model 'some-org/some-model' does not exist" in msg
 
 
-@pytest.mark.parametrize("column", ["text", "error", "shard_id", "row_index", "prompt"])
+@pytest.mark.parametrize(
+    "column", ["text", "error", "shard_id", "row_index", "payload", "embedding", "truncated"]
+)
 def test_id_column_clashing_with_output_column_is_refused(spec_dict, column):
     spec_dict["input"]["id_column"] = column
     msg = _spec_error(spec_dict)
