@@ -255,7 +255,7 @@ def _read_jsonl(shard, fs, path, cols: Columns, batch_rows):
                 absent = [c for c in cols.fields.values() if c not in obj]
                 if absent:
                     err = f"{shard.url} line {lineno}: no column {absent[0]!r}"
-            rows.append(obj if err is None else {})
+            rows.append(obj)  # {} when unparsed; else its id names the error row
             errors.append(err)
         yield _make_batch(shard, start, total, rows, errors, cols, "line", linenos)
 

@@ -321,6 +321,7 @@ def test_jsonl_row_level_problems_become_input_errors(tmp_path, generate):
         assert errors[i] is not None and errors[i].startswith(fragment), (i, errors[i])
     # a row with an input error (a non-string prompt) carries nothing to the engine
     assert all(r["payload"] is None for r in rows[1:11])
+    assert rows[8]["row_id"] == "9"  # a row whose id is known keeps it, error or not
     assert _prompt(rows[0]) == "ok" and rows[0]["row_id"] == "1"
     assert _prompt(rows[11]) == "fine" and rows[11]["row_id"] == "14"
 
