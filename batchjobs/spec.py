@@ -36,7 +36,9 @@ class _Model(BaseModel):
 
 class InputSpec(_Model):
     path: str = Field(description="File, directory, glob or fsspec URL of the input shards.")
-    format: Literal["auto", "parquet", "jsonl"] = "auto"
+    format: Literal["auto", "parquet", "jsonl"] = Field(
+        default="auto", description="auto: by file extension (.parquet/.pq, .jsonl/.ndjson/.json)."
+    )
     prompt_column: str = Field(
         default="prompt",
         description="The text a row sends: the prompt (task generate) or the document "
@@ -98,7 +100,9 @@ class OutputSpec(_Model):
         description="resume: skip committed shards; overwrite: delete the root first; "
         "error: refuse a non-empty root.",
     )
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (credentials stay out of logs)."
+    )
 
 
 class EngineSpec(_Model):
@@ -108,18 +112,41 @@ class EngineSpec(_Model):
     model: str = Field(
         description="Local model directory (or a hub name where a hub is reachable)."
     )
-    tokenizer: str | None = None
+    tokenizer: str | None = Field(
+        default=None, description="Tokenizer directory, if not the model's own."
+    )
     device: Literal["auto", "cuda", "cpu"] = Field(
         default="auto", description="auto: cuda when the cluster has GPUs, else cpu."
     )
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    pipeline_parallel_size: int = Field(default=1, ge=1)
-    dtype: str = "auto"
-    max_model_len: int | None = Field(default=None, ge=1)
-    max_num_seqs: int | None = Field(default=None, ge=1)
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
-    enable_prefix_caching: bool | None = None
-    trust_remote_code: bool = False
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="GPUs per replica that split each layer (one node's)."
+    )
+    pipeline_parallel_size: int = Field(
+        default=1, ge=1, description="Pipeline stages per replica (GPUs = TP × PP, one node)."
+    )
+    dtype: str = Field(default="auto", description="Weights' dtype: auto, bfloat16, float16 …")
+    max_model_len: int | None = Field(
+        default=None,
+        ge=1,
+        description="Longest prompt plus output, in tokens; longer prompts are error rows "
+        "(embed: cut or refused, embed.truncate). Default: the model's.",
+    )
+    max_num_seqs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests the engine runs at once. Default: the engine's for offline "
+        "use on the device.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="Share of GPU memory the engine may take."
+    )
+    enable_prefix_caching: bool | None = Field(
+        default=None, description="Reuse the KV cache of shared prompt prefixes."
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Let the model directory's own Python code run (off unless set).",
+    )
     args: dict[str, Any] = Field(
         default_factory=dict, description="Passed through to the engine's arguments as they are."
     )
@@ -129,14 +156,18 @@ class EngineSpec(_Model):
 
 
 class SamplingSpec(_Model):
-    max_tokens: int = Field(default=256, ge=1)
-    min_tokens: int = Field(default=0, ge=0)
-    temperature: float = Field(default=0.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=1)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    ignore_eos: bool = False
+    max_tokens: int = Field(default=256, ge=1, description="Most tokens generated per row.")
+    min_tokens: int = Field(default=0, ge=0, description="Fewest tokens generated per row.")
+    temperature: float = Field(default=0.0, ge=0, description="0: greedy decoding.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(default=None, ge=1, description="Sample from the k likeliest.")
+    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    stop: list[str] = Field(
+        default_factory=list, description="Strings that end a row's generation."
+    )
+    ignore_eos: bool = Field(
+        default=False, description="Generate max_tokens even past end-of-sequence."
+    )
     args: dict[str, Any] = Field(default_factory=dict, description="Extra sampling parameters.")
 
 
@@ -219,7 +250,9 @@ class ResourcesSpec(_Model):
         "to give every replica that many, each holds at most its share, "
         "ceil(batches / replicas), at a time.",
     )
-    num_cpus_per_replica: float = Field(default=1.0, ge=0)
+    num_cpus_per_replica: float = Field(
+        default=1.0, ge=0, description="CPUs Ray reserves for each engine replica."
+    )
     max_restarts: int = Field(
         default=8,
         ge=0,
@@ -301,22 +334,27 @@ class PilotSpec(_Model):
 
 
 class JobSpec(_Model):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+        description="The job's name, in logs and records.",
+    )
     task: Literal["generate", "chat", "embed"] = Field(
         default="generate",
         description="generate: text from a prompt; chat: a reply to a conversation; embed: "
         "one vector per document.",
     )
-    input: InputSpec
-    output: OutputSpec
-    engine: EngineSpec
+    input: InputSpec = Field(description="Where the rows come from and which columns to read.")
+    output: OutputSpec = Field(description="Where the results go.")
+    engine: EngineSpec = Field(description="The inference engine and its model.")
     sampling: SamplingSpec = Field(
         default_factory=SamplingSpec, description="Tasks generate and chat."
     )
     chat: ChatSpec = Field(default_factory=ChatSpec, description="Task chat.")
     embed: EmbedSpec = Field(default_factory=EmbedSpec, description="Task embed.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    cost: CostSpec = Field(default_factory=CostSpec)
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Replicas, batching and retries."
+    )
+    cost: CostSpec = Field(default_factory=CostSpec, description="Prices, for $ per token.")
     pilot: PilotSpec | None = Field(
         default=None,
         description="Choose the engine by measured cost: run the first rows with each "
