@@ -183,8 +183,6 @@ class EngineReplica:
             log.error("replica %s: %s; exiting so Ray restarts it", self.replica, exc)
             os._exit(1)
         results, extras, charges = zip(*rows) if rows else ((), (), ())
-        self.rows += len(results)
-        self.engine_s += sum(charges)
         out = pa.table(
             {
                 ROW_ID: batch.column(ROW_ID),
@@ -284,11 +282,15 @@ async def _serve(replica: EngineReplica, prepared: list):
                 result = await task.run(replica.engine, row.request)
             finally:
                 charge = replica.clock.stop(time.time(), mark)
+        # Counted here, on the engine loop's one thread: Ray Data's threads would race.
         replica.prompt_tokens += result.prompt_tokens
         replica.cached_tokens += result.cached_tokens
+        replica.engine_s += charge
         return result, row.extra, charge
 
-    return await asyncio.gather(*(one(row) for row in prepared))
+    done = await asyncio.gather(*(one(row) for row in prepared))
+    replica.rows += len(done)
+    return done
 
 
 class ReplicaBoard:
