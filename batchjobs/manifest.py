@@ -41,6 +41,7 @@ from typing import Any
 from batchjobs.cost import per_million, usd
 from batchjobs.errors import OutputError
 from batchjobs.layout import MANIFEST, MANIFEST_DELTAS, stamped, unstamped
+from batchjobs.records import ShardCounts
 from batchjobs.sink import OutputRoot
 
 log = logging.getLogger("batchjobs")
@@ -54,16 +55,14 @@ COMMITTED = "committed"
 SUPERSEDED = "superseded"  # its input file changed or vanished; output removed
 
 
-@dataclass
-class ShardRecord:
+@dataclass(kw_only=True)
+class ShardRecord(ShardCounts):
+    """A shard's line in the manifest: its counts (``ShardCounts``: rows, error rows,
+    tokens, engine seconds), what they cost, and where its output is."""
+
     shard_id: str
     source: str
     status: str = "pending"
-    rows: int = 0
-    error_rows: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    engine_s: float = 0.0
     gpu_s: float = 0.0
     cost_usd: float = 0.0
     usd_per_1m_tokens: float | None = None
@@ -76,6 +75,8 @@ class ShardRecord:
     fingerprint: str = ""
     started_at: float | None = None
     committed_at: float | None = None
+    # The output files' Parquet schema metadata: task, fingerprint, an embedding's size.
+    output_metadata: dict[str, str] = field(default_factory=dict)
 
     def finalise(self, gpus_per_replica: int, usd_per_gpu_hour: float) -> None:
         """Derive GPU-seconds, dollars and rates from the summed engine seconds and tokens."""

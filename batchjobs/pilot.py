@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from batchjobs.engines import engine_kind
 from batchjobs.errors import BatchJobError, EngineError, OutputError
-from batchjobs.layout import PILOT_DIR, PILOT_JSON, stamped
+from batchjobs.layout import PILOT_DIR, PILOT_JSON, stamped, unstamped
 from batchjobs.manifest import Manifest
 from batchjobs.projection import (
     FAILED,
@@ -369,7 +369,9 @@ def load_decision(out: OutputRoot) -> dict[str, Any] | None:
         report = json.loads(raw)
     except ValueError:
         return None
-    return report if isinstance(report, dict) and "chosen" in report else None
+    if not isinstance(report, dict) or "chosen" not in report:
+        return None
+    return unstamped(PILOT_JSON, report, f"{out.url}/{PILOT_JSON}")
 
 
 def reuse(spec: JobSpec, recorded: dict[str, Any]) -> tuple[JobSpec | None, str]:

@@ -376,7 +376,7 @@ def run(
             ran = {s.shard_id for s in plan.todo}
             for rec in plan.manifest.committed().values():
                 if rec.shard_id in ran:
-                    ShardCounts.add(summary, ShardCounts.of(rec))
+                    ShardCounts.add(summary, rec)
                     summary.gpu_s += rec.gpu_s
                     summary.cost_usd += rec.cost_usd
             summary.gpu_s += summary.overhead_s

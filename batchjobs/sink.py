@@ -1,10 +1,8 @@
 """Writing results: staged Parquet files per shard, committed atomically by the driver.
 
-Layout under the output root::
-
-    _manifest.jsonl               one record per shard (the source of truth)
-    _staging/<shard_id>/<uuid>.parquet   written by Ray tasks while the shard is in flight
-    <shard_id>/part-<uuid>.parquet        a committed shard (all rows, nothing else)
+Where it writes (every name in ``layout.py``): staged files under
+``_staging/<shard_id>/<uuid>.parquet`` while a shard is in flight, then
+``<shard_id>/<uuid>.parquet`` once it is committed (all its rows, nothing else).
 
 Ray tasks write staged files and return one small summary row per file; the driver
 counts rows per shard and commits a shard the moment all its rows are staged: on a local

@@ -73,10 +73,10 @@ class Tracker:
                 )
                 self.files[sid] = []
                 self.expected[sid] = row["shard_rows"]
-            counts = ShardCounts.of(row)
-            ShardCounts.add(rec, counts)
+            rec.add(ShardCounts.of(row))
             self.files[sid].append(row["file"])
-            self.metadata = json.loads(row["metadata"] or "null") or self.metadata
+            rec.output_metadata = json.loads(row["metadata"] or "null") or rec.output_metadata
+            self.metadata = rec.output_metadata or self.metadata
             self.done_rows += row["rows"]
             self.done_err += row["error_rows"]
             self.done_ptok += row["prompt_tokens"]
