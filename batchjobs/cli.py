@@ -37,7 +37,7 @@ def _fail(exc: BatchJobError) -> None:
 @app.command()
 def validate(spec: SpecArg, set_: SetOpt = None) -> None:
     """Check a job spec and its inputs (files, columns) without starting an engine."""
-    from batchjobs.pipeline import list_shards, preflight_shards
+    from batchjobs.planning import list_shards, preflight_shards
     from batchjobs.spec import load_spec
 
     try:

@@ -126,7 +126,7 @@ def prepare(spec: JobSpec, fresh: bool = False, progress: Progress = None) -> Pr
     if spec.pilot is None:
         return Prepared(spec, fresh, None)
     say = progress or (lambda line: None)
-    from batchjobs.pipeline import open_output
+    from batchjobs.planning import open_output
 
     wiped = fresh or spec.output.mode == "overwrite"
     out = open_output(spec, fresh)
@@ -142,7 +142,7 @@ def prepare(spec: JobSpec, fresh: bool = False, progress: Progress = None) -> Pr
                 return Prepared(_resuming(chosen), False, {**recorded, "reused": True})
             say(f"pilot: not reusing {_at(spec, PILOT_JSON)} ({why}); piloting again")
 
-    from batchjobs.pipeline import PREFLIGHT_ALL_UP_TO, preflight_shards
+    from batchjobs.planning import PREFLIGHT_ALL_UP_TO, preflight_shards
 
     inp = spec.input
     shards = list_shards(inp.path, inp.format, inp.storage_options)

@@ -1,4 +1,5 @@
-"""Plan and run a job: shards → Ray Data read → engine actors → staged Parquet → commit.
+"""Run a job: plan (``planning``) → the Ray Data graph (``graph``) → staged Parquet →
+commit, with the run's summary and record.
 
 The driver never holds rows. It holds one small summary per staged file, commits a shard
 as soon as all its rows are staged, and keeps the manifest current, so a killed driver
@@ -15,110 +16,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
 from batchjobs.cluster import check_resources, connect_ray, resolve_device, wait_for_exit
-from batchjobs.errors import BatchJobError, OutputError, unwrap
+from batchjobs.errors import BatchJobError, unwrap
 from batchjobs.feeding import (
-    inflight_batches,
-    io_concurrency,
     start_gate_s,
-    tasks_per_replica,
 )
+from batchjobs.graph import build_dataset
 from batchjobs.layout import RUNS, run_record, secret_values
-from batchjobs.manifest import SUPERSEDED, Manifest, ShardRecord
-from batchjobs.ordering import group_by_prefix, read_groups
-from batchjobs.readers import Shard, list_shards, preflight, read_shard
+from batchjobs.planning import Plan, plan_job, retire_superseded
 from batchjobs.records import ShardCounts
 from batchjobs.replicas import (
     ENGINE_STOP_TIMEOUT_S,
     Replicas,
-    engine_resources,
     start_replicas,
     stop_replicas,
 )
-from batchjobs.sink import OutputRoot, write_staged
+from batchjobs.sink import OutputRoot
 from batchjobs.spec import JobSpec
-from batchjobs.tasks import task_for
 from batchjobs.tracker import Progress, Tracker
 
 log = logging.getLogger("batchjobs")
-PREFLIGHT_ALL_UP_TO = 64  # shards; past that only the first is opened before the run
 ERROR_STOP_TIMEOUT_S = 10.0  # a failed job does not wait long for its engines to close
-
-
-@dataclass
-class Plan:
-    spec: JobSpec
-    shards: list[Shard]
-    todo: list[Shard]
-    skipped: list[ShardRecord]
-    out: OutputRoot
-    manifest: Manifest
-    fingerprint: str
-
-
-def preflight_shards(spec: JobSpec, shards: list[Shard]) -> None:
-    """Check that the columns the task reads exist in each shard and have a type it can
-    use (footer or first line only)."""
-    cols = task_for(spec).input_columns()
-    for shard in shards:
-        preflight(shard, cols, spec.input.storage_options)
-
-
-def open_output(spec: JobSpec, fresh: bool = False) -> OutputRoot:
-    """The output root, emptied first for --fresh or mode overwrite; mode error refuses a
-    non-empty one."""
-    out = OutputRoot(spec.output.path, spec.output.storage_options)
-    if fresh or spec.output.mode == "overwrite":
-        out.wipe()
-    elif spec.output.mode == "error" and not out.is_empty():
-        raise OutputError(
-            f"output.path {spec.output.path!r} is not empty and output.mode is 'error'"
-        )
-    return out
-
-
-def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
-    """List shards, check their columns, and decide what to skip; starts no engine."""
-    shards = list_shards(spec.input.path, spec.input.format, spec.input.storage_options)
-    preflight_shards(spec, shards[:PREFLIGHT_ALL_UP_TO])
-    out = open_output(spec, fresh)
-    manifest = Manifest(out)
-    fp = spec.fingerprint()
-    other = manifest.fingerprints() - {fp}
-    if other:
-        raise OutputError(
-            f"{spec.output.path} holds results of another job configuration (fingerprint "
-            f"{', '.join(sorted(other))}; this spec is {fp}): the model, sampling, prompt mapping "
-            "or task changed. Rerun with --fresh to delete the old results, or set output.path "
-            "to a new location."
-        )
-    committed = manifest.committed()
-    todo = [s for s in shards if s.shard_id not in committed]
-    skipped = [committed[s.shard_id] for s in shards if s.shard_id in committed]
-    return Plan(spec, shards, todo, skipped, out, manifest, fp)
-
-
-def retire_superseded(plan: Plan) -> None:
-    """Remove the output of committed shards whose input file changed or vanished.
-
-    A changed file is a new shard (its id hashes size and mtime/ETag), so the old shard's
-    rows would otherwise sit beside the new ones: readers would see both versions.
-    """
-    current = {s.shard_id for s in plan.shards}
-    gone = [r for sid, r in plan.manifest.committed().items() if sid not in current]
-    for rec in gone:
-        plan.out.clear_shard(rec.shard_id)
-        rec.status = SUPERSEDED
-        rec.files = []
-        log.warning(
-            "shard %s: its input %s changed or is gone; old output removed",
-            rec.shard_id,
-            rec.source,
-        )
-    if gone:
-        plan.manifest.save()
 
 
 @dataclass
@@ -157,114 +75,6 @@ class RunSummary:
         d["tokens_per_s"] = self.tokens_per_s
         d["output_tokens_per_s"] = self.output_tokens_per_s
         return d
-
-
-def _read_fn(batch: pa.Table, spec: JobSpec, batch_rows: int):
-    """Ray Data UDF: read one group of shards; with ``order: prefix`` sort it as one.
-
-    ``spec`` arrives as the driver validated it: a read task re-checks nothing, so it may
-    run on a node that lacks the model directory."""
-    cols = task_for(spec).input_columns()
-    for row in batch.to_pylist():
-        tables = (
-            table
-            for shard in json.loads(row["shards"])
-            for table in read_shard(Shard(**shard), cols, batch_rows, spec.input.storage_options)
-        )
-        if spec.input.order == "prefix":
-            tables = group_by_prefix(tables, batch_rows)
-        yield from tables
-
-
-def build_dataset(
-    plan: Plan,
-    device: str,
-    engine_factory: Callable | None = None,
-    replicas: Replicas | None = None,
-    board=None,
-):
-    """The Ray Data plan: one read task per read group of shards, an engine actor pool,
-    staged writes."""
-    import ray
-    from ray.data import TaskPoolStrategy
-
-    spec = plan.spec
-    res = spec.resources
-    groups = read_groups(plan.todo, spec.input.order, spec.input.prefix_group_mb)
-    ds = ray.data.from_items(
-        [{"shards": json.dumps([s.to_dict() for s in group])} for group in groups],
-        override_num_blocks=len(groups),
-    )
-    io = TaskPoolStrategy(size=io_concurrency())
-    ds = ds.map_batches(
-        _read_fn,
-        # Read blocks of exactly one engine batch: Ray Data runs the batches of one task in
-        # sequence, so a task holding several would wait on each batch's longest request.
-        fn_kwargs={"spec": spec, "batch_rows": res.batch_size},
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=0.5,
-        compute=io,
-    )
-    # Ray Data merges what one read task yields into one block (a whole shard). An engine
-    # task runs the batches of its block one after another, so a 250-row block is four
-    # waits on each batch's longest request, and the first replica to start takes every
-    # block at once (measured: 2 GPUs no faster than 1). Blocks of one batch each keep
-    # a replica's whole batch window in flight and spread work over replicas.
-    ds = ds.repartition(target_num_rows_per_block=res.batch_size)
-    with warnings.catch_warnings():
-        # max_restarts has no named parameter in Ray Data 2.60, so it goes through the
-        # deprecated **ray_remote_args; the warning would greet every run (it still works
-        # up to Ray 2.64).
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = _engine_stage(ds, plan, device, engine_factory, replicas, board)
-    return ds.map_batches(
-        write_staged,
-        fn_kwargs={
-            "root": spec.output.path,
-            "storage_options": spec.output.storage_options,
-            "id_column": spec.input.id_column,
-            "metadata": {"batchjobs.task": spec.task, "batchjobs.fingerprint": plan.fingerprint},
-        },
-        batch_size=res.rows_per_file,
-        batch_format="pyarrow",
-        num_cpus=0.5,
-        compute=io,
-    )
-
-
-def _engine_stage(ds, plan: Plan, device: str, engine_factory, replicas, board):
-    from ray.data import ActorPoolStrategy
-
-    from batchjobs.actor import EngineActor
-
-    spec, res = plan.spec, plan.spec.resources
-    if replicas is not None:
-        # Ray Data's actors only forward to the replicas started before (start_replicas):
-        # the replicas hold the devices and the engine's environment.
-        held = {"num_gpus": 0, "num_cpus": 0}
-        kwargs = {"replicas": replicas.actors, "claim": replicas.claim}
-    else:
-        held = engine_resources(spec, device, engine_factory)
-        kwargs = {"engine_factory": engine_factory, "board": board}
-    return ds.map_batches(
-        EngineActor,
-        fn_constructor_kwargs={"spec": spec, **kwargs},
-        batch_size=res.batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(
-            **(
-                {"size": res.replicas}
-                if res.min_replicas in (None, res.replicas)
-                else {"min_size": res.min_replicas, "max_size": res.replicas}
-            ),
-            max_tasks_in_flight_per_actor=tasks_per_replica(spec, plan.todo, device),
-            max_concurrent_calls_per_actor=inflight_batches(spec, device),
-            enable_true_multi_threading=True,
-        ),
-        max_restarts=res.max_restarts,
-        **held,
-    )
 
 
 def _execute(

@@ -19,7 +19,7 @@ from batchjobs.readers import shard_rows
 from batchjobs.records import ShardCounts
 
 if TYPE_CHECKING:
-    from batchjobs.pipeline import Plan
+    from batchjobs.planning import Plan
 
 
 class Tracker:

@@ -83,7 +83,7 @@ def test_a_read_group_sorts_rows_of_all_its_shards_as_one(tmp_path):
     every batch holds one document's rows, whichever shard they came from."""
     import pyarrow.parquet as pq
 
-    from batchjobs.pipeline import _read_fn
+    from batchjobs.graph import _read_fn
     from batchjobs.spec import parse_spec
 
     docs = ["DOC A " * 20, "DOC B " * 20, "DOC C " * 20]

@@ -630,7 +630,7 @@ def test_changed_input_file_retires_the_old_shard_output(tmp_path, spec_dict):
     import os
 
     from batchjobs.manifest import COMMITTED, SUPERSEDED, Manifest, ShardRecord
-    from batchjobs.pipeline import plan_job, retire_superseded
+    from batchjobs.planning import plan_job, retire_superseded
     from batchjobs.spec import parse_spec
 
     inp = tmp_path / "in"

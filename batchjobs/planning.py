@@ -1,0 +1,91 @@
+"""Planning a job before any engine starts: list the shards, check their columns, open
+the output root, and decide which shards are already committed (resume) or superseded."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from batchjobs.errors import OutputError
+from batchjobs.manifest import SUPERSEDED, Manifest, ShardRecord
+from batchjobs.readers import Shard, list_shards, preflight
+from batchjobs.sink import OutputRoot
+from batchjobs.spec import JobSpec
+from batchjobs.tasks import task_for
+
+log = logging.getLogger("batchjobs")
+PREFLIGHT_ALL_UP_TO = 64  # shards; past that only the first is opened before the run
+
+
+@dataclass
+class Plan:
+    spec: JobSpec
+    shards: list[Shard]
+    todo: list[Shard]
+    skipped: list[ShardRecord]
+    out: OutputRoot
+    manifest: Manifest
+    fingerprint: str
+
+
+def preflight_shards(spec: JobSpec, shards: list[Shard]) -> None:
+    """Check that the columns the task reads exist in each shard and have a type it can
+    use (footer or first line only)."""
+    cols = task_for(spec).input_columns()
+    for shard in shards:
+        preflight(shard, cols, spec.input.storage_options)
+
+
+def open_output(spec: JobSpec, fresh: bool = False) -> OutputRoot:
+    """The output root, emptied first for --fresh or mode overwrite; mode error refuses a
+    non-empty one."""
+    out = OutputRoot(spec.output.path, spec.output.storage_options)
+    if fresh or spec.output.mode == "overwrite":
+        out.wipe()
+    elif spec.output.mode == "error" and not out.is_empty():
+        raise OutputError(
+            f"output.path {spec.output.path!r} is not empty and output.mode is 'error'"
+        )
+    return out
+
+
+def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
+    """List shards, check their columns, and decide what to skip; starts no engine."""
+    shards = list_shards(spec.input.path, spec.input.format, spec.input.storage_options)
+    preflight_shards(spec, shards[:PREFLIGHT_ALL_UP_TO])
+    out = open_output(spec, fresh)
+    manifest = Manifest(out)
+    fp = spec.fingerprint()
+    other = manifest.fingerprints() - {fp}
+    if other:
+        raise OutputError(
+            f"{spec.output.path} holds results of another job configuration (fingerprint "
+            f"{', '.join(sorted(other))}; this spec is {fp}): the model, sampling, prompt mapping "
+            "or task changed. Rerun with --fresh to delete the old results, or set output.path "
+            "to a new location."
+        )
+    committed = manifest.committed()
+    todo = [s for s in shards if s.shard_id not in committed]
+    skipped = [committed[s.shard_id] for s in shards if s.shard_id in committed]
+    return Plan(spec, shards, todo, skipped, out, manifest, fp)
+
+
+def retire_superseded(plan: Plan) -> None:
+    """Remove the output of committed shards whose input file changed or vanished.
+
+    A changed file is a new shard (its id hashes size and mtime/ETag), so the old shard's
+    rows would otherwise sit beside the new ones: readers would see both versions.
+    """
+    current = {s.shard_id for s in plan.shards}
+    gone = [r for sid, r in plan.manifest.committed().items() if sid not in current]
+    for rec in gone:
+        plan.out.clear_shard(rec.shard_id)
+        rec.status = SUPERSEDED
+        rec.files = []
+        log.warning(
+            "shard %s: its input %s changed or is gone; old output removed",
+            rec.shard_id,
+            rec.source,
+        )
+    if gone:
+        plan.manifest.save()
