@@ -1,8 +1,8 @@
 """The engine actor: one engine per Ray actor, fed by many Ray Data batches at once.
 
-The engine lives in an ``EngineReplica``: in Ray Data's actor (``EngineActor``) itself, or,
+The engine lives in an ``EngineReplica``: in Ray Data's actor (``EngineStage``) itself, or,
 for a fixed pool, in a Ray actor the driver starts before Ray Data's plan
-(``EngineReplicaActor``), so that vLLM's import and start begin seconds sooner; Ray Data's
+(``EarlyReplica``), so that vLLM's import and start begin seconds sooner; Ray Data's
 actor then forwards its batches there.
 
 Ray Data calls ``__call__`` from up to ``feeding.inflight_batches`` threads of the actor at
@@ -46,7 +46,7 @@ from batchjobs.engines import make_engine
 from batchjobs.engines.base import Engine, EngineDead, Result
 from batchjobs.errors import BatchJobError, EngineError
 from batchjobs.readers import INPUT_ERROR, PARAMS, PAYLOAD, ROW_ID, ROW_INDEX, SHARD_ID, SHARD_ROWS
-from batchjobs.replicas import claim as claim_replica
+from batchjobs.replicas import claim_replica
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import Prepared, task_for
 
@@ -56,7 +56,7 @@ EngineFactory = Callable[[JobSpec], Engine]
 ENGINE_S = "_engine_s"  # a row's engine seconds: read by the sink, never written out
 
 
-class EngineActor:
+class EngineStage:
     """Ray Data's callable class for the engine stage: a batch of read rows in, a batch of
     result rows out.
 
@@ -72,7 +72,7 @@ class EngineActor:
         spec: JobSpec,
         engine_factory: EngineFactory | None = None,
         replicas: list | None = None,
-        claim: str | None = None,
+        claim_key: str | None = None,
         board: Any = None,
     ):
         self.local: EngineReplica | None = None
@@ -81,7 +81,7 @@ class EngineActor:
         if replicas:
             import ray
 
-            self.remote = claim_replica(replicas, claim or "")
+            self.remote = claim_replica(replicas, claim_key or "")
             ray.get(self.remote.started.remote())  # raises the replica's start error
         else:
             self.local = EngineReplica(spec, engine_factory, board)
@@ -114,8 +114,8 @@ class EngineActor:
 
 class EngineReplica:
     """One engine and its accounting: a batch of read rows in, a batch of result rows out.
-    Lives in Ray Data's actor (``EngineActor``) or in a Ray actor of its own
-    (``EngineReplicaActor``)."""
+    Lives in Ray Data's actor (``EngineStage``) or in a Ray actor of its own
+    (``EarlyReplica``)."""
 
     def __init__(
         self, spec: JobSpec, engine_factory: EngineFactory | None = None, board: Any = None
@@ -229,13 +229,13 @@ class EngineReplica:
                 self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-class EngineReplicaActor(EngineReplica):
+class EarlyReplica(EngineReplica):
     """An ``EngineReplica`` as a Ray actor of its own, started by the driver as soon as it
     has joined the cluster (``replicas.start_replicas``), seconds before Ray Data would
-    start its actor; Ray Data's ``EngineActor`` forwards its batches here.
+    start its actor; Ray Data's ``EngineStage`` forwards its batches here.
 
     A failed start is kept and raised by ``started`` and ``process`` (so the forwarding actor
-    fails with this error, as an ``EngineActor`` holding the engine would), not raised from
+    fails with this error, as an ``EngineStage`` holding the engine would), not raised from
     ``__init__``, where Ray would hide it in an actor-died error. A dead engine exits the
     process as in ``EngineReplica``: Ray restarts the actor and retries the batches it held.
     """
@@ -269,7 +269,7 @@ async def _serve(replica: EngineReplica, prepared: list):
     message) fails without reaching the engine.
 
     A function, not a method: Ray makes an actor whose class has a coroutine method an
-    asyncio actor, which would run ``EngineReplicaActor``'s blocking calls one at a time.
+    asyncio actor, which would run ``EarlyReplica``'s blocking calls one at a time.
     """
     task = replica.task
 

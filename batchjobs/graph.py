@@ -14,7 +14,7 @@ from batchjobs.feeding import inflight_batches, io_concurrency, tasks_per_replic
 from batchjobs.ordering import group_by_prefix, read_groups
 from batchjobs.planning import Plan
 from batchjobs.readers import Shard, read_shard
-from batchjobs.replicas import Replicas, engine_resources
+from batchjobs.replicas import EarlyReplicas, engine_resources
 from batchjobs.sink import write_staged
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import task_for
@@ -41,7 +41,7 @@ def build_dataset(
     plan: Plan,
     device: str,
     engine_factory: Callable | None = None,
-    replicas: Replicas | None = None,
+    replicas: EarlyReplicas | None = None,
     board=None,
 ):
     """The Ray Data plan: one read task per read group of shards, an engine actor pool,
@@ -97,19 +97,19 @@ def build_dataset(
 def _engine_stage(ds, plan: Plan, device: str, engine_factory, replicas, board):
     from ray.data import ActorPoolStrategy
 
-    from batchjobs.actor import EngineActor
+    from batchjobs.actor import EngineStage
 
     spec, res = plan.spec, plan.spec.resources
     if replicas is not None:
         # Ray Data's actors only forward to the replicas started before (start_replicas):
         # the replicas hold the devices and the engine's environment.
         held = {"num_gpus": 0, "num_cpus": 0}
-        kwargs = {"replicas": replicas.actors, "claim": replicas.claim}
+        kwargs = {"replicas": replicas.actors, "claim_key": replicas.claim_key}
     else:
         held = engine_resources(spec, device, engine_factory)
         kwargs = {"engine_factory": engine_factory, "board": board}
     return ds.map_batches(
-        EngineActor,
+        EngineStage,
         fn_constructor_kwargs={"spec": spec, **kwargs},
         batch_size=res.batch_size,
         batch_format="pyarrow",

@@ -27,7 +27,7 @@ from batchjobs.planning import Plan, plan_job, retire_superseded
 from batchjobs.records import ShardCounts
 from batchjobs.replicas import (
     ENGINE_STOP_TIMEOUT_S,
-    Replicas,
+    EarlyReplicas,
     start_replicas,
     stop_replicas,
 )
@@ -81,7 +81,7 @@ def _execute(
     plan: Plan,
     summary: RunSummary,
     device: str,
-    replicas: Replicas | None,
+    replicas: EarlyReplicas | None,
     engine_factory: Callable | None,
     progress: Callable[[str], None] | None,
     progress_every: float,
@@ -214,16 +214,16 @@ def start_board():
     return ray.remote(ReplicaBoard).options(num_cpus=0).remote()
 
 
-def _stop_engines(replicas: Replicas | None) -> float:
+def _stop_engines(replicas: EarlyReplicas | None) -> float:
     """Close the replicas the driver started and wait for every engine's process to end
     (``cluster.wait_for_exit``); the seconds waited. Every row is committed by now: this
     only keeps the exit clean."""
-    from batchjobs.actor import EngineActor, EngineReplicaActor
+    from batchjobs.actor import EarlyReplica, EngineStage
 
     t0 = time.time()
     stop_replicas(replicas)
     # By the class, not a copy of its name: a renamed class would make this wait for nothing.
-    left = wait_for_exit((EngineReplicaActor.__name__, EngineActor.__name__), ENGINE_STOP_TIMEOUT_S)
+    left = wait_for_exit((EarlyReplica.__name__, EngineStage.__name__), ENGINE_STOP_TIMEOUT_S)
     if left:
         log.warning(
             "%d engine replica(s) still shutting down after %.0fs; leaving them to Ray",

@@ -5,8 +5,8 @@ placements (``engine_placement``), one per kind of pool:
 
 - ``"replicas"`` (a fixed pool on GPUs): the driver starts those actors as soon as it has
   joined the cluster (``start_replicas``), before Ray Data is imported and plans the
-  dataset; Ray Data's actors then each claim one replica (``claim``) and forward their
-  batches to it (``actor.EngineActor``).
+  dataset; Ray Data's actors then each claim one replica (``claim_replica``) and forward their
+  batches to it (``actor.EngineStage``).
 - ``"pool"`` (on CPU, and any autoscaling pool): the engine lives in Ray Data's actor.
 
 Tests and benchmarks pick one explicitly (``pipeline.run(..., placement=...)``) to cover
@@ -73,11 +73,11 @@ def engine_resources(spec: JobSpec, device: str, engine_factory: Callable | None
 
 
 @dataclass
-class Replicas:
+class EarlyReplicas:
     """Engine replicas the driver started itself (``start_replicas``)."""
 
     actors: list
-    claim: str  # the key under which Ray Data's actors claim one each
+    claim_key: str  # the key under which Ray Data's actors claim one each
 
 
 def engine_placement(spec: JobSpec, device: str, placement: Placement | None = None) -> Placement:
@@ -111,7 +111,7 @@ def start_replicas(
     engine_factory: Callable | None = None,
     placement: Placement | None = None,
     board=None,
-) -> Replicas | None:
+) -> EarlyReplicas | None:
     """Start the engine replicas now, as Ray actors of their own, or ``None`` when the
     engines belong in Ray Data's actors (``engine_placement``).
 
@@ -120,16 +120,16 @@ def start_replicas(
     the engine: on an H200 host 6.7 s after the driver's start, against 4.2 s here
     (``bench/start_trace.py``). Started right after the driver joins the cluster, the
     replicas import and start their engines meanwhile; Ray Data's actors then forward
-    their batches to them (``actor.EngineActor``).
+    their batches to them (``actor.EngineStage``).
     """
     import ray
 
-    from batchjobs.actor import EngineReplicaActor
+    from batchjobs.actor import EarlyReplica
 
     res = spec.resources
     if engine_placement(spec, device, placement) != "replicas":
         return None
-    cls = ray.remote(EngineReplicaActor).options(
+    cls = ray.remote(EarlyReplica).options(
         max_restarts=res.max_restarts,
         max_task_retries=-1,  # batches held by a replica that died run again on its restart
         max_concurrency=inflight_batches(spec, device) + 4,  # + started, close
@@ -138,10 +138,10 @@ def start_replicas(
     # The validated spec itself: an actor does not re-validate it (its node need not
     # see the files the driver checked).
     actors = [cls.remote(spec, engine_factory, board) for _ in range(res.replicas)]
-    return Replicas(actors, uuid.uuid4().hex)
+    return EarlyReplicas(actors, uuid.uuid4().hex)
 
 
-def stop_replicas(replicas: Replicas | None, timeout_s: float = ENGINE_STOP_TIMEOUT_S) -> None:
+def stop_replicas(replicas: EarlyReplicas | None, timeout_s: float = ENGINE_STOP_TIMEOUT_S) -> None:
     """Close the replicas' engines (their processes stop cleanly), then end the actors."""
     if replicas is None:
         return
@@ -153,10 +153,10 @@ def stop_replicas(replicas: Replicas | None, timeout_s: float = ENGINE_STOP_TIME
     finally:
         for a in replicas.actors:
             ray.kill(a, no_restart=True)
-        release_claims(replicas.claim)
+        release_claims(replicas.claim_key)
 
 
-def claim(replicas: list, token: str):
+def claim_replica(replicas: list, token: str):
     """The replica this forwarding actor serves from: the one it claimed before (Ray
     restarted it), else the first one nobody claimed (an atomic put in the GCS's key-value
     store). Past that (more actors than replicas) replicas are shared."""

@@ -123,8 +123,7 @@ def test_each_forwarding_actor_claims_its_own_replica_and_keeps_it(ray_session):
     different one, asking again gets the same one (as after Ray restarted the actor), and
     one actor more than there are replicas shares one instead of failing; a released run
     leaves no claim behind."""
-    from batchjobs.replicas import claim as claim_replica
-    from batchjobs.replicas import release_claims
+    from batchjobs.replicas import claim_replica, release_claims
 
     @ray.remote(num_cpus=0)
     class Claimer:

@@ -55,8 +55,8 @@ def _cli_job(tmp_path: Path, model: Path, out: Path) -> tuple[list[str], dict]:
 
 # The engine replica (its own actor: the driver starts it before Ray Data's plan) and Ray
 # Data's actor that forwards batches to it.
-REPLICA = "ray::EngineReplicaActor"
-FORWARDER = "ray::MapWorker(MapBatches(EngineActor))"
+REPLICA = "ray::EarlyReplica"
+FORWARDER = "ray::MapWorker(MapBatches(EngineStage))"
 
 
 def _engine_actor_pids(title: str = REPLICA) -> list[int]:

@@ -20,7 +20,7 @@ from test_faults import _engine_actor_pids
 pytestmark = pytest.mark.integration
 
 # The engine in Ray Data's actor: the placement on CPU.
-POOL_ACTOR = "ray::MapWorker(MapBatches(EngineActor))"
+POOL_ACTOR = "ray::MapWorker(MapBatches(EngineStage))"
 
 
 def _docs(inp: Path, shards: int, rows: int) -> dict[str, str]:

@@ -62,13 +62,13 @@ def _factory(probe: str, spec):
 def test_engine_closes_with_its_processes_and_the_driver_waits_for_it(
     tmp_path, tiny_model, ray_session, placement
 ):
-    from batchjobs.actor import EngineActor, EngineReplicaActor
+    from batchjobs.actor import EarlyReplica, EngineStage
     from batchjobs.cluster import wait_pids
     from batchjobs.pipeline import run
     from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
-    holder = (EngineReplicaActor if placement == "replicas" else EngineActor).__name__
+    holder = (EarlyReplica if placement == "replicas" else EngineStage).__name__
     prompt_shards(tmp_path / "in", shards=2, rows=20)
     probe = tmp_path / "probe"
     probe.mkdir()

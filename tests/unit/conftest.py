@@ -88,7 +88,7 @@ def _engine_output_schema() -> pa.Schema:
 
 
 def _engine_output(rows: list[dict[str, Any]]) -> pa.Table:
-    """A table shaped like EngineActor's output. Each row needs shard_id, row_index, shard_rows;
+    """A table shaped like EngineStage's output. Each row needs shard_id, row_index, shard_rows;
     the rest gets defaults that a test may override."""
     full = []
     for r in rows:

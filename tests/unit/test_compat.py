@@ -157,14 +157,12 @@ def test_job_actors_from_the_actor_table(versions, monkeypatch):
 
     versions["ray"] = "2.60.0"
     table = {
-        "a": {"ActorClassName": "EngineReplicaActor", "Pid": 11, "Address": {"NodeID": "n1"}},
+        "a": {"ActorClassName": "EarlyReplica", "Pid": 11, "Address": {"NodeID": "n1"}},
         "b": {"ActorClassName": "Pending", "Pid": 0, "Address": {"NodeID": ""}},  # no process
     }
     monkeypatch.setattr(state, "actors", lambda job_id: table)
-    assert compat.ray_job_actors("01000000") == [
-        compat.ActorProcess("EngineReplicaActor", 11, "n1")
-    ]
-    table["a"] = {"ActorClassName": "EngineReplicaActor", "Pid": 11}  # the table changed shape
+    assert compat.ray_job_actors("01000000") == [compat.ActorProcess("EarlyReplica", 11, "n1")]
+    table["a"] = {"ActorClassName": "EarlyReplica", "Pid": 11}  # the table changed shape
     with pytest.raises(compat.CompatError, match="ray_job_actors"):
         compat.ray_job_actors("01000000")
 

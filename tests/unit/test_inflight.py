@@ -168,11 +168,11 @@ def test_the_replica_actor_runs_its_batches_on_threads_not_one_at_a_time():
     batch at a time (seen: 8 requests in flight instead of 40)."""
     import inspect
 
-    from batchjobs.actor import EngineReplicaActor
+    from batchjobs.actor import EarlyReplica
 
     coroutines = [
         name
-        for name, member in inspect.getmembers(EngineReplicaActor)
+        for name, member in inspect.getmembers(EarlyReplica)
         if inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member)
     ]
     assert coroutines == []
