@@ -11,7 +11,7 @@ from batchjobs.spec import JobSpec
 
 
 def pool_min(spec: JobSpec) -> int:
-    """EarlyReplicas the pool starts with (and never shrinks below)."""
+    """Replicas the pool starts with (and never shrinks below)."""
     res = spec.resources
     return res.min_replicas if res.min_replicas is not None else res.replicas
 

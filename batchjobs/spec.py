@@ -352,7 +352,7 @@ class JobSpec(_Model):
     chat: ChatSpec = Field(default_factory=ChatSpec, description="Task chat.")
     embed: EmbedSpec = Field(default_factory=EmbedSpec, description="Task embed.")
     resources: ResourcesSpec = Field(
-        default_factory=ResourcesSpec, description="EarlyReplicas, batching and retries."
+        default_factory=ResourcesSpec, description="Replicas, batching and retries."
     )
     cost: CostSpec = Field(default_factory=CostSpec, description="Prices, for $ per token.")
     pilot: PilotSpec | None = Field(
