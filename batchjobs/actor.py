@@ -16,14 +16,12 @@ replica holds more rows than the gate admits.
 The job's task (``batchjobs.tasks``) turns each row into an engine request and the
 results into its output columns; the replica itself knows nothing of tasks.
 
-Cost accounting is done here because only the replica knows when it holds its devices.
-The engine is shared like a processor: at every instant, the replica's time is split
-equally over the requests in flight, so a row is charged the integral of 1/n(t) over its
-life. Summed over rows that is exactly the time the replica had work; the time it had
-none (idle) and its start-up are reported per replica as overhead. So Σ row charges +
-idle + start-up = the time the replica held its devices, up to its last completion. A
-row's charge rides on its row (``_engine_s``, summed per shard by the sink); the replica's
-own figures go to the driver on their own channel, a ``ReplicaBoard`` actor.
+The replica keeps the clock of its devices (``BusyClock``: start-up, then busy or idle)
+and records its work window by window (``cost.Windows``); from those the driver fits what
+a prefill and a decode token cost and charges each shard by its rows' tokens (cost.py).
+Each row carries the prompt tokens the engine's prefix cache served (``_cached_tokens``,
+summed per shard by the sink); the replica's own figures go to the driver on their own
+channel, a ``ReplicaBoard`` actor.
 """
 
 from __future__ import annotations
@@ -42,6 +40,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from batchjobs.cost import Windows
 from batchjobs.engines import make_engine
 from batchjobs.engines.base import Engine, EngineDead, Result
 from batchjobs.errors import BatchJobError, EngineError
@@ -53,7 +52,7 @@ from batchjobs.tasks import Prepared, task_for
 log = logging.getLogger("batchjobs.actor")
 
 EngineFactory = Callable[[JobSpec], Engine]
-ENGINE_S = "_engine_s"  # a row's engine seconds: read by the sink, never written out
+CACHED = "_cached_tokens"  # a row's prompt tokens served by the prefix cache (sink reads it)
 
 
 class EngineStage:
@@ -152,10 +151,12 @@ class EngineReplica:
             ) from exc
         self.ready = time.time()
         self.startup_s = self.ready - started
-        self.clock = ShareClock(self.ready)
+        self.clock = BusyClock(self.ready)
         self.limit = inflight_limit(self.spec, self.engine)
         self.prompt_tokens = self.cached_tokens = 0  # so far, to report the cache's share
-        self.engine_s = 0.0
+        self.completion_tokens = 0
+        self.windows = Windows(self.clock)
+        self.reported = 0  # windows sent to the board so far
         self.gate = self._on_loop(_make_gate(self.limit))
         log.info(
             "replica %s ready in %.1fs; at most %s requests in its engine",
@@ -182,7 +183,7 @@ class EngineReplica:
             # so no row is lost and none is written twice.
             log.error("replica %s: %s; exiting so Ray restarts it", self.replica, exc)
             os._exit(1)
-        results, extras, charges = zip(*rows) if rows else ((), (), ())
+        results, extras = zip(*rows) if rows else ((), ())
         out = pa.table(
             {
                 ROW_ID: batch.column(ROW_ID),
@@ -190,7 +191,7 @@ class EngineReplica:
                 ROW_INDEX: batch.column(ROW_INDEX),
                 SHARD_ROWS: batch.column(SHARD_ROWS),
                 **self.task.to_columns(results, extras),
-                ENGINE_S: pa.array(charges, pa.float64()),
+                CACHED: pa.array([r.cached_tokens for r in results], pa.int64()),
             }
         )
         self.report()
@@ -198,8 +199,8 @@ class EngineReplica:
 
     def figures(self) -> dict[str, float]:
         """This replica's figures as of now: start-up, ready at, then so far: idle, busy and
-        request-seconds in the engine, rows, engine seconds charged, prompt tokens and those
-        its prefix cache served; its cap on requests in the engine."""
+        request-seconds in the engine, rows, prompt tokens, those its prefix cache served,
+        and generated tokens; its cap on requests in the engine."""
         c = self.clock
         return {
             "startup_s": self.startup_s,
@@ -208,8 +209,8 @@ class EngineReplica:
             "busy_s": c.busy,
             "inflight_s": c.inflight_s,
             "rows": self.rows,
-            "engine_s": self.engine_s,
             "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
             "limit": self.limit or 0,
         }
@@ -217,7 +218,9 @@ class EngineReplica:
     def report(self) -> None:
         """Send this replica's figures to the driver's board (fire and forget)."""
         if self.board is not None:
-            self.board.report.remote(self.replica, self.figures())
+            closed = self.windows.closed
+            new, self.reported = closed[self.reported :], len(closed)
+            self.board.report.remote(self.replica, self.figures(), new)
 
     def close(self) -> None:
         """Shut the engine down and stop the loop thread. Safe to call twice."""
@@ -265,28 +268,29 @@ class EarlyReplica(EngineReplica):
 
 async def _serve(replica: EngineReplica, prepared: list):
     """One batch's prepared rows through the replica's gate and engine: (result, the
-    task's extra values, charge) per row; a row that could not be prepared (its error
-    message) fails without reaching the engine.
+    task's extra values) per row; a row that could not be prepared (its error message)
+    fails without reaching the engine.
 
     A function, not a method: Ray makes an actor whose class has a coroutine method an
     asyncio actor, which would run ``EarlyReplica``'s blocking calls one at a time.
     """
     task = replica.task
 
-    async def one(row: Prepared | str) -> tuple[Result, dict, float]:
+    async def one(row: Prepared | str) -> tuple[Result, dict]:
         if isinstance(row, str):
-            return Result.failed(row), {}, 0.0
+            return Result.failed(row), {}
         async with replica.gate:
-            mark = replica.clock.start(time.time())
+            replica.clock.start(time.time())
             try:
                 result = await task.run(replica.engine, row.request)
             finally:
-                charge = replica.clock.stop(time.time(), mark)
+                replica.clock.stop(time.time())
         # Counted here, on the engine loop's one thread: Ray Data's threads would race.
         replica.prompt_tokens += result.prompt_tokens
         replica.cached_tokens += result.cached_tokens
-        replica.engine_s += charge
-        return result, row.extra, charge
+        replica.completion_tokens += result.completion_tokens
+        replica.windows.add(result.prompt_tokens - result.cached_tokens, result.completion_tokens)
+        return result, row.extra
 
     done = await asyncio.gather(*(one(row) for row in prepared))
     replica.rows += len(done)
@@ -294,18 +298,22 @@ async def _serve(replica: EngineReplica, prepared: list):
 
 
 class ReplicaBoard:
-    """The driver's channel from the engine replicas: each reports its running figures
-    after every batch (``EngineReplica.report``); the driver reads the latest of each.
-    Figures are running totals, so the latest report of a replica is all of it."""
+    """The driver's channel from the engine replicas: each reports its running figures and
+    its newly closed work windows after every batch (``EngineReplica.report``); the driver
+    reads the latest figures of each and the windows it has not seen. Figures are running
+    totals, so the latest report of a replica is all of it."""
 
     def __init__(self):
         self.latest: dict[str, dict[str, float]] = {}
+        self.windows: list[tuple[float, float, int, int]] = []
 
-    def report(self, replica: str, figures: dict[str, float]) -> None:
+    def report(self, replica: str, figures: dict[str, float], windows: list) -> None:
         self.latest[replica] = figures
+        self.windows.extend(windows)
 
-    def snapshot(self) -> dict[str, dict[str, float]]:
-        return self.latest
+    def snapshot(self, since: int = 0) -> tuple[dict[str, dict[str, float]], list]:
+        """The latest figures of every replica, and the windows after the first ``since``."""
+        return self.latest, self.windows[since:]
 
 
 def inflight_limit(spec: JobSpec, engine: Engine) -> int | None:
@@ -358,19 +366,15 @@ async def _make_gate(limit: int | None) -> Gate:
     return Gate(limit)  # built on the engine loop, where it is used
 
 
-class ShareClock:
-    """Splits a replica's time over its in-flight requests (processor sharing).
-
-    Every request accrues dt/n for each interval dt in which n requests were in flight;
-    intervals with none go to ``idle``. ``inflight_s`` / ``busy`` is the mean number of
-    requests in the engine while it had any: the measure of whether feeding kept it full.
-    Only the engine loop thread calls ``start``/``stop``.
-    """
+class BusyClock:
+    """A replica's time after start-up: ``busy`` (any request in the engine) or ``idle``,
+    and ``inflight_s``, the integral of the requests in the engine; ``inflight_s`` /
+    ``busy`` is the mean number of requests in the engine while it had any, the measure of
+    whether feeding kept it full. Only the engine loop thread calls ``start``/``stop``."""
 
     def __init__(self, t0: float):
         self.t = t0
         self.n = 0
-        self.acc = 0.0
         self.idle = 0.0
         self.busy = 0.0
         self.inflight_s = 0.0
@@ -378,22 +382,19 @@ class ShareClock:
     def _advance(self, now: float) -> None:
         dt = max(0.0, now - self.t)
         if self.n:
-            self.acc += dt / self.n
             self.busy += dt
             self.inflight_s += dt * self.n
         else:
             self.idle += dt
         self.t = max(self.t, now)
 
-    def start(self, now: float) -> float:
+    def start(self, now: float) -> None:
         self._advance(now)
         self.n += 1
-        return self.acc
 
-    def stop(self, now: float, mark: float) -> float:
+    def stop(self, now: float) -> None:
         self._advance(now)
         self.n -= 1
-        return self.acc - mark
 
 
 async def _close(engine: Engine) -> None:

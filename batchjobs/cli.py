@@ -248,9 +248,26 @@ def _print_summary(s) -> None:
         f"shards: {s.shards_run} run, {s.shards_skipped} skipped (already committed)\n"
         f"tokens: {s.prompt_tokens} in, {s.completion_tokens} out; "
         f"{s.tokens_per_s:.0f} tok/s total, {s.output_tokens_per_s:.0f} output tok/s\n"
-        f"cost: {s.gpu_s:.1f} GPU-s (start-up overhead {s.overhead_s:.1f}s) = ${s.cost_usd:.4f}\n"
+        + _cost_line(s)
         + _replica_line(s.replicas)
         + f"output: {s.output} (manifest: {s.output.rstrip('/')}/{MANIFEST})"
+    )
+
+
+def _cost_line(s) -> str:
+    """GPU-seconds and $, split into the rows' work, start-up and idle, and under-fill; and
+    how the rows' work was weighed (cost.py)."""
+    w = s.cost_weights or {}
+    gpus = s.gpu_s - s.overhead_s  # the rows' work, in GPU-seconds
+    weighed = (
+        f"; rows charged {w['prefill_s'] * 1e3:.3g} ms per prefill token, "
+        f"{w['decode_s'] * 1e3:.3g} ms per decode token ({w['method']})"
+        if w
+        else ""
+    )
+    return (
+        f"cost: {s.gpu_s:.1f} GPU-s = ${s.cost_usd:.4f}: rows' work {gpus:.1f}, start-up and "
+        f"idle {s.overhead_s - s.underfill_s:.1f}, under-fill {s.underfill_s:.1f}{weighed}\n"
     )
 
 

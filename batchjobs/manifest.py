@@ -38,7 +38,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from batchjobs.cost import per_million, usd
+from batchjobs.cost import Weights, per_million, usd
 from batchjobs.errors import OutputError
 from batchjobs.layout import MANIFEST, MANIFEST_DELTAS, stamped, unstamped
 from batchjobs.records import ShardCounts
@@ -58,11 +58,16 @@ SUPERSEDED = "superseded"  # its input file changed or vanished; output removed
 @dataclass(kw_only=True)
 class ShardRecord(ShardCounts):
     """A shard's line in the manifest: its counts (``ShardCounts``: rows, error rows,
-    tokens, engine seconds), what they cost, and where its output is."""
+    tokens), the engine seconds its rows' work cost and how that was found (``cost.py``),
+    what they cost, and where its output is."""
 
     shard_id: str
     source: str
     status: str = "pending"
+    engine_s: float = 0.0
+    # How engine_s was attributed: cost.Weights as a dict (method, seconds per prefill and
+    # per decode token, the full windows they come from).
+    cost_weights: dict = field(default_factory=dict)
     gpu_s: float = 0.0
     cost_usd: float = 0.0
     usd_per_1m_tokens: float | None = None
@@ -78,8 +83,11 @@ class ShardRecord(ShardCounts):
     # The output files' Parquet schema metadata: task, fingerprint, an embedding's size.
     output_metadata: dict[str, str] = field(default_factory=dict)
 
-    def finalise(self, gpus_per_replica: int, usd_per_gpu_hour: float) -> None:
-        """Derive GPU-seconds, dollars and rates from the summed engine seconds and tokens."""
+    def finalise(self, weights: Weights, gpus_per_replica: int, usd_per_gpu_hour: float) -> None:
+        """Charge the shard its rows' work at ``weights``; derive GPU-seconds, dollars and
+        rates from that and the tokens."""
+        self.engine_s = weights.charge(self.prefill_tokens, self.completion_tokens)
+        self.cost_weights = weights.to_dict()
         tokens = self.prompt_tokens + self.completion_tokens
         self.gpu_s = self.engine_s * gpus_per_replica
         self.cost_usd = usd(self.gpu_s, usd_per_gpu_hour)

@@ -52,10 +52,15 @@ class RunSummary:
     error_rows: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
     wall_s: float = 0.0
     teardown_s: float = 0.0  # after wall_s: waiting for the engine replicas to shut down
-    engine_s: float = 0.0
+    engine_s: float = 0.0  # what the rows' work cost (cost.py), GPU-seconds / GPUs
+    # Job overhead in GPU-seconds: the replicas' start-up, idle and under-fill (busy time
+    # beyond what the rows' work accounts for); underfill_s is that last part.
     overhead_s: float = 0.0
+    underfill_s: float = 0.0
+    cost_weights: dict = field(default_factory=dict)  # cost.Weights the rows were charged at
     gpu_s: float = 0.0
     cost_usd: float = 0.0
     replicas: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -115,10 +120,16 @@ def _execute(
     tracker.finish()
     plan.out.remove_empty_staging()
     tracker.read_board(rows=tracker.done_rows)
+    tracker.settle()
     summary.replicas = tracker.replicas
     summary.output_metadata = tracker.metadata
-    # Overhead: replica time no row was charged for (start-up, waiting for work).
-    summary.overhead_s = sum(r["startup_s"] + r["idle_s"] for r in tracker.replicas.values()) * gpus
+    summary.cost_weights = tracker.weights.to_dict()
+    # Overhead: replica time no row was charged for (start-up, waiting for work, under-fill).
+    reps = tracker.replicas.values()
+    summary.underfill_s = sum(r["underfill_s"] for r in reps) * gpus
+    summary.overhead_s = (
+        sum(r["startup_s"] + r["idle_s"] for r in reps) * gpus + summary.underfill_s
+    )
 
 
 def run(
@@ -187,6 +198,7 @@ def run(
             for rec in plan.manifest.committed().values():
                 if rec.shard_id in ran:
                     ShardCounts.add(summary, rec)
+                    summary.engine_s += rec.engine_s
                     summary.gpu_s += rec.gpu_s
                     summary.cost_usd += rec.cost_usd
             summary.gpu_s += summary.overhead_s

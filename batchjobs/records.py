@@ -15,7 +15,7 @@ import pyarrow as pa
 BOOKKEEPING_COLUMNS: dict[str, pa.DataType] = {"shard_id": pa.string(), "row_index": pa.int64()}
 # Columns the pipeline carries between stages; an id column may not take one of these names.
 INTERNAL_COLUMNS = frozenset(
-    {"shard_rows", "payload", "input_error", "params", "_engine_s", "row_id"}
+    {"shard_rows", "payload", "input_error", "params", "_cached_tokens", "row_id"}
 )
 # Result columns of any task (generate and chat: text ...; embed: embedding ...).
 RESULT_COLUMNS = frozenset(
@@ -36,13 +36,19 @@ DEFAULT_ID_COLUMN = "row_id"
 
 @dataclass
 class ShardCounts:
-    """Rows, error rows, tokens and engine seconds of some rows of one shard."""
+    """Rows, error rows and tokens of some rows of one shard (``cached_tokens``: prompt
+    tokens the engine's prefix cache served instead of computing them)."""
 
     rows: int = 0
     error_rows: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    engine_s: float = 0.0
+    cached_tokens: int = 0
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the engine computed."""
+        return self.prompt_tokens - self.cached_tokens
 
     def add(self, other: ShardCounts) -> None:
         for f in fields(ShardCounts):
@@ -60,6 +66,6 @@ COUNT_TYPES: dict[str, pa.DataType] = {
     "error_rows": pa.int64(),
     "prompt_tokens": pa.int64(),
     "completion_tokens": pa.int64(),
-    "engine_s": pa.float64(),
+    "cached_tokens": pa.int64(),
 }
 assert set(COUNT_TYPES) == {f.name for f in fields(ShardCounts)}

@@ -29,7 +29,7 @@ from batchjobs.layout import STAGING, SUCCESS
 from batchjobs.readers import ROW_ID, SHARD_ID, SHARD_ROWS, filesystem
 from batchjobs.records import BOOKKEEPING_COLUMNS, COUNT_TYPES, DEFAULT_ID_COLUMN
 
-ENGINE_S = "_engine_s"  # the engine stage's per-row charge (actor.ENGINE_S)
+CACHED = "_cached_tokens"  # the engine stage's per-row prefix-cache hits (actor.CACHED)
 
 
 def write_staged(
@@ -42,7 +42,7 @@ def write_staged(
     """Ray Data UDF: write each shard's rows of a batch to one staged file; return summaries.
 
     The file holds the id column, the bookkeeping columns and the task's result columns as
-    the engine stage typed them (the internal ``shard_rows`` and ``_engine_s`` are dropped),
+    the engine stage typed them (the internal ``shard_rows`` and ``_cached_tokens`` are dropped),
     with ``metadata`` plus each fixed-size list column's size in the Parquet schema."""
     fs, path = filesystem(root, storage_options)
     summaries = [
@@ -61,7 +61,7 @@ def write_staged(
 
 def output_table(part: pa.Table, id_column: str, metadata: dict[str, str]) -> pa.Table:
     """The rows of a staged file as written: id, bookkeeping, then the task's columns."""
-    results = [c for c in part.column_names if c not in (ROW_ID, SHARD_ROWS, ENGINE_S)]
+    results = [c for c in part.column_names if c not in (ROW_ID, SHARD_ROWS, CACHED)]
     results = [c for c in results if c not in BOOKKEEPING_COLUMNS]
     out = part.select([ROW_ID, *BOOKKEEPING_COLUMNS, *results])
     out = out.rename_columns([id_column, *out.column_names[1:]]).sort_by("row_index")
@@ -94,7 +94,7 @@ def _write_part(
         "error_rows": part.num_rows - part.column("error").null_count,
         "prompt_tokens": _sum(part, "prompt_tokens"),
         "completion_tokens": _sum(part, "completion_tokens"),
-        "engine_s": pc.sum(part.column(ENGINE_S)).as_py() or 0.0,
+        "cached_tokens": _sum(part, CACHED),
         "metadata": json.dumps(
             out.schema.metadata and {k.decode(): v.decode() for k, v in out.schema.metadata.items()}
         ),

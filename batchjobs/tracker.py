@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from batchjobs.cost import Weights, fit_for_job
 from batchjobs.engines import engine_kind
 from batchjobs.errors import OutputError
 from batchjobs.manifest import COMMITTED, ShardRecord
@@ -51,6 +52,10 @@ class Tracker:
         self.expected: dict[str, int] = {}
         self.replicas: dict[str, dict[str, float]] = {}  # per replica, as the summary shows it
         self.metadata: dict[str, str] = {}  # the output files' schema metadata
+        self.raw: dict[str, dict[str, float]] = {}  # per replica, as reported
+        self.windows: list = []  # the replicas' work windows (cost.Windows), all of them
+        self.weights = Weights(0.0, 0.0, "busy")  # until the replicas have reported
+        self.committed_ids: list[str] = []
         self.t0 = time.time()
         self.last_print = 0.0
         self.last_line = ""
@@ -99,22 +104,46 @@ class Tracker:
 
         deadline = time.time() + timeout_s
         while True:
-            latest = ray.get(self.board.snapshot.remote())
+            latest, windows = ray.get(self.board.snapshot.remote(len(self.windows)))
+            self.windows.extend(windows)
             if rows is None or sum(f["rows"] for f in latest.values()) >= rows:
                 break
             if time.time() > deadline:
                 break
             time.sleep(0.05)
-        self.replicas = {rep: replica_summary(raw) for rep, raw in latest.items()}
+        self.raw = latest
+        self.weights = self.job_weights()
+        self.replicas = {rep: replica_summary(raw, self.weights) for rep, raw in latest.items()}
+
+    def job_weights(self) -> Weights:
+        """What a prefill and a decode token cost, from the replicas' windows so far."""
+        reps = self.raw.values()
+        return fit_for_job(
+            self.windows,
+            busy_s=sum(r["busy_s"] for r in reps),
+            prefill_tokens=sum(int(r["prompt_tokens"] - r["cached_tokens"]) for r in reps),
+            decode_tokens=sum(int(r["completion_tokens"]) for r in reps),
+        )
+
+    def settle(self) -> None:
+        """Charge every shard this run committed at the run's final weights (a shard
+        committed early was charged at the weights known then)."""
+        for sid in self.committed_ids:
+            rec = self.plan.manifest.records[sid]
+            rec.finalise(self.weights, self.gpus, self.price)
+            self.plan.manifest.commit(rec)
 
     def _commit(self, sid: str) -> None:
         rec = self.pending.pop(sid)
         rec.files = self.plan.out.commit(sid, self.files.pop(sid))
         rec.status = COMMITTED
         rec.committed_at = time.time()
-        rec.finalise(self.gpus, self.price)
+        if self.board is not None and not self.windows:
+            self.read_board()  # the weights known so far; settle() charges them finally
+        rec.finalise(self.weights, self.gpus, self.price)
         self.plan.manifest.commit(rec)
         self.committed += 1
+        self.committed_ids.append(sid)
 
     def finish(self) -> None:
         """Commit shards that produced no rows (empty files); anything else left is lost work."""
@@ -219,11 +248,14 @@ class Progress:
     __str__ = line
 
 
-def replica_summary(raw: dict[str, float]) -> dict[str, float | None]:
-    """One replica's figures as the run summary shows them."""
+def replica_summary(raw: dict[str, float], weights: Weights) -> dict[str, float | None]:
+    """One replica's figures as the run summary shows them, its rows charged at
+    ``weights``: the rest of its busy time is its under-fill."""
     prompt, cached = int(raw["prompt_tokens"]), int(raw["cached_tokens"])
+    engine_s = weights.charge(prompt - cached, int(raw.get("completion_tokens", 0)))
     return {
-        "engine_s": raw["engine_s"],
+        "engine_s": engine_s,
+        "underfill_s": raw["busy_s"] - engine_s,
         "startup_s": raw["startup_s"],
         "ready_at": raw["ready_at"],
         "idle_s": raw["idle_s"],

@@ -82,7 +82,7 @@ def _engine_output_schema() -> pa.Schema:
             ("row_index", pa.int64()),
             ("shard_rows", pa.int64()),
             *TEXT_FIELDS.items(),
-            ("_engine_s", pa.float64()),
+            ("_cached_tokens", pa.int64()),
         ]
     )
 
@@ -100,7 +100,7 @@ def _engine_output(rows: list[dict[str, Any]]) -> pa.Table:
             "completion_tokens": 5,
             "latency_s": 0.25,
             "error": None,
-            "_engine_s": 0.5,
+            "_cached_tokens": 2,
         }
         d.update(r)
         full.append(d)

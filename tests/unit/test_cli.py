@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from batchjobs import cli
 from batchjobs.cli import app
+from batchjobs.cost import Weights
 from batchjobs.layout import MANIFEST
 from batchjobs.manifest import COMMITTED, Manifest, ShardRecord
 from batchjobs.readers import list_shards, read_shard
@@ -142,9 +143,8 @@ def test_manifest_prints_records(tmp_path):
         error_rows=1,
         prompt_tokens=1000,
         completion_tokens=3000,
-        engine_s=10.0,
     )
-    rec.finalise(2, 3.6)
+    rec.finalise(Weights(0.001, 0.003, "fit"), 2, 3.6)
     m.records[rec.shard_id] = rec
     m.save()
     assert json.loads((tmp_path / MANIFEST).read_text())["rows"] == 12

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from batchjobs.actor import Gate, ShareClock, inflight_limit
+from batchjobs.actor import BusyClock, Gate, inflight_limit
 from batchjobs.engines.base import Engine, Result
 from batchjobs.feeding import inflight_batches
 from batchjobs.spec import parse_spec
@@ -97,12 +97,12 @@ def test_gate_without_limit_never_waits():
     asyncio.run(main())
 
 
-def test_share_clock_reports_mean_requests_in_engine():
-    c = ShareClock(0.0)
-    a = c.start(1.0)  # idle 0..1
-    b = c.start(2.0)  # 1 request 1..2
-    c.stop(4.0, a)  # 2 requests 2..4
-    c.stop(5.0, b)  # 1 request 4..5
+def test_busy_clock_reports_mean_requests_in_engine():
+    c = BusyClock(0.0)
+    c.start(1.0)  # idle 0..1
+    c.start(2.0)  # 1 request 1..2
+    c.stop(4.0)  # 2 requests 2..4
+    c.stop(5.0)  # 1 request 4..5
     assert c.busy == pytest.approx(4.0) and c.idle == pytest.approx(1.0)
     assert c.inflight_s == pytest.approx(1 + 4 + 1)  # request-seconds
     assert c.inflight_s / c.busy == pytest.approx(1.5)

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from batchjobs import pipeline
+from batchjobs.cost import Weights
 from batchjobs.errors import EngineError, OutputError
 from batchjobs.layout import MANIFEST, MANIFEST_DELTAS, RUN_V, RUNS
 from batchjobs.manifest import COMMITTED, ShardRecord
@@ -55,11 +56,10 @@ def _commit(plan, shard, rows=2):
         rows=rows,
         prompt_tokens=7 * rows,
         completion_tokens=3 * rows,
-        engine_s=1.5,
         fingerprint=plan.fingerprint,
         committed_at=time.time(),
     )
-    rec.finalise(1, 3.6)
+    rec.finalise(Weights(0.0, 0.5 / rows, "fit"), 1, 3.6)  # 3 × rows decode tokens: 1.5 s
     plan.manifest.commit(rec)
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchjobs.cost import per_million, usd
+from batchjobs.cost import Weights, per_million, usd
 from batchjobs.errors import OutputError
 from batchjobs.layout import MANIFEST, MANIFEST_DELTAS, MANIFEST_V, STAGING, SUCCESS
 from batchjobs.manifest import COMMITTED, SUPERSEDED, Manifest, ShardRecord
@@ -41,12 +41,12 @@ def _two_shard_batch(engine_output) -> pa.Table:
                 "row_index": 2,
                 "shard_rows": 4,
                 "prompt_tokens": 7,
-                "_engine_s": 0.25,
+                "_cached_tokens": 5,
             },
             {"shard_id": "s-b", "row_index": 1, "shard_rows": 2, "completion_tokens": 9},
             {"shard_id": "s-a", "row_index": 0, "shard_rows": 4, "error": "prompt too long"},
             {"shard_id": "s-b", "row_index": 0, "shard_rows": 2},
-            {"shard_id": "s-a", "row_index": 1, "shard_rows": 4, "_engine_s": 1.0},
+            {"shard_id": "s-a", "row_index": 1, "shard_rows": 4, "_cached_tokens": 0},
         ]
     )
 
@@ -81,8 +81,8 @@ def test_write_staged_summaries(tmp_path, engine_output):
     assert a["completion_tokens"] == 5 * 3
     assert b["prompt_tokens"] == 20
     assert b["completion_tokens"] == 9 + 5
-    assert a["engine_s"] == pytest.approx(0.25 + 0.5 + 1.0)
-    assert b["engine_s"] == pytest.approx(1.0)
+    assert a["cached_tokens"] == 5 + 2 + 0
+    assert b["cached_tokens"] == 2 + 2
     # the file's schema metadata rides along, for the tracker (manifest, run summary)
     assert json.loads(a["metadata"]) == meta and json.loads(b["metadata"]) == meta
     files = {
@@ -147,7 +147,7 @@ def test_output_table_puts_id_and_bookkeeping_first_and_records_vector_size():
             "shard_rows": pa.array([2, 2], pa.int64()),
             "row_id": pa.array(["d-1", "d-0"]),
             "truncated": pa.array([True, False]),
-            "_engine_s": pa.array([0.1, 0.2], pa.float64()),
+            "_cached_tokens": pa.array([0, 3], pa.int64()),
             "shard_id": pa.array(["s", "s"]),
             "error": pa.array([None, "row d-0: document is empty"]),
         }
@@ -313,7 +313,6 @@ def _record(sid: str, **kw) -> ShardRecord:
         error_rows=1,
         prompt_tokens=100,
         completion_tokens=50,
-        engine_s=2.5,
         files=[f"/out/{sid}/part.parquet"],
         engine="vllm",
         model="/models/m",
@@ -323,7 +322,7 @@ def _record(sid: str, **kw) -> ShardRecord:
     )
     for k, v in kw.items():
         setattr(rec, k, v)
-    rec.finalise(2, 3.0)
+    rec.finalise(Weights(0.01, 0.03, "fit"), 2, 3.0)  # 100 × 0.01 + 50 × 0.03 = 2.5 s
     return rec
 
 
@@ -336,7 +335,6 @@ def test_manifest_round_trip(tmp_path):
         "s2",
         status="pending",
         fingerprint="other",
-        engine_s=0.0,
         prompt_tokens=0,
         completion_tokens=0,
     )
@@ -570,10 +568,15 @@ def test_temp_files_of_a_write_that_died_are_not_records(tmp_path):
 
 
 def test_finalise_computes_cost_and_rates():
-    rec = ShardRecord(
-        shard_id="s", source="x", prompt_tokens=1000, completion_tokens=3000, engine_s=10.0
-    )
-    rec.finalise(gpus_per_replica=2, usd_per_gpu_hour=3.6)
+    rec = ShardRecord(shard_id="s", source="x", prompt_tokens=1000, completion_tokens=3000)
+    rec.finalise(Weights(0.001, 0.003, "fit"), gpus_per_replica=2, usd_per_gpu_hour=3.6)
+    assert rec.engine_s == pytest.approx(1.0 + 9.0)
+    assert rec.cost_weights == {
+        "prefill_s": 0.001,
+        "decode_s": 0.003,
+        "method": "fit",
+        "windows": 0,
+    }
     assert rec.gpu_s == pytest.approx(20.0)
     assert rec.cost_usd == pytest.approx(20.0 / 3600 * 3.6)  # 0.02
     assert rec.usd_per_1m_tokens == pytest.approx(0.02 / 4000 * 1e6)  # 5.0
@@ -584,7 +587,7 @@ def test_finalise_computes_cost_and_rates():
 
 def test_finalise_without_tokens_or_engine_time():
     rec = ShardRecord(shard_id="s", source="x")
-    rec.finalise(gpus_per_replica=4, usd_per_gpu_hour=2.0)
+    rec.finalise(Weights(0.001, 0.003, "fit"), gpus_per_replica=4, usd_per_gpu_hour=2.0)
     assert rec.gpu_s == 0.0
     assert rec.cost_usd == 0.0
     assert rec.usd_per_1m_tokens is None
@@ -594,10 +597,11 @@ def test_finalise_without_tokens_or_engine_time():
 
 
 def test_finalise_prompt_tokens_only():
-    rec = ShardRecord(shard_id="s", source="x", prompt_tokens=500, engine_s=1.0)
-    rec.finalise(gpus_per_replica=1, usd_per_gpu_hour=36.0)
+    rec = ShardRecord(shard_id="s", source="x", prompt_tokens=600, cached_tokens=100)
+    rec.finalise(Weights(0.002, 0.5, "fit"), gpus_per_replica=1, usd_per_gpu_hour=36.0)
+    assert rec.engine_s == pytest.approx(1.0)  # the 500 prompt tokens the engine computed
     assert rec.cost_usd == pytest.approx(0.01)
-    assert rec.usd_per_1m_tokens == pytest.approx(20.0)
+    assert rec.usd_per_1m_tokens == pytest.approx(0.01 / 600 * 1e6)  # per token the job sent
     assert rec.usd_per_1m_output_tokens is None  # no output tokens to divide by
     assert rec.output_tokens_per_s == 0.0
 
@@ -607,23 +611,6 @@ def test_cost_helpers():
     assert usd(0.0, 2.5) == 0.0
     assert per_million(1.0, 500_000) == pytest.approx(2.0)
     assert per_million(1.0, 0) is None
-
-
-def test_share_clock_splits_time_over_in_flight_requests():
-    from batchjobs.actor import ShareClock
-
-    c = ShareClock(0.0)
-    a = c.start(1.0)  # idle 0..1
-    b = c.start(2.0)  # a alone 1..2
-    ca = c.stop(4.0, a)  # a and b share 2..4: a gets 1
-    cb = c.stop(5.0, b)  # b alone 4..5
-    assert ca == pytest.approx(2.0) and cb == pytest.approx(2.0)
-    assert c.idle == pytest.approx(1.0)
-    d = c.start(7.0)  # idle 5..7
-    cd = c.stop(7.5, d)
-    assert cd == pytest.approx(0.5) and c.idle == pytest.approx(3.0)
-    # charges + idle = all the time since the clock started
-    assert ca + cb + cd + c.idle == pytest.approx(7.5)
 
 
 def test_changed_input_file_retires_the_old_shard_output(tmp_path, spec_dict):

@@ -182,7 +182,7 @@ def test_id_column_clashing_with_output_column_is_refused(spec_dict, column):
     assert f"id_column {column!r} clashes with an output column" in msg
 
 
-@pytest.mark.parametrize("column", ["_engine_s", "_replica", "_replica_startup_s"])
+@pytest.mark.parametrize("column", ["_cached_tokens", "_replica", "_replica_startup_s"])
 def test_id_column_named_like_an_internal_column(spec_dict, tmp_path, engine_output, column):
     from batchjobs.sink import write_staged
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batchjobs.cost import Weights
 from batchjobs.engines.base import Engine, Request, Result
 from batchjobs.errors import InputError, SpecError
 from batchjobs.readers import list_shards, preflight, read_shard
@@ -559,7 +560,9 @@ class FakeBoard:
 
     def __init__(self):
         self.reports: list[tuple[str, dict]] = []
-        self.report = NS(remote=lambda replica, figures: self.reports.append((replica, figures)))
+        self.report = NS(
+            remote=lambda replica, figures, windows: self.reports.append((replica, figures))
+        )
 
 
 def _through_replica(spec, path: Path, engine: Engine):
@@ -590,7 +593,7 @@ def test_a_chat_job_through_a_replica_one_row_out_per_row_in(
         "row_index",
         "shard_rows",
         *task.output_fields(),
-        "_engine_s",
+        "_cached_tokens",
     ]
     assert out.schema.field("completion_tokens").type == pa.int32()
     assert out.column("row_id").to_pylist() == ["c0", "bad", "c1", "c2"]
@@ -643,16 +646,19 @@ def test_replica_summary_of_reported_figures():
         "busy_s": 8.0,
         "inflight_s": 24.0,
         "rows": 10,
-        "engine_s": 8.0,
         "prompt_tokens": 400,
         "cached_tokens": 100,
+        "completion_tokens": 60,
         "limit": 512,
     }
-    board.report("rep-a", {**raw, "rows": 4})
-    board.report("rep-a", raw)  # running totals: the latest report is all of it
-    assert board.snapshot() == {"rep-a": raw}
-    assert replica_summary(raw) == {
-        "engine_s": 8.0,
+    board.report("rep-a", {**raw, "rows": 4}, [(2.0, 6.0, 100, 20)])
+    board.report("rep-a", raw, [(2.5, 7.0, 150, 30)])  # running totals: the latest is all
+    assert board.snapshot() == ({"rep-a": raw}, [(2.0, 6.0, 100, 20), (2.5, 7.0, 150, 30)])
+    assert board.snapshot(1) == ({"rep-a": raw}, [(2.5, 7.0, 150, 30)])
+    weights = Weights(0.01, 0.05, "fit")  # 300 prefill × 0.01 + 60 decode × 0.05 = 6 s
+    assert replica_summary(raw, weights) == {
+        "engine_s": pytest.approx(6.0),
+        "underfill_s": pytest.approx(2.0),
         "startup_s": 3.0,
         "ready_at": 1000.0,
         "idle_s": 2.0,
@@ -664,6 +670,8 @@ def test_replica_summary_of_reported_figures():
         "cached_tokens": 100,
         "prefix_cache_hit": 0.25,
     }
-    idle = replica_summary({**raw, "busy_s": 0.0, "idle_s": 0.0, "prompt_tokens": 0})
+    idle = replica_summary(
+        {**raw, "busy_s": 0.0, "idle_s": 0.0, "prompt_tokens": 0, "cached_tokens": 0}, weights
+    )
     assert idle["mean_inflight"] == 0.0 and idle["busy_share"] is None
     assert idle["prefix_cache_hit"] is None
