@@ -35,20 +35,37 @@ def _fail(exc: BatchJobError) -> None:
 
 
 @app.command()
-def validate(spec: SpecArg, set_: SetOpt = None) -> None:
+def validate(
+    spec: SpecArg,
+    set_: SetOpt = None,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            "--offline",
+            help="Check the spec alone, for a job that runs elsewhere: input and output "
+            "locations by their form, no file, bucket or model reached, no engine looked for.",
+        ),
+    ] = False,
+) -> None:
     """Check a job spec and its inputs (files, columns) without starting an engine."""
     from batchjobs.planning import list_shards, preflight_shards
     from batchjobs.spec import load_spec
 
     try:
-        job = load_spec(spec, set_)
-        shards = list_shards(job.input.path, job.input.format, job.input.storage_options)
-        preflight_shards(job, shards)
-        _check_engines_installed(job)
+        job = load_spec(spec, set_, offline=offline)
+        if offline:
+            _check_location_form(job)
+        else:
+            shards = list_shards(job.input.path, job.input.format, job.input.storage_options)
+            preflight_shards(job, shards)
+            _check_engines_installed(job)
     except BatchJobError as exc:
         _fail(exc)
+    found = (
+        "offline (input, output and model not reached)" if offline else f"{len(shards)} shard(s)"
+    )
     typer.echo(
-        f"ok: {job.name}: {len(shards)} shard(s), engine {job.engine.kind} {job.engine.model}, fingerprint {job.fingerprint()}"
+        f"ok: {job.name}: {found}, engine {job.engine.kind} {job.engine.model}, fingerprint {job.fingerprint()}"
     )
     if job.pilot is not None:
         from batchjobs.pilot import apply_candidate, installed
@@ -203,6 +220,33 @@ def make_model(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {shape} model to {out}")
+
+
+# URL schemes whose first path segment names a bucket, container or host.
+_LOCAL_SCHEMES = {"file", "local", "memory"}
+
+
+def _check_location_form(job) -> None:
+    """``validate --offline``: input.path and output.path as written, without reaching them.
+    A URL needs a scheme that fsspec knows and a bucket or host; an output root is no glob."""
+    from fsspec.registry import known_implementations, registry
+
+    from batchjobs.errors import SpecError
+
+    problems = []
+    for key, value in (("input.path", job.input.path), ("output.path", job.output.path)):
+        for url in value.split("::"):  # chained URLs: simplecache::s3://...
+            scheme, sep, rest = url.partition("://")
+            if not sep:
+                continue
+            if scheme not in known_implementations and scheme not in registry:
+                problems.append(f"{key} {value!r}: unknown URL scheme {scheme!r}")
+            elif scheme not in _LOCAL_SCHEMES and not rest.split("/")[0].strip():
+                problems.append(f"{key} {value!r}: no bucket or host after {scheme}://")
+        if key == "output.path" and any(c in value for c in "*?["):
+            problems.append(f"{key} {value!r}: an output root cannot be a glob")
+    if problems:
+        raise SpecError("malformed location:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def _check_engines_installed(job) -> None:

@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -374,14 +375,17 @@ class JobSpec(_Model):
 
     @field_validator("engine")
     @classmethod
-    def _model_exists(cls, engine: EngineSpec) -> EngineSpec:
-        _check_model_paths(engine, "")
+    def _model_exists(cls, engine: EngineSpec, info: ValidationInfo) -> EngineSpec:
+        if not _offline(info):
+            _check_model_paths(engine, "")
         return engine
 
     @field_validator("pilot")
     @classmethod
-    def _candidate_models_exist(cls, pilot: PilotSpec | None) -> PilotSpec | None:
-        for i, cand in enumerate(pilot.candidates if pilot else []):
+    def _candidate_models_exist(
+        cls, pilot: PilotSpec | None, info: ValidationInfo
+    ) -> PilotSpec | None:
+        for i, cand in enumerate(pilot.candidates if pilot and not _offline(info) else []):
             _check_model_paths(cand, f"candidates[{i}].")
         return pilot
 
@@ -483,8 +487,11 @@ def _may_be_hub_name(value: str) -> bool:
     return "://" in value or (value.count("/") == 1 and not value.startswith((".", "/", "~")))
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
-    """Read, override (``key.sub=value``) and validate a job spec, or raise ``SpecError``."""
+def load_spec(
+    path: str | Path, overrides: list[str] | None = None, offline: bool = False
+) -> JobSpec:
+    """Read, override (``key.sub=value``) and validate a job spec, or raise ``SpecError``.
+    ``offline``: for a spec that runs elsewhere, do not look for its model paths here."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -498,7 +505,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         raise SpecError(f"{path}: a job spec is a YAML mapping (name:, input:, output:, engine:)")
     for item in overrides or []:
         apply_override(raw, item)
-    return parse_spec(raw, source=str(path))
+    return parse_spec(raw, source=str(path), offline=offline)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -518,9 +525,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise SpecError(f"--set {item!r}: value is not valid YAML: {exc}") from None
 
 
-def parse_spec(raw: dict[str, Any], source: str = "spec") -> JobSpec:
+def parse_spec(raw: dict[str, Any], source: str = "spec", offline: bool = False) -> JobSpec:
     try:
-        return JobSpec.model_validate(raw)
+        return JobSpec.model_validate(raw, context={"offline": offline})
     except ValidationError as exc:
         lines = [_describe(err) for err in exc.errors()]
         raise SpecError(
@@ -584,6 +591,10 @@ def _check_matryoshka(model: str, dimensions: int) -> None:
         )
     if dims and dimensions not in dims:
         raise ValueError(f"embed.dimensions {dimensions} is not one the model supports ({dims})")
+
+
+def _offline(info: ValidationInfo) -> bool:
+    return bool((info.context or {}).get("offline"))
 
 
 def _check_model_paths(engine: Any, where: str) -> None:
