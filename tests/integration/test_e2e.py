@@ -148,9 +148,12 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
     expected = [6 if i % 4 == 0 else 1 + i % 5 for i in range(n)]
     assert t.column("completion_tokens").to_pylist() == expected
     assert summary.completion_tokens == sum(expected)
-    # cost bookkeeping: the shard's engine seconds are the replica's busy time
+    # cost bookkeeping: the shard's rows' work is what the replica's rows were charged, and
+    # with its under-fill makes the replica's busy time
     (rep,) = summary.replicas.values()
     assert summary.engine_s == pytest.approx(rep["engine_s"], rel=1e-6)
+    assert rep["engine_s"] + rep["underfill_s"] == pytest.approx(rep["busy_s"], rel=1e-6)
+    assert rep["underfill_s"] >= 0 and summary.cost_weights["method"] in ("fit", "tokens", "busy")
     assert rep["startup_s"] > 0 and rep["idle_s"] >= 0
     # 41 rows went into an engine that admits many more: all were in at once at the start
     assert 1 <= rep["mean_inflight"] <= n + 1 and rep["inflight_limit"] >= n + 1
@@ -159,7 +162,9 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
     assert rep["prompt_tokens"] == summary.prompt_tokens
     assert 0 < rep["cached_tokens"] < rep["prompt_tokens"], rep
     assert rep["prefix_cache_hit"] == pytest.approx(rep["cached_tokens"] / rep["prompt_tokens"])
-    # Σ shard seconds + overhead (start-up + idle) = what the replica held, within the run
-    assert summary.overhead_s == pytest.approx(rep["startup_s"] + rep["idle_s"], rel=1e-6)
+    # Σ shard seconds + overhead (start-up + idle + under-fill) = what the replica held
+    assert summary.overhead_s == pytest.approx(
+        rep["startup_s"] + rep["idle_s"] + rep["underfill_s"], rel=1e-6
+    )
     assert summary.gpu_s == pytest.approx(summary.engine_s + summary.overhead_s, rel=1e-6)
     assert summary.engine_s > 0 and summary.gpu_s <= summary.wall_s
