@@ -112,6 +112,10 @@ def run(
         typer.echo("interrupted: committed shards are kept; rerun to finish the rest", err=True)
         raise typer.Exit(130) from None
     _print_summary(summary)
+    if summary.task == "eval" and summary.metrics:
+        from batchjobs.evalreport import summary_lines
+
+        typer.echo("\n".join(summary_lines(summary.metrics)))
     result = summary.to_dict()
     if pilot is not None:
         from batchjobs.projection import summary_line
@@ -182,6 +186,46 @@ def manifest(
         typer.echo(f"engine chosen by pilot ({output.rstrip('/')}/{PILOT_JSON}):")
         for line in format_table(decision):
             typer.echo(line)
+
+
+@app.command()
+def compare(
+    output_a: Annotated[str, typer.Argument(help="The first eval output root (the baseline).")],
+    output_b: Annotated[str, typer.Argument(help="The second eval output root.")],
+    metric: Annotated[
+        Optional[str],  # noqa: UP045 - typer needs Optional here on 3.10
+        typer.Option(help="Compare this metric only (default: every metric both have)."),
+    ] = None,
+    show: Annotated[int, typer.Option(help="Flipped rows to print per metric.")] = 20,
+    json_out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--json", help="Also write the comparison, every flipped row, here."),
+    ] = None,
+    fail_if_worse: Annotated[
+        bool,
+        typer.Option(
+            "--fail-if-worse",
+            help="Exit 6 when B is worse than A on a metric: the 95% interval of B - A is "
+            "below zero.",
+        ),
+    ] = False,
+) -> None:
+    """Compare two eval outputs row by row: accuracy of each, the paired difference B - A
+    with its 95% interval and McNemar's test, and the rows that flipped."""
+    from batchjobs.evalreport import compare as compare_outputs
+    from batchjobs.evalreport import compare_lines, worse
+
+    try:
+        result = compare_outputs(output_a, output_b, metric)
+    except BatchJobError as exc:
+        _fail(exc)
+    typer.echo("\n".join(compare_lines(result, show)))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    regressed = worse(result)
+    if fail_if_worse and regressed:
+        typer.echo(f"B is worse than A on: {', '.join(regressed)}", err=True)
+        raise typer.Exit(6)
 
 
 @app.command()

@@ -86,6 +86,7 @@ def build_dataset(
             "storage_options": spec.output.storage_options,
             "id_column": spec.input.id_column,
             "metadata": {"batchjobs.task": spec.task, "batchjobs.fingerprint": plan.fingerprint},
+            "spec": spec,
         },
         batch_size=res.rows_per_file,
         batch_format="pyarrow",

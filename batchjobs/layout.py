@@ -12,6 +12,7 @@ version of each kind of record it writes there.
       _pilot.json                    the pilot's decision ("v": PILOT_V)
       _pilot/<candidate>/            the pilot's own output roots
       _progress.jsonl                reserved for progress samples
+      _eval.json                     an eval job's accuracy per metric and group ("v": EVAL_V)
 
 Every name starts with ``_``, so readers that skip such names (pyarrow, Spark, polars) see
 only committed rows. A record carries its kind's schema version as ``"v"``; readers accept
@@ -33,13 +34,15 @@ SUCCESS = "_SUCCESS"
 PILOT_JSON = "_pilot.json"
 PILOT_DIR = "_pilot"
 PROGRESS = "_progress.jsonl"  # reserved: not written yet
+EVAL_JSON = "_eval.json"
 
 # Schema version per record kind; raise one when its fields change meaning or go away
 # (adding a field readers may ignore does not need it).
 MANIFEST_V = 1
 RUN_V = 1
 PILOT_V = 1
-VERSIONS = {MANIFEST: MANIFEST_V, RUNS: RUN_V, PILOT_JSON: PILOT_V}
+EVAL_V = 1
+VERSIONS = {MANIFEST: MANIFEST_V, RUNS: RUN_V, PILOT_JSON: PILOT_V, EVAL_JSON: EVAL_V}
 
 SUCCEEDED = "succeeded"
 FAILED = "failed"

@@ -82,6 +82,9 @@ class ShardRecord(ShardCounts):
     committed_at: float | None = None
     # The output files' Parquet schema metadata: task, fingerprint, an embedding's size.
     output_metadata: dict[str, str] = field(default_factory=dict)
+    # The task's figures for the shard (Task.shard_metrics): an eval's rows correct and
+    # accuracy per metric; empty for other tasks.
+    metrics: dict[str, float | None] = field(default_factory=dict)
 
     def finalise(self, weights: Weights, gpus_per_replica: int, usd_per_gpu_hour: float) -> None:
         """Charge the shard its rows' work at ``weights``; derive GPU-seconds, dollars and

@@ -33,6 +33,7 @@ from batchjobs.replicas import (
 )
 from batchjobs.sink import OutputRoot
 from batchjobs.spec import JobSpec
+from batchjobs.tasks import task_for
 from batchjobs.tracker import Progress, Tracker
 
 log = logging.getLogger("batchjobs")
@@ -66,6 +67,9 @@ class RunSummary:
     replicas: dict[str, dict[str, float]] = field(default_factory=dict)
     # The output files' Parquet schema metadata (task, fingerprint, an embedding's size).
     output_metadata: dict[str, str] = field(default_factory=dict)
+    # The task's figures over all the job's committed shards (Task.report): an eval's
+    # accuracy per metric and group, as in <output>/_eval.json; empty for other tasks.
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -192,6 +196,7 @@ def run(
                     stop_replicas(replicas, timeout_s=ERROR_STOP_TIMEOUT_S)
                     raise
             plan.manifest.compact()  # one complete _manifest.jsonl, no _manifest.d/ left
+            summary.metrics = task_for(spec).report(plan.out, plan.manifest.committed()) or {}
         finally:
             # A failed run's record counts what it committed too.
             ran = {s.shard_id for s in plan.todo}

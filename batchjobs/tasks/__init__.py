@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING
 from batchjobs.tasks.base import Prepared, RowError, Task
 from batchjobs.tasks.chat import ChatTask
 from batchjobs.tasks.embed import EmbedTask
+from batchjobs.tasks.eval import EvalTask
 from batchjobs.tasks.generate import GenerateTask
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchjobs.spec import JobSpec
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (GenerateTask, ChatTask, EmbedTask)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (GenerateTask, ChatTask, EmbedTask, EvalTask)}
 
 
 def task_for(spec: JobSpec) -> Task:

@@ -142,6 +142,22 @@ class Task:
         """Key-value metadata written into every output file's Parquet schema."""
         return {"batchjobs.task": self.name}
 
+    # -- the task's own figures (eval: accuracy) -----------------------------------------
+
+    def summarize(self, table: pa.Table) -> dict[str, float]:
+        """Sums over the rows of one output file that add up per shard (the sink calls it
+        on each file it stages); the tracker sums them into the shard's ``metrics``."""
+        return {}
+
+    def shard_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """A shard's ``metrics`` in the manifest, from its summed ``summarize`` figures."""
+        return sums
+
+    def report(self, out, records) -> dict | None:
+        """The job's figures over its committed shards (``records``), at the end of a run;
+        a task may write them beside the results under ``out``. None: nothing to report."""
+        return None
+
 
 def check_text(value: Any) -> str | None:
     if value is None:
