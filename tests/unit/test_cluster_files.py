@@ -337,6 +337,11 @@ def test_cron_attempts_all_start_on_the_day_they_score_the_day_before():
     assert last_start < 24 * 3600
 
 
+def test_long_lived_cluster_asks_its_clients_for_a_token():
+    auth = by_kind()["RayCluster"]["spec"]["authOptions"]
+    assert auth == {"mode": "token", "secretName": auth["secretName"]} and auth["secretName"]
+
+
 def env_entries() -> list[tuple[str, dict[str, Any]]]:
     out = []
     for name, spec in cluster_specs().items():
@@ -380,10 +385,11 @@ def test_dockerfile_copies_files_that_exist_and_installs_the_gpu_extra():
     assert ignore[0] == "*"  # nothing but what is let through below
     for src in image["copied"]:
         assert f"!{src.rstrip('/')}" in ignore or f"!{src.rstrip('/')}/" in ignore, src
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"
-    ]
-    assert "gpu" in extras and '".[gpu]"' in DOCKERFILE.read_text()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "gpu" in project["optional-dependencies"] and '".[gpu]"' in DOCKERFILE.read_text()
+    # the head serves the job API that RayJob's submitter and batchjobs submit talk to
+    [ray] = [d for d in project["dependencies"] if re.match(r"ray\[", d)]
+    assert "default" in re.search(r"\[(.*)\]", ray).group(1).split(",")
 
 
 def test_one_image_everywhere():
@@ -508,11 +514,10 @@ def test_rays_validation_rejects_a_misspelt_key(path, key):
 
 def test_offline_validate_reaches_no_input_output_or_model(spec_dict, write_yaml, tmp_path):
     spec_dict["input"]["path"] = "memory://nowhere/in/*.parquet"
+    online = CliRunner().invoke(app, ["validate", str(write_yaml(spec_dict))])
+    assert online.exit_code == 3, online.output  # the input was looked for
     spec_dict["engine"]["model"] = str(tmp_path / "no-such-model")
-    path = write_yaml(spec_dict)
-    online = CliRunner().invoke(app, ["validate", str(path)])
-    assert online.exit_code == 2 and "no-such-model" in online.output
-    offline = CliRunner().invoke(app, ["validate", "--offline", str(path)])
+    offline = CliRunner().invoke(app, ["validate", "--offline", str(write_yaml(spec_dict))])
     assert offline.exit_code == 0, offline.output
     assert "offline (input, output and model not reached)" in offline.output
 
