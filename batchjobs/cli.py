@@ -13,6 +13,7 @@ import typer
 
 from batchjobs.errors import BatchJobError
 from batchjobs.layout import MANIFEST, PILOT_JSON
+from batchjobs.ops.cli import register as register_cluster_commands
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Offline batch LLM inference jobs."
@@ -47,26 +48,33 @@ def validate(
         ),
     ] = False,
 ) -> None:
-    """Check a job spec and its inputs (files, columns) without starting an engine."""
-    from batchjobs.planning import list_shards, preflight_shards
+    """Check a job spec and its inputs (files, columns) without starting an engine.
+
+    What only the cluster has (a model directory that is not on this machine) is noted, and
+    checked there first thing when the job starts."""
+    from batchjobs.ops.checks import check_here
     from batchjobs.spec import load_spec
 
+    notes: list[str] = []
     try:
-        job = load_spec(spec, set_, offline=offline)
         if offline:
+            job = load_spec(spec, set_, offline=True)
             _check_location_form(job)
         else:
-            shards = list_shards(job.input.path, job.input.format, job.input.storage_options)
-            preflight_shards(job, shards)
+            checked = check_here(spec, set_)
+            job, shards, notes = checked.spec, checked.shards, checked.notes
             _check_engines_installed(job)
     except BatchJobError as exc:
         _fail(exc)
-    found = (
-        "offline (input, output and model not reached)" if offline else f"{len(shards)} shard(s)"
-    )
+    if offline:
+        found = "offline (input, output and model not reached)"
+    else:
+        found = "input not read here" if shards is None else f"{shards} shard(s)"
     typer.echo(
         f"ok: {job.name}: {found}, engine {job.engine.kind} {job.engine.model}, fingerprint {job.fingerprint()}"
     )
+    for note in notes:
+        typer.echo(f"note: {note}")
     if job.pilot is not None:
         from batchjobs.pilot import apply_candidate, installed
 
@@ -88,16 +96,20 @@ def run(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
     summary_json: Annotated[
-        Path | None, typer.Option(help="Also write the summary here as JSON.")
+        Path | None,
+        typer.Option(help="Also write the summary here as JSON ('-': one line on stdout)."),
     ] = None,  # noqa: UP045
 ) -> None:
     """Run a job: read shards, generate with the engine, write Parquet and the manifest."""
+    from batchjobs.ops.checks import on_cluster
+    from batchjobs.ops.jobs import SUMMARY_PREFIX
     from batchjobs.pipeline import run as run_job
     from batchjobs.spec import load_spec
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         job = load_spec(spec, set_)
+        job = on_cluster(job)  # where a Ray job runs it: paths the upload left out
         _check_engines_installed(job)
         pilot = None
         if job.pilot is not None:
@@ -123,7 +135,9 @@ def run(
         typer.echo(summary_line(pilot))
         result["pilot"] = pilot
         result["engine_chosen"] = pilot["chosen"]
-    if summary_json:
+    if summary_json is not None and str(summary_json) == "-":  # read by batchjobs wait
+        typer.echo(SUMMARY_PREFIX + json.dumps(result, sort_keys=True, default=str))
+    elif summary_json:
         summary_json.write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -381,6 +395,8 @@ def _replica_line(replicas: dict) -> str:
         f"{mean:.0f} requests in each engine on average ({cap}){hits}\n"
     )
 
+
+register_cluster_commands(app)  # submit, status, logs, stop, list
 
 if __name__ == "__main__":  # pragma: no cover
     app()
