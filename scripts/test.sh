@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup_airflow.sh  # Airflow 3 in .venv-airflow, for tests/integration/test_airflow.py
 .venv/bin/ruff check batchjobs tests bench
 .venv/bin/ruff format --check batchjobs tests bench
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
