@@ -15,8 +15,10 @@ MODULES = [
     "batchjobs.sink",
     "batchjobs.manifest",
     "batchjobs.actor",
+    "batchjobs.ops.jobs",
+    "batchjobs.ops.cli",
 ]
-HEAVY = ["vllm", "torch", "tensorrt_llm", "ray"]
+HEAVY = ["vllm", "torch", "tensorrt_llm", "ray", "airflow"]
 
 SCRIPT = f"""
 import importlib, json, sys
