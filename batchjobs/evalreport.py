@@ -34,6 +34,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Z95 = 1.959963984540054  # the standard normal's 97.5th percentile
 NULL_GROUP = "(null)"  # the group of rows whose group_by value is null
+# The rows whose input could not be read (a malformed line, an empty prompt, no reference):
+# their group is not known.
+UNREAD_GROUP = "(input error)"
 
 
 # ---------------------------------------------------------------- statistics
@@ -180,8 +183,10 @@ def aggregate(table: pa.Table, metrics: Sequence[Metric], group_by: str | None) 
         }
     if group_by:
         members: dict[str, list[int]] = {}
+        refs = table.column("reference").to_pylist()
         for i, g in enumerate(table.column(group_by).to_pylist()):
-            members.setdefault(NULL_GROUP if g is None else str(g), []).append(i)
+            key = str(g) if g is not None else NULL_GROUP if refs[i] is not None else UNREAD_GROUP
+            members.setdefault(key, []).append(i)
         report["groups"] = {g: figures(members[g]) for g in sorted(members)}
     return report
 
@@ -194,7 +199,7 @@ def write_report(
     id_column = spec.input.id_column or DEFAULT_ID_COLUMN
     group = spec.eval.group_by
     columns = [id_column, "error", *(c for m in metrics for c in (m.correct, m.score))]
-    table = read_outputs(out, records, columns + ([group] if group else []))
+    table = read_outputs(out, records, columns + ([group, "reference"] if group else []))
     body = aggregate(table, metrics, group)
     report = {
         "job": spec.name,

@@ -186,7 +186,14 @@ class EvalTask(Task):
             )
             return None if ok else "expected list<string>"
         if role == "group":
-            return None
+            ok = (
+                pa.types.is_string(dtype)
+                or pa.types.is_large_string(dtype)
+                or pa.types.is_integer(dtype)
+                or pa.types.is_boolean(dtype)
+                or (pa.types.is_dictionary(dtype) and pa.types.is_string(dtype.value_type))
+            )
+            return None if ok else "expected string, integer or boolean"
         return self.inner.check_type(role, dtype)
 
     def check_row(self, values: dict[str, Any]) -> str | None:

@@ -195,6 +195,22 @@ def test_preflight_refuses_a_reference_column_of_another_type(tmp_path, eval_spe
         preflight(shard, task_for(spec).input_columns())
 
 
+def test_preflight_refuses_a_group_column_that_is_not_a_plain_value(tmp_path, eval_spec):
+    import datetime
+
+    (tmp_path / "in").mkdir()
+    when = pa.array([datetime.datetime(2026, 1, 1)])
+    pq.write_table(
+        pa.table({"prompt": ["a"], "reference": ["x"], "day": when}), tmp_path / "in" / "0.pq"
+    )
+    spec = eval_spec(
+        input={"path": str(tmp_path / "in")}, eval={"scorers": ["exact"], "group_by": "day"}
+    )
+    (shard,) = list_shards(str(tmp_path / "in"))
+    with pytest.raises(InputError, match="column 'day' has type timestamp.*expected string"):
+        preflight(shard, task_for(spec).input_columns())
+
+
 # --------------------------------------------------------------------------- fake engines
 
 
@@ -266,7 +282,7 @@ QA = [
     {"id": "q3", "prompt": "7*6?", "answer": "42", "subject": "math"},
     {"id": "q4", "prompt": "river in Egypt?", "answer": ["Nile", "the Nile"], "subject": "geo"},
     {"id": "q5", "prompt": "unanswerable", "answer": "1", "subject": "math"},
-    {"id": "q6", "prompt": "", "answer": "3", "subject": None},
+    {"id": "q6", "prompt": "", "answer": "3", "subject": "geo"},  # unread: an empty prompt
 ]
 ANSWERS = {
     "2+2?": "The answer is 4.",
@@ -469,7 +485,8 @@ def _qa_job(tmp_path, write_jsonl, eval_spec, name: str, answers: dict, split=(3
     inp = tmp_path / "in"
     if not inp.exists():
         write_jsonl(inp / "0.jsonl", QA[:4])
-        write_jsonl(inp / "1.jsonl", QA[4:] + [dict(QA[0], id="q7"), dict(QA[2], id="q8")])
+        more = [dict(QA[0], id="q7"), dict(QA[2], id="q8", subject=None)]
+        write_jsonl(inp / "1.jsonl", QA[4:] + more)
     spec = eval_spec(
         input={"id_column": "id"},
         output={"path": str(tmp_path / name)},
@@ -497,11 +514,14 @@ def test_eval_json_and_manifest_metrics(tmp_path, write_jsonl, eval_spec):
     assert norm["correct"] == 2  # q2 paris, q4 the Nile
     # token F1 per row: q1 ½, q2 1, q3 ⅔, q4 1, q7 ½, q8 ⅔; q5 q6 (errors) 0
     assert norm["mean_score"] == pytest.approx((0.5 + 1 + 2 / 3 + 1 + 0.5 + 2 / 3) / 8)
-    math_rows = report["groups"]["math"]
-    assert (math_rows["rows"], math_rows["error_rows"]) == (5, 1)
-    assert math_rows["metrics"]["numeric"]["correct"] == 4
-    assert report["groups"]["(null)"]["rows"] == 1  # q6 has no subject
-    assert set(report["groups"]) == {"math", "geo", "(null)"}
+    math_rows = report["groups"]["math"]  # q1 q3 q5 (an engine error) q7
+    assert (math_rows["rows"], math_rows["error_rows"]) == (4, 1)
+    assert math_rows["metrics"]["numeric"]["correct"] == 3
+    assert report["groups"]["(null)"]["rows"] == 1  # q8 has no subject
+    assert report["groups"]["(null)"]["metrics"]["numeric"]["correct"] == 1
+    unread = report["groups"]["(input error)"]  # q6: its row was not read, nor its subject
+    assert (unread["rows"], unread["error_rows"]) == (1, 1)
+    assert set(report["groups"]) == {"math", "geo", "(null)", "(input error)"}
     # the manifest: per shard, the rows correct and accuracy of each metric
     manifest = [json.loads(x) for x in (tmp_path / "out" / MANIFEST).read_text().splitlines()]
     assert len(manifest) == 2
