@@ -25,24 +25,25 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batchjobs.ops import auth, checks, ship
 from batchjobs.ops.auth import ClusterError
+from batchjobs.ops.outcome import (  # noqa: F401 - part of this module's API
+    STOPPED_EXIT,
+    SUMMARY_PREFIX,
+    TERMINAL,
+    TIMEOUT_EXIT,
+    Outcome,
+    first_line,
+    outcome_of,
+)
 
-SUMMARY_PREFIX = "batchjobs-summary: "
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-STOPPED_EXIT = 130  # a job stopped by someone: interrupted, as `batchjobs run` records Ctrl-C
-TIMEOUT_EXIT = 124
 STOP_WAIT_S = 60.0  # how long a stop waits for Ray to report the job stopped
 _ID_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_PROGRESS = re.compile(
-    r"^\[(?P<job>[^\]]+)\] (?P<rows>\d+) rows \((?P<pct>\d+)%\), (?P<errors>\d+) errors, "
-    r"(?P<done>\d+)/(?P<total>\d+) shards committed"
-)
 
 Say = Callable[[str], None]
 
@@ -58,51 +59,6 @@ class Submission:
     status: str
     attempt: int
     shipped: list[tuple[str, int]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a submitted job ended (or stands, for ``status``), as batchjobs' exit code."""
-
-    submission_id: str
-    status: str
-    exit_code: int | None  # None while the job runs
-    reason: str | None = None
-    summary: dict[str, Any] | None = None
-    progress: dict[str, int] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A small, token-free record for schedulers (Airflow's XCom): the status, the exit
-        code and reason, and the run's rows, tokens, $ and output."""
-        d: dict[str, Any] = {
-            "submission_id": self.submission_id,
-            "status": self.status,
-            "exit_code": self.exit_code,
-            "reason": self.reason,
-        }
-        s = self.summary or {}
-        tokens = int(s.get("prompt_tokens", 0)) + int(s.get("completion_tokens", 0))
-        cost = s.get("cost_usd")
-        for key in (
-            "name",
-            "output",
-            "rows",
-            "error_rows",
-            "prompt_tokens",
-            "completion_tokens",
-            "cost_usd",
-            "wall_s",
-            "shards_run",
-            "shards_skipped",
-        ):
-            if key in s:
-                d[key] = s[key]
-        if s:
-            d["tokens"] = tokens
-            d["usd_per_1m_tokens"] = cost / (tokens / 1e6) if cost is not None and tokens else None
-        if self.progress:
-            d["progress"] = dict(self.progress)
-        return d
 
 
 # --- ids ----------------------------------------------------------------------------------
@@ -178,14 +134,16 @@ class Head:
             raise auth.auth_error(self.address, status, self.lookup) from None
         except ConnectionError as exc:
             raise ClusterError(
-                f"cannot reach the Ray head's job API at {self.address} ({_first(exc)}): is "
+                f"cannot reach the Ray head's job API at {self.address} ({first_line(exc)}): is "
                 "the head up, started with the dashboard (ray[default]) on an address this "
                 "machine reaches (ray start --head --dashboard-host ...)?"
             ) from None
         except RuntimeError as exc:
             if missing_ok and "status code 404" in str(exc):
                 return None
-            raise ClusterError(auth.scrub(f"{self.address}: {_first(exc)}", self.lookup)) from None
+            raise ClusterError(
+                auth.scrub(f"{self.address}: {first_line(exc)}", self.lookup)
+            ) from None
 
     def info(self, sid: str):
         """The job's details, or None where the head has no job with that id."""
@@ -210,11 +168,6 @@ class Head:
             if info is None:
                 return n, found
             n, found = n + 1, info
-
-
-def _first(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 # --- submit -------------------------------------------------------------------------------
@@ -336,55 +289,6 @@ def _chdir(path: Path) -> Iterator[None]:
 
 
 # --- status and wait ----------------------------------------------------------------------
-
-
-def outcome_of(sid: str, info, logs: str) -> Outcome:
-    """The job's state as batchjobs' exit code, reason, summary and last progress."""
-    state = str(info.status)
-    summary = _summary(logs)
-    progress = _progress(logs)
-    if state not in TERMINAL:
-        return Outcome(sid, state, None, None, summary, progress)
-    if state == "SUCCEEDED":
-        return Outcome(sid, state, 0, None, summary, progress)
-    if state == "STOPPED":
-        return Outcome(sid, state, STOPPED_EXIT, "the Ray job was stopped", summary, progress)
-    code = getattr(info, "driver_exit_code", None)
-    reason = _error_line(logs)
-    if code == 127:
-        reason = (
-            "`batchjobs` was not found on the cluster (exit 127): install batchjobs where "
-            "the head runs jobs (its image or virtualenv)"
-        )
-    if reason is None:
-        reason = _first(Exception(info.message or "the Ray job failed"))
-    exit_code = code if code in (1, 2, 3, 4, 5, 130) else 1
-    return Outcome(sid, state, exit_code, reason, summary, progress)
-
-
-def _summary(logs: str) -> dict[str, Any] | None:
-    for line in reversed(logs.splitlines()):
-        if line.startswith(SUMMARY_PREFIX):
-            try:
-                return json.loads(line[len(SUMMARY_PREFIX) :])
-            except ValueError:
-                return None
-    return None
-
-
-def _progress(logs: str) -> dict[str, int] | None:
-    for line in reversed(logs.splitlines()):
-        m = _PROGRESS.match(line.strip())
-        if m:
-            return {k: int(v) for k, v in m.groupdict().items() if k != "job"}
-    return None
-
-
-def _error_line(logs: str) -> str | None:
-    for line in reversed(logs.splitlines()):
-        if line.startswith("error: "):
-            return line[len("error: ") :].strip()
-    return None
 
 
 def status(
@@ -511,7 +415,3 @@ def list_jobs(
         (info, outcome_of(info.submission_id, info, head.logs(info.submission_id)))
         for info in head.batchjobs_jobs()[:limit]
     ]
-
-
-def as_dict(obj: Submission) -> dict[str, Any]:
-    return asdict(obj)
