@@ -190,7 +190,9 @@ def submit(
     """Check the spec here, then submit it to the head at ``address`` under its
     deterministic id, re-attach to it, or leave a succeeded one alone (``force``: submit a
     new attempt anyway). ``runtime_env`` is merged over the one built here; one with its own
-    ``working_dir`` replaces the upload. Raises ``BatchJobError`` (exit codes as ``run``'s;
+    ``working_dir`` replaces the upload. Relative paths in the spec resolve against
+    ``working_dir``, as on the cluster: the process's current directory is switched to it
+    while the spec is checked. Raises ``BatchJobError`` (exit codes as ``run``'s;
     ``ClusterError`` for the head)."""
     say = say or (lambda line: None)
     wd = Path(working_dir).resolve()
