@@ -159,6 +159,29 @@ def ray_job_actors(job_id_hex: str) -> list[ActorProcess]:
         raise _broken("ray_job_actors", "ray", "cannot read the actor table", exc) from None
 
 
+def ray_actor_states(job_id_hex: str, class_part: str) -> tuple[dict[str, int], int]:
+    """How many actors of job ``job_id_hex`` whose class name contains ``class_part`` are in
+    each state of the GCS's actor table (``ALIVE``, ``RESTARTING``, ``PENDING_CREATION``,
+    ``DEAD``, ...), and how often they have been restarted in all. Read as
+    ``ray_job_actors`` reads it."""
+    check_version("ray_actor_states", "ray")
+    import ray
+
+    try:
+        from ray._private import state
+
+        table = state.actors(job_id=ray.JobID.from_hex(job_id_hex))
+        states: dict[str, int] = {}
+        restarts = 0
+        for a in table.values():
+            if class_part in a.get("ActorClassName", ""):
+                states[a["State"]] = states.get(a["State"], 0) + 1
+                restarts += int(a.get("NumRestarts") or 0)
+        return states, restarts
+    except Exception as exc:  # noqa: BLE001 - any change of the private table
+        raise _broken("ray_actor_states", "ray", "cannot read the actor table", exc) from None
+
+
 def _internal_kv(function: str):
     check_version(function, "ray")
     try:

@@ -11,8 +11,10 @@ version of each kind of record it writes there.
       _staging/<shard_id>/           files of shards still in flight
       _pilot.json                    the pilot's decision ("v": PILOT_V)
       _pilot/<candidate>/            the pilot's own output roots
-      _progress.jsonl                reserved for progress samples
+      _progress.jsonl                progress samples of every run, bounded ("v": PROGRESS_V)
       _eval.json                     an eval job's accuracy per metric and group ("v": EVAL_V)
+      _logs/run-<start>.log          Ray's and the engines' output of a run (cleaned, rotated)
+      _report.html                   the job's report (``batchjobs report``)
 
 Every name starts with ``_``, so readers that skip such names (pyarrow, Spark, polars) see
 only committed rows. A record carries its kind's schema version as ``"v"``; readers accept
@@ -33,8 +35,10 @@ STAGING = "_staging"
 SUCCESS = "_SUCCESS"
 PILOT_JSON = "_pilot.json"
 PILOT_DIR = "_pilot"
-PROGRESS = "_progress.jsonl"  # reserved: not written yet
+PROGRESS = "_progress.jsonl"  # progress samples (progress.py)
 EVAL_JSON = "_eval.json"
+LOGS = "_logs"  # the runs' logs (logs.py)
+REPORT = "_report.html"  # the report (report.py); "_": readers of the results skip it
 
 # Schema version per record kind; raise one when its fields change meaning or go away
 # (adding a field readers may ignore does not need it).
@@ -42,7 +46,14 @@ MANIFEST_V = 1
 RUN_V = 1
 PILOT_V = 1
 EVAL_V = 1
-VERSIONS = {MANIFEST: MANIFEST_V, RUNS: RUN_V, PILOT_JSON: PILOT_V, EVAL_JSON: EVAL_V}
+PROGRESS_V = 1
+VERSIONS = {
+    MANIFEST: MANIFEST_V,
+    RUNS: RUN_V,
+    PILOT_JSON: PILOT_V,
+    EVAL_JSON: EVAL_V,
+    PROGRESS: PROGRESS_V,
+}
 
 SUCCEEDED = "succeeded"
 FAILED = "failed"

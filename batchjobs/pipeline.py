@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -49,6 +50,7 @@ class RunSummary:
     shards_skipped: int
     shards_run: int
     task: str = "generate"
+    device: str = ""  # where the engines ran: cuda or cpu (gpu_s are then CPU-seconds)
     rows: int = 0
     error_rows: int = 0
     prompt_tokens: int = 0
@@ -96,9 +98,15 @@ def _execute(
     progress_every: float,
     board=None,
     on_progress: Callable | None = None,
+    run_started: float = 0.0,
 ) -> None:
-    """Run the Ray Data plan to its end; the replicas' figures go into ``summary``."""
+    """Run the Ray Data plan to its end; the replicas' figures go into ``summary``.
+
+    Progress samples go to ``on_progress`` (then ``progress`` gets messages only, not the
+    plain progress lines), to ``<output>/_progress.jsonl`` and to Ray's metrics."""
     import ray
+
+    from batchjobs.progress import ProgressLog, RayMetrics
 
     spec = plan.spec
     ctx = ray.data.DataContext.get_current()
@@ -110,7 +118,25 @@ def _execute(
     ctx.memory_usage_poll_interval_s = None
     ctx.wait_for_min_actors_s = start_gate_s(spec)
     gpus = spec.gpus_per_replica() if device == "cuda" else 1  # a CPU replica is priced as one unit
-    tracker = Tracker(plan, gpus, progress, progress_every, board, on_progress)
+    samples = ProgressLog(plan.out, run_started)
+    metrics = RayMetrics(spec.name)
+
+    def sampled(p: Progress) -> None:
+        samples(p)
+        metrics(p)
+        if on_progress is not None:
+            on_progress(p)
+
+    lines = progress if on_progress is None else None
+    tracker = Tracker(plan, gpus, lines, progress_every, board, sampled, device)
+    summary.device = device
+    ticking = threading.Event()
+    # Samples while no rows come in too (the engines starting): the display, the samples
+    # file and the metrics show the whole run.
+    ticker = threading.Thread(
+        target=_tick, args=(tracker, ticking, progress_every), name="progress", daemon=True
+    )
+    ticker.start()
     try:
         with warnings.catch_warnings():
             # Ray Data warns when a job has fewer read groups or staged files than the
@@ -121,10 +147,14 @@ def _execute(
                 tracker.add(batch)
     except Exception as exc:  # noqa: BLE001
         raise _translate(exc) from None
+    finally:
+        ticking.set()
+        ticker.join()
     tracker.finish()
     plan.out.remove_empty_staging()
     tracker.read_board(rows=tracker.done_rows)
     tracker.settle()
+    samples(tracker.snapshot(), force=True)  # the last figures, whenever the last sample was
     summary.replicas = tracker.replicas
     summary.output_metadata = tracker.metadata
     summary.cost_weights = tracker.weights.to_dict()
@@ -134,6 +164,14 @@ def _execute(
     summary.overhead_s = (
         sum(r["startup_s"] + r["idle_s"] for r in reps) * gpus + summary.underfill_s
     )
+
+
+def _tick(tracker: Tracker, stop: threading.Event, every_s: float) -> None:
+    while not stop.wait(max(every_s, 0.5)):
+        try:
+            tracker.tick()
+        except Exception as exc:  # noqa: BLE001 - a missed sample never fails the job
+            log.debug("progress sample failed: %s", exc)
 
 
 def run(
@@ -148,8 +186,9 @@ def run(
 ) -> RunSummary:
     """Run a job to completion and return its summary; raise ``BatchJobError`` on failure.
 
-    ``progress`` gets the plain progress lines and messages, ``on_progress`` the same
-    samples typed (``tracker.Progress``), every ``progress_every`` seconds.
+    ``progress`` gets messages, and the plain progress lines every ``progress_every``
+    seconds unless ``on_progress`` takes the samples typed (``tracker.Progress``) instead.
+    Either way the samples also go to ``<output>/_progress.jsonl`` and Ray's metrics.
 
     ``placement`` says where the engines run: ``None`` for the default of the device and
     pool (``replicas.engine_placement``), ``"replicas"`` or ``"pool"`` to choose one (tests
@@ -178,6 +217,11 @@ def run(
                 device = resolve_device(spec)
                 check_resources(spec, device)
                 board = start_board()
+                if progress:
+                    progress(
+                        f"[{spec.name}] starting {spec.resources.replicas} engine replica(s): "
+                        f"{spec.engine.kind} {spec.engine.model} on {device}"
+                    )
                 # Before Ray Data is even imported: the engines start while the driver plans.
                 replicas = start_replicas(spec, device, engine_factory, placement, board=board)
                 try:
@@ -191,6 +235,7 @@ def run(
                         progress_every,
                         board,
                         on_progress,
+                        started,
                     )
                 except BaseException:
                     stop_replicas(replicas, timeout_s=ERROR_STOP_TIMEOUT_S)
@@ -277,7 +322,7 @@ def _append_run(
         else:
             out = OutputRoot(spec.output.path, spec.output.storage_options)
         if summary is not None:
-            base = summary.to_dict()
+            base = {**summary.to_dict(), "spec": _public_spec(spec)}
             committed = plan.manifest.committed()
             base["shards_committed"] = sum(1 for s in plan.todo if s.shard_id in committed)
         else:
@@ -297,6 +342,19 @@ def _append_run(
         if failure is None:
             raise
         log.warning("cannot record the failed run in %s/%s: %s", spec.output.path, RUNS, exc)
+
+
+def _public_spec(spec: JobSpec) -> dict[str, Any]:
+    """The spec as the run record keeps it: storage options and engine env hidden
+    (``JobSpec.redacted``), and their values masked wherever else they appear."""
+    text = json.dumps(spec.redacted(), default=str)
+    secrets = secret_values(
+        spec.input.storage_options, spec.output.storage_options, spec.engine.env
+    )
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(json.dumps(secret)[1:-1], "***")
+    return json.loads(text)
 
 
 def _translate(exc: BaseException) -> BatchJobError:

@@ -114,7 +114,20 @@ def _write_part(
             out.schema.metadata and {k.decode(): v.decode() for k, v in out.schema.metadata.items()}
         ),
         "metrics": json.dumps(summarize(out) if summarize else {}),
+        "errors": json.dumps(_error_kinds(part)),
     }
+
+
+def _error_kinds(part: pa.Table) -> dict[str, int]:
+    """The file's error rows by kind (``progress.error_kind``), for the live display."""
+    from batchjobs.progress import error_kind
+
+    kinds: dict[str, int] = {}
+    if part.column("error").null_count < part.num_rows:
+        for message in part.column("error").drop_null().to_pylist():
+            kind = error_kind(message)
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def _sum(part: pa.Table, column: str) -> int:
@@ -132,6 +145,7 @@ SUMMARY_SCHEMA = pa.schema(
         *COUNT_TYPES.items(),
         ("metadata", pa.string()),  # the file's Parquet schema metadata, as JSON
         ("metrics", pa.string()),  # the task's sums over the file (Task.summarize), as JSON
+        ("errors", pa.string()),  # the file's error rows by kind, as JSON
     ]
 )
 

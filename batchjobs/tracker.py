@@ -4,14 +4,18 @@ figures from their board, and progress lines."""
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from batchjobs import compat
 from batchjobs.cost import Weights, fit_for_job
 from batchjobs.engines import engine_kind
 from batchjobs.errors import OutputError
@@ -22,6 +26,17 @@ from batchjobs.tasks import task_for
 
 if TYPE_CHECKING:
     from batchjobs.planning import Plan
+
+
+def _locked(method):
+    """Run under the tracker's lock: ``add`` on the driver's loop and ``tick`` on a timer."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class Tracker:
@@ -35,8 +50,10 @@ class Tracker:
         progress_every: float = 5.0,
         board=None,
         on_progress: Callable[[Progress], None] | None = None,
+        device: str = "cuda",
     ):
         self.plan = plan
+        self.device = device
         self.task = task_for(plan.spec)  # its shard_metrics: the manifest's metrics
         self.board = board  # the replicas' ReplicaBoard actor, or None
         self.progress_every = progress_every
@@ -65,7 +82,21 @@ class Tracker:
         self.by_id = {s.shard_id: s for s in plan.todo}
         self.done_rows = self.done_err = self.done_ptok = self.done_ctok = 0
         self.committed = 0
+        self.error_kinds: dict[str, int] = {}  # error rows by progress.error_kind
+        self.first_row_at: float | None = None
+        # (time, rows, prompt tokens, output tokens) of recent samples: the rates "now".
+        self.recent: collections.deque = collections.deque(maxlen=64)
+        self.states: dict[str, int] = {}  # the replicas' actors by state (compat)
+        self.restarts = 0
+        self.lock = threading.RLock()
 
+    @_locked
+    def tick(self) -> None:
+        """A sample when one is due even if no rows came in (the engines starting, long
+        batches): called every few seconds from a timer thread."""
+        self._maybe_print()
+
+    @_locked
     def add(self, summary: pa.Table) -> None:
         for row in summary.to_pylist():
             sid = row["shard_id"]
@@ -90,6 +121,10 @@ class Tracker:
             self.done_err += row["error_rows"]
             self.done_ptok += row["prompt_tokens"]
             self.done_ctok += row["completion_tokens"]
+            for kind, n in json.loads(row.get("errors") or "{}").items():
+                self.error_kinds[kind] = self.error_kinds.get(kind, 0) + n
+            if self.first_row_at is None:
+                self.first_row_at = time.time()
             if rec.rows == self.expected[sid]:
                 self._commit(sid)
             elif rec.rows > self.expected[sid]:
@@ -118,6 +153,27 @@ class Tracker:
         self.raw = latest
         self.weights = self.job_weights()
         self.replicas = {rep: replica_summary(raw, self.weights) for rep, raw in latest.items()}
+
+    def read_states(self) -> None:
+        """The engine replicas' actors by state (up, starting, restarting) and their restarts
+        so far, from the cluster's actor table; left as they were where it cannot be read."""
+        if self.board is None:
+            return
+        import ray
+
+        from batchjobs.actor import EarlyReplica, EngineStage
+
+        try:
+            job = ray.get_runtime_context().get_job_id()
+            # The driver's own replicas when it started them; else Ray Data's engine actors
+            # (which, beside the driver's replicas, only forward batches).
+            for cls in (EarlyReplica, EngineStage):
+                states, restarts = compat.ray_actor_states(job, cls.__name__)
+                if states:
+                    break
+        except compat.CompatError:
+            return
+        self.states, self.restarts = states, restarts
 
     def job_weights(self) -> Weights:
         """What a prefill and a decode token cost, from the replicas' windows so far."""
@@ -177,10 +233,23 @@ class Tracker:
 
     def snapshot(self) -> Progress:
         """Where the job stands now."""
+        now = time.time()
         seen_bytes = sum(self.by_id[s].size for s in self.expected)
         total_rows = (
             sum(self.expected.values()) * self.total_bytes / seen_bytes if seen_bytes else 0
         )
+        # The rates "now": since the oldest recent sample at least RATE_WINDOW_S old.
+        here = (now, self.done_rows, self.done_ptok, self.done_ctok)
+        base = next((s for s in reversed(self.recent) if now - s[0] >= RATE_WINDOW_S), None)
+        base = base or (self.recent[0] if self.recent else None)
+        self.recent.append(here)
+        window = tuple(b - a for a, b in zip(base, here)) if base else (0.0, 0, 0, 0)
+        # What the replicas' time has cost so far (start-up, busy and idle, as reported),
+        # and at the end if the replicas up now go on at this cost until the ETA.
+        price = self.price / 3600
+        device_s = sum(r["startup_s"] + r["busy_s"] + r["idle_s"] for r in self.raw.values())
+        device_s *= self.gpus
+        up = self.states.get("ALIVE", len(self.raw))
         return Progress(
             job=self.plan.spec.name,
             elapsed_s=time.time() - self.t0,
@@ -193,6 +262,34 @@ class Tracker:
             shards_total=len(self.plan.todo),
             replicas=len(self.replicas),
             busy_share=busy_share(self.replicas.values()),
+            started_at=self.t0,
+            first_row_s=None if self.first_row_at is None else self.first_row_at - self.t0,
+            window_s=window[0],
+            window_rows=window[1],
+            window_prompt_tokens=window[2],
+            window_completion_tokens=window[3],
+            device=self.device,
+            device_s=device_s,
+            usd=device_s * price,
+            usd_per_s=up * self.gpus * price,
+            replicas_planned=self.plan.spec.resources.replicas,
+            replicas_up=up,
+            replicas_starting=sum(
+                n
+                for s, n in self.states.items()
+                if s in ("PENDING_CREATION", "DEPENDENCIES_UNREADY")
+            ),
+            replicas_restarting=self.states.get("RESTARTING", 0),
+            restarts=self.restarts,
+            replica_figures={
+                name: {
+                    "busy_share": r["busy_share"],
+                    "inflight": r["mean_inflight"],
+                    "rows": int(self.raw[name].get("rows", 0)),
+                }
+                for name, r in self.replicas.items()
+            },
+            error_kinds=dict(self.error_kinds),
         )
 
     def _maybe_print(self, force: bool = False) -> None:
@@ -202,20 +299,30 @@ class Tracker:
         if not force and now - self.last_print < self.progress_every:
             return
         self.read_board()
+        self.read_states()
         event = self.snapshot()
         line = event.line()
-        # The final line only when it says something new (not just a later tok/s).
-        if line.split(" output tok/s")[0] != self.last_line.split(" output tok/s")[0] or not force:
+        # The final line only when it says something new (not just later rates).
+        if line.split("; output")[0] != self.last_line.split("; output")[0] or not force:
             self.progress(line)
         if self.on_progress is not None:
             self.on_progress(event)
         self.last_print, self.last_line = now, line
 
 
+RATE_WINDOW_S = 30.0  # the rates "now" are over about this many seconds
+
+
 @dataclass(frozen=True)
 class Progress:
     """One progress sample of a running job, as the driver sees it. ``str()`` of it is the
-    plain progress line."""
+    plain progress line.
+
+    Times are seconds since the driver began the job's data stage (``started_at``); the
+    engines' start-up may overlap it. Rates say what they cover: ``*_now`` over the last
+    ``window_s`` seconds, ``*_avg`` since the first rows were written (start-up excluded).
+    Money and device time count the replicas' time as reported (start-up included);
+    ``device_s`` is GPU-seconds, or CPU-seconds where ``device`` is ``cpu``."""
 
     job: str
     elapsed_s: float
@@ -228,6 +335,25 @@ class Progress:
     shards_total: int
     replicas: int  # replicas that have reported so far
     busy_share: float | None  # their share of time with work since start-up
+    started_at: float = 0.0  # time.time() at elapsed_s 0
+    first_row_s: float | None = None  # elapsed_s when the first rows were written
+    window_s: float = 0.0  # the span of the rates "now" and the counts over it
+    window_rows: int = 0
+    window_prompt_tokens: int = 0
+    window_completion_tokens: int = 0
+    device: str = "cuda"
+    device_s: float = 0.0  # replica time so far × devices per replica
+    usd: float = 0.0  # what device_s cost
+    usd_per_s: float = 0.0  # what the replicas up now cost per second
+    replicas_planned: int = 0
+    replicas_up: int = 0
+    replicas_starting: int = 0
+    replicas_restarting: int = 0
+    restarts: int = 0  # replica restarts so far
+    # Per replica: busy_share and inflight (mean requests in its engine while busy) since
+    # its start-up, rows served.
+    replica_figures: dict[str, dict] = field(default_factory=dict)
+    error_kinds: dict[str, int] = field(default_factory=dict)  # error rows by kind
 
     @property
     def fraction(self) -> float:
@@ -235,19 +361,75 @@ class Progress:
 
     @property
     def eta_s(self) -> float | None:
+        """Seconds to the last row at the rows' rate since the first row (start-up
+        excluded); None before there is a rate or once all rows are in."""
         f = self.fraction
-        return self.elapsed_s * (1 - f) / f if 0 < f < 1 else None
+        rate = self.rows_per_s_avg
+        if not 0 < f < 1 or not rate:
+            return None
+        return (self.rows_total - self.rows) / rate
 
     @property
     def output_tokens_per_s(self) -> float:
+        """Output tokens per second since ``started_at`` (start-up included)."""
         return self.completion_tokens / self.elapsed_s if self.elapsed_s else 0.0
 
+    def _since_first(self, count: int) -> float | None:
+        if self.first_row_s is None or self.elapsed_s - self.first_row_s <= 0:
+            return None
+        return count / (self.elapsed_s - self.first_row_s)
+
+    @property
+    def rows_per_s_avg(self) -> float | None:
+        return self._since_first(self.rows)
+
+    @property
+    def input_tokens_per_s_avg(self) -> float | None:
+        return self._since_first(self.prompt_tokens)
+
+    @property
+    def output_tokens_per_s_avg(self) -> float | None:
+        return self._since_first(self.completion_tokens)
+
+    def _now(self, count: int) -> float | None:
+        return count / self.window_s if self.window_s > 0 else None
+
+    @property
+    def rows_per_s_now(self) -> float | None:
+        return self._now(self.window_rows)
+
+    @property
+    def input_tokens_per_s_now(self) -> float | None:
+        return self._now(self.window_prompt_tokens)
+
+    @property
+    def output_tokens_per_s_now(self) -> float | None:
+        return self._now(self.window_completion_tokens)
+
+    @property
+    def usd_projected(self) -> float | None:
+        """The job's cost at its end: so far, plus the replicas up now until the ETA."""
+        if self.fraction >= 1:
+            return self.usd
+        eta = self.eta_s
+        return None if eta is None else self.usd + self.usd_per_s * eta
+
     def line(self) -> str:
+        """The plain progress line (its head up to "shards committed" is read back by
+        ``ops.jobs``; keep it)."""
         eta = f"{self.eta_s:.0f}s" if self.eta_s is not None else "-"
+        from batchjobs.display import usd
+
+        now, avg = self.output_tokens_per_s_now, self.output_tokens_per_s_avg
+        rates = (
+            f"output {now:.0f} tok/s now, {avg:.0f} since the first row"
+            if now is not None and avg is not None
+            else f"output {self.output_tokens_per_s:.0f} tok/s since the start"
+        )
         return (
             f"[{self.job}] {self.rows} rows ({self.fraction:.0%}), {self.error_rows} errors, "
-            f"{self.shards_committed}/{self.shards_total} shards committed, "
-            f"{self.output_tokens_per_s:.0f} output tok/s, ETA {eta}"
+            f"{self.shards_committed}/{self.shards_total} shards committed; {rates}; "
+            f"{usd(self.usd)} so far; ETA {eta}"
         )
 
     __str__ = line
