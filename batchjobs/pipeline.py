@@ -270,10 +270,14 @@ def run(
 def start_board():
     """The actor the engine replicas report their figures to (``actor.ReplicaBoard``)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from batchjobs.actor import ReplicaBoard
 
-    return ray.remote(ReplicaBoard).options(num_cpus=0).remote()
+    # On the driver's node, which lives as long as the job: the board has no restarts, and
+    # a GPU node that goes away mid-job must not take it, and the job, with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(ReplicaBoard).options(num_cpus=0, scheduling_strategy=here).remote()
 
 
 def _stop_engines(replicas: EarlyReplicas | None) -> float:
