@@ -94,32 +94,72 @@ def run(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Delete earlier results in the output root first.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress display (warnings and errors only).")
+    ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Also show Ray's and the engines' output (always in <output>/_logs/).",
+        ),
+    ] = False,
+    skip_report: Annotated[
+        bool,
+        typer.Option(
+            "--skip-report", help="Do not write <output>/_report.html when the job is done."
+        ),
+    ] = False,
     summary_json: Annotated[
         Path | None,
         typer.Option(help="Also write the summary here as JSON ('-': one line on stdout)."),
     ] = None,  # noqa: UP045
 ) -> None:
-    """Run a job: read shards, generate with the engine, write Parquet and the manifest."""
+    """Run a job: read shards, generate with the engine, write Parquet and the manifest.
+
+    On a terminal a live panel shows the job; elsewhere (ray job submit, Airflow, a pipe)
+    a plain progress line every 5 s. Ray's and the engines' output goes to
+    <output>/_logs/."""
+    from batchjobs.display import watching
     from batchjobs.ops.checks import on_cluster
     from batchjobs.ops.jobs import SUMMARY_PREFIX
     from batchjobs.pipeline import run as run_job
     from batchjobs.spec import load_spec
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    watch = None
     try:
         job = load_spec(spec, set_)
         job = on_cluster(job)  # where a Ray job runs it: paths the upload left out
         _check_engines_installed(job)
-        pilot = None
-        if job.pilot is not None:
-            from batchjobs.pilot import prepare
+        with watching(job, quiet=quiet, verbose=verbose) as watch:
+            pilot = None
+            if job.pilot is not None:
+                from batchjobs.pilot import prepare
 
-            prepared = prepare(job, fresh=fresh, progress=None if quiet else _progress)
-            job, fresh, pilot = prepared.spec, prepared.fresh, prepared.report
-        summary = run_job(job, fresh=fresh, progress=None if quiet else _progress)
+                prepared = prepare(job, fresh=fresh, progress=watch.message)
+                job, fresh, pilot = prepared.spec, prepared.fresh, prepared.report
+            summary = run_job(
+                job,
+                fresh=fresh,
+                progress=watch.message,
+                on_progress=watch.update,
+                progress_every=watch.every_s,
+            )
     except BatchJobError as exc:
+        if watch is not None:
+            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"logs of Ray and the engines: {watch.logs}", err=True)
+            raise typer.Exit(exc.exit_code) from None
         _fail(exc)
+    except Exception as exc:
+        if watch is None:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        typer.echo(f"error: {type(exc).__name__}: {first}", err=True)
+        typer.echo(f"the traceback is in the log: {watch.logs}", err=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: committed shards are kept; rerun to finish the rest", err=True)
         raise typer.Exit(130) from None
@@ -135,6 +175,9 @@ def run(
         typer.echo(summary_line(pilot))
         result["pilot"] = pilot
         result["engine_chosen"] = pilot["chosen"]
+    typer.echo(f"logs: {watch.logs} (Ray's and the engines' output)")
+    if not skip_report:
+        _write_report(job.output.path, job.output.storage_options)
     if summary_json is not None and str(summary_json) == "-":  # read by batchjobs wait
         typer.echo(SUMMARY_PREFIX + json.dumps(result, sort_keys=True, default=str))
     elif summary_json:
@@ -144,51 +187,31 @@ def run(
 @app.command()
 def manifest(
     output: Annotated[str, typer.Argument(help="A job's output root (directory or fsspec URL).")],
+    wide: Annotated[
+        bool, typer.Option("--wide", help="All columns (status, $/1M output, source, ...).")
+    ] = False,
 ) -> None:
     """Print the per-shard table of an output root's manifest."""
     from rich.console import Console
-    from rich.table import Table
 
+    from batchjobs.display import manifest_tables
     from batchjobs.manifest import Manifest
+    from batchjobs.report import read_runs
     from batchjobs.sink import OutputRoot
 
     try:
-        records = Manifest(OutputRoot(output)).records.values()
+        root = OutputRoot(output)
+        records = Manifest(root).records.values()
+        runs = read_runs(root)
     except BatchJobError as exc:
         _fail(exc)
     if not records:
         typer.echo(f"no manifest records under {output}", err=True)
         raise typer.Exit(1)
-    table = Table(title=f"manifest of {output}")
-    for col in (
-        "shard",
-        "status",
-        "rows",
-        "errors",
-        "tokens in",
-        "tokens out",
-        "GPU-s",
-        "$",
-        "$/1M tok",
-        "$/1M out",
-        "out tok/s",
-    ):
-        table.add_column(col, justify="left" if col in ("shard", "status") else "right")
-    for r in records:
-        table.add_row(
-            r.shard_id,
-            r.status,
-            str(r.rows),
-            str(r.error_rows),
-            str(r.prompt_tokens),
-            str(r.completion_tokens),
-            f"{r.gpu_s:.1f}",
-            f"{r.cost_usd:.4f}",
-            _num(r.usd_per_1m_tokens),
-            _num(r.usd_per_1m_output_tokens),
-            _num(r.output_tokens_per_s, ".0f"),
-        )
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    tty = sys.stdout.isatty()
+    console = Console(width=None if tty else (250 if wide else 100), highlight=False)
+    for part in manifest_tables(records, runs, output, wide=wide):
+        console.print(part)
     from batchjobs.pilot import load_decision
     from batchjobs.projection import format_table
 
@@ -200,6 +223,23 @@ def manifest(
         typer.echo(f"engine chosen by pilot ({output.rstrip('/')}/{PILOT_JSON}):")
         for line in format_table(decision):
             typer.echo(line)
+
+
+@app.command()
+def report(
+    output: Annotated[str, typer.Argument(help="A job's output root (directory or fsspec URL).")],
+) -> None:
+    """Write <output>/_report.html: the job's spec, runs, cost and plots, in one file.
+
+    Reads only the output root (manifest, run records, progress samples, _eval.json,
+    _pilot.json, a sample of the output rows), so it works on a copy of the root too."""
+    from batchjobs.report import write_report
+
+    try:
+        where = write_report(output)
+    except BatchJobError as exc:
+        _fail(exc)
+    typer.echo(f"report: {where}")
 
 
 @app.command()
@@ -344,22 +384,68 @@ def _num(v: float | None, fmt: str = ".4f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def usd(v: float | None) -> str:
+    from batchjobs.display import usd as fmt
+
+    return fmt(v)
+
+
+def _write_report(output: str, storage_options: dict | None = None) -> None:
+    """Write the report at the end of a run; a report that fails is a warning, not a
+    failed job."""
+    from batchjobs.report import write_report
+
+    try:
+        where = write_report(output, storage_options)
+    except Exception as exc:  # noqa: BLE001 - the job's results are in; only the report is not
+        typer.echo(f"warning: no report written: {type(exc).__name__}: {exc}", err=True)
+        return
+    typer.echo(f"report: {where}")
+
+
 def _print_summary(s) -> None:
     typer.echo(
-        f"done: {s.name}: {s.rows} rows ({s.error_rows} errors) in {s.wall_s:.1f}s; "
+        f"done: {s.name}: {s.rows} rows ({s.error_rows} errors) in {s.wall_s:.1f}s "
+        f"(start-up included); "
         f"shards: {s.shards_run} run, {s.shards_skipped} skipped (already committed)\n"
-        f"tokens: {s.prompt_tokens} in, {s.completion_tokens} out; "
-        f"{s.tokens_per_s:.0f} tok/s total, {s.output_tokens_per_s:.0f} output tok/s\n"
+        + _tokens_line(s)
         + _cost_line(s)
         + _replica_line(s.replicas)
         + f"output: {s.output} (manifest: {s.output.rstrip('/')}/{MANIFEST})"
     )
 
 
+def _tokens_line(s) -> str:
+    """Tokens and the rates, each saying what time it covers: the whole run (Ray and the
+    engines' start-up included), and from the first engine ready to the last result."""
+    line = (
+        f"tokens: {s.prompt_tokens:,} in, {s.completion_tokens:,} out; over the whole run "
+        f"{s.tokens_per_s:,.0f} tok/s in+out, {s.output_tokens_per_s:,.0f} output tok/s"
+    )
+    reps = [r for r in (s.replicas or {}).values() if r.get("ready_at")]
+    if reps:
+        first = min(r["ready_at"] for r in reps)
+        last = max(r["ready_at"] + r.get("busy_s", 0.0) + r.get("idle_s", 0.0) for r in reps)
+        span = last - first
+        if span > 0:
+            line += (
+                f"; engines ready to last result ({span:.1f}s): "
+                f"{(s.prompt_tokens + s.completion_tokens) / span:,.0f} tok/s in+out, "
+                f"{s.completion_tokens / span:,.0f} output tok/s"
+            )
+    return line + "\n"
+
+
+def _unit(s) -> str:
+    """What the run's device-seconds are: GPU-seconds, or CPU-seconds on a CPU run."""
+    return "CPU-s" if getattr(s, "device", "") == "cpu" else "GPU-s"
+
+
 def _cost_line(s) -> str:
     """GPU-seconds and $, split into the rows' work, start-up and idle, and under-fill; and
     how the rows' work was weighed (cost.py)."""
     w = s.cost_weights or {}
+    unit = _unit(s)
     gpus = s.gpu_s - s.overhead_s  # the rows' work, in GPU-seconds
     weighed = (
         f"; rows charged {w['prefill_s'] * 1e3:.3g} ms per prefill token, "
@@ -368,8 +454,9 @@ def _cost_line(s) -> str:
         else ""
     )
     return (
-        f"cost: {s.gpu_s:.1f} GPU-s = ${s.cost_usd:.4f}: rows' work {gpus:.1f}, start-up and "
-        f"idle {s.overhead_s - s.underfill_s:.1f}, under-fill {s.underfill_s:.1f}{weighed}\n"
+        f"cost of this run: {s.gpu_s:.1f} {unit} = {usd(s.cost_usd)}: rows' work {gpus:.1f}, "
+        f"start-up and idle {s.overhead_s - s.underfill_s:.1f}, under-fill "
+        f"{s.underfill_s:.1f}{weighed}\n"
     )
 
 

@@ -313,24 +313,28 @@ def watching(job, quiet: bool = False, verbose: bool = False) -> Iterator[Watch]
         secret_values(job.input.storage_options, job.output.storage_options, job.engine.env)
     )
     out = OutputRoot(job.output.path, job.output.storage_options)
-    with routed(secrets, verbose) as router:
-        display = Display.for_terminal(
-            job.name, router.term_err, quiet, replicas_planned=job.resources.replicas
-        )
-        router.show = display.alert
-        watch = Watch(display, router, out)
-        try:
-            yield watch
-        except Exception as exc:
-            from batchjobs.errors import BatchJobError
+    router = None
+    try:
+        with routed(secrets, verbose) as router:
+            display = Display.for_terminal(
+                job.name, router.term_err, quiet, replicas_planned=job.resources.replicas
+            )
+            router.show = display.alert
+            watch = Watch(display, router, out)
+            try:
+                yield watch
+            except Exception as exc:
+                from batchjobs.errors import BatchJobError
 
-            if not isinstance(exc, BatchJobError):  # a bug or an unforeseen failure: the log
-                router.note("".join(traceback.format_exception(exc)))  # keeps its traceback
-            raise
-        finally:
-            display.close()
-    if router.sync(out, force=True) or router.is_empty():
-        router.discard_local()  # in the output root now, or nothing in it
+                if not isinstance(exc, BatchJobError):  # a bug or an unforeseen failure:
+                    router.note("".join(traceback.format_exception(exc)))  # its traceback
+                raise
+            finally:
+                display.close()
+    finally:
+        # Failed or not: into the output root if the run recorded itself there.
+        if router is not None and (router.sync(out, force=True) or router.is_empty()):
+            router.discard_local()  # in the output root now, or nothing in it
 
 
 # --------------------------------------------------------------------- batchjobs manifest

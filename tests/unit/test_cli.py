@@ -153,8 +153,8 @@ def test_manifest_prints_records(tmp_path):
     out = result.output
     assert "shard-one" in out
     assert "committed" in out
-    assert "0.0200" in out  # cost_usd
-    assert "5.0000" in out  # $ per 1M tokens
+    assert "$0.02" in out  # cost_usd
+    assert "$5.00" in out  # $ per 1M tokens
 
 
 def test_no_args_shows_help():
