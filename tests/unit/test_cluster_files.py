@@ -229,6 +229,76 @@ def test_closed_schema_honours_preserve_unknown_fields():
     ]
 
 
+def operator_errors(doc: dict[str, Any]) -> list[str]:
+    """The checks KubeRay v1.7's operator makes before it acts on a resource (its
+    utils/validation.go: ValidateRay{Cluster,Job,CronJob}{Metadata,Spec}) that a schema
+    cannot express, for the fields these manifests use."""
+    errors = []
+    name, kind = doc["metadata"]["name"], doc["kind"]
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+        errors.append(f"{name!r} is not a DNS-1035 label")
+    if len(name) > {"RayCluster": 53}.get(kind, 47):  # the cluster name gets 6 more
+        errors.append(f"{name!r} is too long for a {kind}")
+
+    def cluster(spec: dict[str, Any], where: str) -> None:
+        for group in groups(spec):
+            params = group.get("rayStartParams", {})
+            if group.get("resources") and {"num-cpus", "num-gpus", "memory", "resources"} & set(
+                params
+            ):
+                errors.append(f"{where}: resources in both rayStartParams and resources")
+            if "labels" in params:
+                errors.append(f"{where}: rayStartParams labels")
+            if not group["template"]["spec"].get("containers"):
+                errors.append(f"{where}: a group without containers")
+        if spec.get("authOptions", {}).get("mode") == "token":
+            version = tuple(int(x) for x in spec["rayVersion"].split(".")[:3])
+            if version < (2, 52, 0):
+                errors.append(f"{where}: token authentication needs Ray 2.52")
+
+    def job(spec: dict[str, Any], where: str) -> None:
+        if spec.get("ttlSecondsAfterFinished", 0) > 0 and not spec.get("shutdownAfterJobFinishes"):
+            errors.append(f"{where}: ttlSecondsAfterFinished without shutdownAfterJobFinishes")
+        if spec.get("activeDeadlineSeconds", 1) <= 0 or spec.get("backoffLimit", 0) < 0:
+            errors.append(f"{where}: activeDeadlineSeconds <= 0 or backoffLimit < 0")
+        yaml.safe_load(spec.get("runtimeEnvYAML", ""))  # must be YAML
+        if "rayClusterSpec" not in spec and not spec.get("clusterSelector"):
+            errors.append(f"{where}: neither rayClusterSpec nor clusterSelector")
+        if "rayClusterSpec" in spec:
+            cluster(spec["rayClusterSpec"], where)
+
+    if kind == "RayCluster":
+        cluster(doc["spec"], kind)
+    elif kind == "RayJob":
+        job(doc["spec"], kind)
+    elif kind == "RayCronJob":
+        fields = doc["spec"]["schedule"].split()
+        ranges = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 6)]
+        if len(fields) != 5 or not all(
+            f == "*" or (f.isdigit() and lo <= int(f) <= hi) for f, (lo, hi) in zip(fields, ranges)
+        ):
+            errors.append(f"schedule {doc['spec']['schedule']!r} (this check reads plain fields)")
+        job(doc["spec"]["jobTemplate"], kind)
+    return errors
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob", "RayCronJob"])
+def test_manifest_passes_the_operators_own_checks(kind):
+    assert operator_errors(by_kind()[kind]) == []
+
+
+def test_operator_checks_catch_what_they_check():
+    job = by_kind()["RayJob"]
+    assert operator_errors(_with(job, "metadata", "name", "Nightly_Scoring"))
+    assert operator_errors(_with(job, "spec", "shutdownAfterJobFinishes", False))
+    head = "spec.rayClusterSpec.headGroupSpec"
+    assert operator_errors(_with(job, head, "resources", {"CPU": "8"}))  # num-cpus is set too
+    cluster = by_kind()["RayCluster"]
+    assert operator_errors(_with(cluster, "spec", "rayVersion", "2.51.0"))
+    cron = by_kind()["RayCronJob"]
+    assert operator_errors(_with(cron, "spec", "schedule", "0 25 * * *"))
+
+
 # --- what the manifests say -------------------------------------------------------------
 
 
