@@ -307,12 +307,27 @@ def make_model(
             "llama-7b, llama3-8b, llama3-70b, qwen3-0.6b."
         ),
     ] = "tiny",
+    lora: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a random LoRA adapter (PEFT format) for this local model instead "
+            "of a model, e.g. --lora models/tiny-llama."
+        ),
+    ] = None,
+    rank: Annotated[int, typer.Option(help="--lora: the adapter's rank.")] = 8,
+    seed: Annotated[int, typer.Option(help="--lora: seeds the weights; one per adapter.")] = 1,
 ) -> None:
     """Build a local model (tokenizer with a chat template + config, weights for tiny) that
-    needs no hub access."""
+    needs no hub access, or with --lora a random LoRA adapter for one."""
     from batchjobs.tools.models import build_model
 
     try:
+        if lora is not None:
+            from batchjobs.tools.lora import build_lora
+
+            build_lora(out, lora, rank=rank, seed=seed)
+            typer.echo(f"wrote rank-{rank} LoRA adapter for {lora} to {out}")
+            return
         build_model(out, shape)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)

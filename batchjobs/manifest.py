@@ -98,6 +98,23 @@ class ShardRecord(ShardCounts):
         self.usd_per_1m_output_tokens = per_million(self.cost_usd, self.completion_tokens)
         self.tokens_per_s = tokens / self.engine_s if self.engine_s else None
         self.output_tokens_per_s = self.completion_tokens / self.engine_s if self.engine_s else None
+        self._charge_parts(weights, gpus_per_replica, usd_per_gpu_hour)
+
+    def _charge_parts(self, weights: Weights, gpus: int, usd_per_gpu_hour: float) -> None:
+        """Charge the parts of the shard that the task counted in ``metrics`` as
+        ``<part>.prompt_tokens`` and ``<part>.completion_tokens`` (a LoRA job's adapters,
+        ``adapter.<name>.``) at the same weights, adding ``<part>.engine_s`` and
+        ``<part>.cost_usd``; the parts add up to the shard. The prefix cache's hits are
+        spread over the parts by their prompt tokens."""
+        computed = self.prefill_tokens / self.prompt_tokens if self.prompt_tokens else 1.0
+        for key in [k for k in self.metrics if k.endswith(".completion_tokens")]:
+            part = key[: -len("completion_tokens")]
+            prompt = self.metrics.get(part + "prompt_tokens")
+            if prompt is None:
+                continue
+            engine_s = weights.charge(prompt * computed, self.metrics[key] or 0)
+            self.metrics[part + "engine_s"] = engine_s
+            self.metrics[part + "cost_usd"] = usd(engine_s * gpus, usd_per_gpu_hour)
 
 
 class Manifest:

@@ -55,17 +55,22 @@ class Columns:
     sampling: dict[str, str] = field(default_factory=dict)
     check_row: Callable[[dict[str, Any]], str | None] | None = None
     check_type: Callable[[str, pa.DataType], str | None] | None = None
+    # Columns by role that a JSON Lines row may leave out (null), carried in the payload
+    # and checked like ``fields`` (a LoRA adapter name, a row's own output constraint).
+    optional: dict[str, str] = field(default_factory=dict)
 
     def spec_key(self, column: str) -> str:
         """The spec key that names ``column``, for the hint in an error."""
-        for role, col in self.fields.items():
+        for role, col in {**self.fields, **self.optional}.items():
             if col == column:
                 return f"input.{role}_column"
         return "input.id_column" if column == self.id_column else "input.sampling_columns"
 
     def names(self) -> list[str]:
         cols = [*self.fields.values(), *([self.id_column] if self.id_column else [])]
-        return list(dict.fromkeys(cols + list(self.sampling.values())))
+        return list(
+            dict.fromkeys(cols + list(self.optional.values()) + list(self.sampling.values()))
+        )
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,7 @@ def preflight(shard: Shard, cols: Columns, storage_options=None) -> None:
                     f"{shard.url}: no column {col!r} (columns: {', '.join(schema.names)}); "
                     f"set {cols.spec_key(col)}"
                 )
-        for role, col in cols.fields.items():
+        for role, col in {**cols.fields, **cols.optional}.items():
             problem = cols.check_type(role, schema.field(col).type) if cols.check_type else None
             if problem:
                 raise InputError(
@@ -289,7 +294,7 @@ def _make_batch(shard, start, total, rows, errors, cols: Columns, unit, linenos=
         if cols.id_column and row.get(cols.id_column) is None:
             errors[i] = f"{where}: id column {cols.id_column!r} is null or missing"
             continue
-        values = {role: row.get(col) for role, col in cols.fields.items()}
+        values = {role: row.get(col) for role, col in {**cols.fields, **cols.optional}.items()}
         problem = cols.check_row(values) if cols.check_row else None
         if problem:
             errors[i] = f"{where}: {problem}"

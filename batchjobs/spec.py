@@ -64,6 +64,17 @@ class InputSpec(_Model):
         description="Per-row sampling overrides: sampling parameter -> input column, "
         "e.g. {max_tokens: max_tokens}. A null value keeps the job's setting.",
     )
+    adapter_column: str | None = Field(
+        default=None,
+        description="The column naming each row's LoRA adapter (a name in "
+        "engine.lora.adapters; null: the base model). An unknown name makes an error row.",
+    )
+    schema_column: str | None = Field(
+        default=None,
+        description="The column with each row's own structured-output constraint, overriding "
+        "sampling.structured: a JSON Schema, or one of {json_schema | regex | choice | grammar: "
+        "...}, as a JSON object (JSON Lines) or JSON text; null: the job's.",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (credentials stay out of logs)."
     )
@@ -86,7 +97,8 @@ class InputSpec(_Model):
     @field_validator("sampling_columns")
     @classmethod
     def _known_params(cls, cols: dict[str, str]) -> dict[str, str]:
-        allowed = set(SamplingSpec.model_fields) - {"args"}
+        # Not the keys that change a job's output columns (n, logprobs, structured).
+        allowed = set(SamplingSpec.model_fields) - {"args", *OUTPUT_SHAPING}
         for param in cols:
             if param not in allowed:
                 raise ValueError(
@@ -105,6 +117,40 @@ class OutputSpec(_Model):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (credentials stay out of logs)."
     )
+
+
+class LoraSpec(_Model):
+    adapters: dict[str, str] = Field(
+        min_length=1,
+        description="LoRA adapters by name: name -> local adapter directory (PEFT format: "
+        "adapter_config.json + weights). A row picks one by name in input.adapter_column.",
+    )
+    max_loras: int | None = Field(
+        default=None,
+        ge=1,
+        description="Adapters the engine serves in one batch. Default: all of them.",
+    )
+    max_lora_rank: int | None = Field(
+        default=None,
+        ge=1,
+        description="The largest adapter rank the engine reserves for. Default: the largest "
+        "rank among the adapters (read from their adapter_config.json).",
+    )
+    max_cpu_loras: int | None = Field(
+        default=None,
+        ge=1,
+        description="Adapters kept in host memory for swapping in. Default: the engine's.",
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        for name in adapters:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+                raise ValueError(
+                    f"adapter name {name!r}: use letters, digits, '_', '.' and '-' (at most 64)"
+                )
+        return adapters
 
 
 class EngineSpec(_Model):
@@ -155,6 +201,62 @@ class EngineSpec(_Model):
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables for the engine actors."
     )
+    lora: LoraSpec | None = Field(
+        default=None,
+        description="Serve LoRA adapters on the model; each row names its adapter in "
+        "input.adapter_column (null: the base model).",
+    )
+
+
+class StructuredSpec(_Model):
+    """Constrain every row's output (the engine's guided decoding): set one of json_schema,
+    regex, choice or grammar. Rows may carry their own in input.schema_column."""
+
+    json_schema: dict[str, Any] | str | None = Field(
+        default=None,
+        description="A JSON Schema the output is an instance of: inline, or the path of a "
+        ".json file holding it. Checked when the spec is validated.",
+    )
+    regex: str | None = Field(
+        default=None, description="A regular expression the whole output matches."
+    )
+    choice: list[str] | None = Field(
+        default=None, description="The output is exactly one of these strings."
+    )
+    grammar: str | None = Field(
+        default=None,
+        description="An EBNF grammar (the engine's dialect: GBNF for vLLM and TensorRT-LLM's "
+        "xgrammar), or the path of a file holding one.",
+    )
+    compact: bool = Field(
+        default=False,
+        description="JSON without whitespace between its tokens (vLLM: "
+        "disable_any_whitespace, applied to the whole job): stops a model that loops on "
+        "whitespace from running into max_tokens.",
+    )
+
+    @field_validator("json_schema", "regex", "choice", "grammar")
+    @classmethod
+    def _checked(cls, value: Any, info: ValidationInfo) -> Any:
+        from batchjobs.structured import checked
+
+        # Loads a file it names; a ValueError names the problem (the key is in its path).
+        return None if value is None else checked(info.field_name, value)[info.field_name]
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StructuredSpec:
+        from batchjobs.structured import KINDS
+
+        kinds = [k for k in KINDS if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise ValueError(f"set one of {', '.join(KINDS)}, not {' and '.join(kinds)}")
+        return self
+
+    def constraint(self) -> dict[str, Any] | None:
+        """The job's constraint ``{kind: value}``, or None (rows bring their own)."""
+        from batchjobs.structured import KINDS
+
+        return next(({k: getattr(self, k)} for k in KINDS if getattr(self, k) is not None), None)
 
 
 class SamplingSpec(_Model):
@@ -169,6 +271,35 @@ class SamplingSpec(_Model):
     )
     ignore_eos: bool = Field(
         default=False, description="Generate max_tokens even past end-of-sequence."
+    )
+    n: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Samples per row. Above 1 a row's output is the list texts (with "
+        "finish_reasons and sample_tokens) instead of text; still one output row per input "
+        "row. Needs temperature > 0; set seed to reproduce the samples.",
+    )
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description="Write each generated token's log-probability and the N likeliest "
+        "alternatives per position (column logprobs) and their sum (cumulative_logprob). "
+        "0: the chosen tokens only. Grows the output by about 25 bytes × (N + 1) per token.",
+    )
+    prompt_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description="Write each prompt token's log-probability and the N likeliest "
+        "alternatives (column prompt_logprobs; null at the first position). Grows the output "
+        "by about 25 bytes × (N + 1) per prompt token.",
+    )
+    structured: StructuredSpec | None = Field(
+        default=None,
+        description="Structured output: constrain the generated text to a JSON Schema, a "
+        "regex, a list of choices or a grammar; writes the column parsed.",
     )
     args: dict[str, Any] = Field(default_factory=dict, description="Extra sampling parameters.")
 
@@ -273,8 +404,9 @@ class RegexScorer(_ScorerSpec):
     )
     group: int | str | None = Field(
         default=None,
-        description="The group (number or name) that holds the answer. Default: 1 when the "
-        "pattern has groups, else the whole match.",
+        description="The group (number or name) that holds the answer. Default: the first "
+        "group that matched something (as lm-eval-harness's regex filter does), or the whole "
+        "match for a pattern without groups.",
     )
     occurrence: Literal["first", "last"] = Field(
         default="first", description="Which match counts when the pattern matches several times."
@@ -313,11 +445,6 @@ class RegexScorer(_ScorerSpec):
             raise ValueError(
                 f"pattern {self.pattern!r} is not a valid regular expression: {exc}"
             ) from None
-
-    def answer_group(self) -> int | str:
-        if self.group is not None:
-            return self.group
-        return 1 if self.compiled().groups else 0
 
 
 class NumericScorer(_ScorerSpec):
@@ -609,7 +736,7 @@ class JobSpec(_Model):
         return pilot
 
     @model_validator(mode="after")
-    def _task_fits(self) -> JobSpec:
+    def _task_fits(self, info: ValidationInfo) -> JobSpec:
         from batchjobs.tasks import TASKS
 
         kind = ENGINES[self.engine.kind]
@@ -640,6 +767,9 @@ class JobSpec(_Model):
                 )
         if self.task == "embed" and self.embed.dimensions is not None:
             _check_matryoshka(self.engine.model, self.embed.dimensions)
+        from batchjobs.controls import check_controls
+
+        check_controls(self, offline=_offline(info))
         return self
 
     def gpus_per_replica(self) -> int:
@@ -664,8 +794,16 @@ class JobSpec(_Model):
             "sampling_columns": self.input.sampling_columns,
             "id_column": self.input.id_column,
             "engine": engine,
-            "sampling": self.sampling.model_dump(),
+            # The generation controls join only where set (fingerprints of jobs without
+            # them stay what they were before the controls existed).
+            "sampling": self.sampling.model_dump(exclude_defaults=True, include=OUTPUT_SHAPING)
+            | self.sampling.model_dump(exclude=OUTPUT_SHAPING),
         }
+        if self.engine.lora is not None:
+            engine["lora"] = self.engine.lora.adapters  # the rest: memory, not tokens
+        for key in ("adapter_column", "schema_column"):
+            if getattr(self.input, key):
+                payload[key] = getattr(self.input, key)
         # Keys that only some tasks read join the hash only where set, so a generate job's
         # fingerprint stays what it was before chat and embed existed.
         if self.input.token_ids_column:
@@ -693,6 +831,9 @@ class JobSpec(_Model):
             cand["env"] = {k: "***" for k in cand["env"]}
         return data
 
+
+# Sampling keys that change a job's output columns: job-wide only, not per-row.
+OUTPUT_SHAPING = frozenset({"n", "logprobs", "prompt_logprobs", "structured"})
 
 # Engine arguments that change speed or memory but not the tokens produced.
 PERF_ONLY_ENGINE_ARGS = frozenset(

@@ -27,6 +27,9 @@ class EngineKind:
     dists: tuple[str, ...]  # distributions that provide the package (for the version)
     calls: frozenset[str]  # engine calls it implements: "generate", "embed"
     install_hint: str
+    # Generation controls its adapter maps onto the engine (batchjobs.controls.FEATURES):
+    # a job asking for one it lacks is refused at validate time, naming the key.
+    features: frozenset[str] = frozenset()
 
     def installed(self) -> bool:
         return importlib.util.find_spec(self.package) is not None
@@ -51,6 +54,9 @@ ENGINES: dict[str, EngineKind] = {
         # prompt_logprobs: Request.prompt_logprobs is honoured (eval's loglikelihood).
         calls=frozenset({"generate", "embed", "prompt_logprobs"}),
         install_hint="vLLM: pip install 'batchjobs[cpu]' (CPU) or 'batchjobs[gpu]' (CUDA)",
+        features=frozenset(
+            {"structured", "compact_json", "logprobs", "prompt_logprobs", "n", "lora"}
+        ),
     ),
     "trtllm": EngineKind(
         name="trtllm",
@@ -60,6 +66,9 @@ ENGINES: dict[str, EngineKind] = {
         dists=("tensorrt-llm", "tensorrt_llm"),
         calls=frozenset({"generate"}),
         install_hint="TensorRT-LLM: pip install 'batchjobs[trtllm]' (CUDA hosts only)",
+        # guided_decoding (choice as a regex), logprobs, n, lora_request; not its prompt
+        # log-probabilities nor a whitespace-free JSON switch.
+        features=frozenset({"structured", "logprobs", "n", "lora"}),
     ),
 }
 

@@ -31,6 +31,34 @@ class Request:
     # Also return the log-probability of every prompt token (Result.prompt_logprobs); the
     # number is how many top alternatives the engine considers per position (0: none).
     prompt_logprobs: int | None = None
+    # This row's structured-output constraint ({kind: value}, batchjobs.structured),
+    # replacing the job's sampling.structured; None: the job's.
+    structured: dict[str, Any] | None = None
+    # The LoRA adapter (a name in engine.lora.adapters) that serves this row; None: the
+    # base model.
+    adapter: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One token of an output (or a prompt) with its log-probability and, in ``top``, the
+    likeliest tokens at its position (likeliest first; it may be among them)."""
+
+    token_id: int
+    logprob: float
+    token: str | None = None
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass
+class Sample:
+    """One of several samples of a request (``sampling.n`` > 1)."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -48,6 +76,17 @@ class Result:
     # With Request.prompt_logprobs: each prompt token's log-probability given the tokens
     # before it (None for the first token), else None.
     prompt_logprobs: list[float | None] | None = None
+    # The same with the likeliest alternatives per position (sampling.prompt_logprobs).
+    prompt_token_logprobs: list[TokenLogprob | None] | None = None
+    # With sampling.logprobs: the generated tokens with their alternatives, and the sum of
+    # their log-probabilities as the engine reports it.
+    logprobs: list[TokenLogprob] | None = None
+    cumulative_logprob: float | None = None
+    # With sampling.n > 1: every sample (text, finish_reason, logprobs above are the first
+    # one's; completion_tokens counts all of them).
+    samples: list[Sample] | None = None
+    # The LoRA adapter that served the request, as the engine reports it (None: the base).
+    adapter: str | None = None
 
     @classmethod
     def failed(cls, error: str, latency_s: float = 0.0, prompt_tokens: int = 0) -> Result:

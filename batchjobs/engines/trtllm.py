@@ -10,6 +10,10 @@ Differences from vLLM that this adapter hides:
   cancelled become "abort".
 - timings live in ``request_perf_metrics`` as ``timedelta`` (vLLM: float seconds); we
   measure latency ourselves, as for vLLM.
+- generation controls (``ENGINES["trtllm"].features``): structured output as its
+  ``guided_decoding`` (xgrammar; ``choice`` becomes a regex of the choices), ``logprobs``,
+  ``n`` and a ``lora_request`` per row; prompt log-probabilities and whitespace-free JSON are
+  refused at validate time.
 - memory: ``engine.gpu_memory_utilization`` is passed as
   ``KvCacheConfig(free_gpu_memory_fraction=...)``, a share of the memory that is *free after
   the weights are loaded*, not of the whole GPU as in vLLM. The same number therefore
@@ -21,8 +25,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from batchjobs.engines.base import Engine, Request, Result
-from batchjobs.spec import JobSpec
+from batchjobs.engines.base import Engine, Request, Result, Sample, TokenLogprob
+from batchjobs.spec import OUTPUT_SHAPING, JobSpec
+from batchjobs.structured import trtllm_fields
 
 _FINISH = {"stop": "stop", "length": "length", "timeout": "abort", "cancelled": "abort"}
 
@@ -63,17 +68,77 @@ def llm_kwargs(spec: JobSpec) -> dict[str, Any]:
         "max_batch_size": e.max_num_seqs,
         "trust_remote_code": e.trust_remote_code,
     }
+    if spec.sampling.structured is not None or spec.input.schema_column:
+        kw["guided_decoding_backend"] = "xgrammar"
+    if e.lora is not None:
+        from batchjobs.controls import lora_limits
+
+        max_loras, rank = lora_limits(spec)
+        kw["lora_config"] = {
+            "lora_dir": list(e.lora.adapters.values()),
+            "max_lora_rank": rank,
+            "max_loras": max_loras,
+            "max_cpu_loras": e.lora.max_cpu_loras or max_loras,
+        }
     kw = {k: v for k, v in kw.items() if v is not None}
     kw.update(e.args)
     return kw
 
 
 def sampling_kwargs(spec: JobSpec, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    s = {**spec.sampling.model_dump(exclude={"args"}), **spec.sampling.args, **(overrides or {})}
+    """``SamplingParams`` keywords (the structured-output constraint apart: ``constraint``)."""
+    s = {
+        **spec.sampling.model_dump(exclude={"args", *OUTPUT_SHAPING}),
+        **spec.sampling.args,
+        **(overrides or {}),
+    }
     kw = {k: v for k, v in s.items() if v is not None and v != []}
     if kw.get("min_tokens") == 0:
         kw.pop("min_tokens")
+    if spec.sampling.n > 1:
+        kw["n"] = spec.sampling.n
+    if spec.sampling.logprobs is not None:
+        kw["logprobs"] = spec.sampling.logprobs
     return kw
+
+
+def samples(output: Any, top_n: int | None) -> list[Sample]:
+    """Every completion of a TensorRT-LLM ``RequestOutput`` as a ``Sample``, with its
+    logprobs where the job asked for them (``top_n``: alternatives per position). They are,
+    per position, a mapping of token id to ``Logprob`` (as vLLM's) or a bare float."""
+    out = []
+    for comp in getattr(output, "outputs", None) or []:
+        ids = list(comp.token_ids or ())
+        logprobs = None
+        if top_n is not None and comp.logprobs:
+            logprobs = []
+            for tok, entry in zip(ids, comp.logprobs):
+                if isinstance(entry, dict):
+                    ranked = sorted(entry.items(), key=lambda kv: getattr(kv[1], "rank", 0) or 0)
+                    chosen = entry.get(tok)
+                    value = getattr(chosen, "logprob", chosen)
+                    top = tuple(
+                        TokenLogprob(int(t), float(getattr(lp, "logprob", lp)))
+                        for t, lp in ranked[:top_n]
+                    )
+                else:
+                    value, top = entry, ()
+                logprobs.append(
+                    TokenLogprob(
+                        int(tok), float("nan") if value is None else float(value), None, top
+                    )
+                )
+        cumulative = getattr(comp, "cumulative_logprob", None)
+        out.append(
+            Sample(
+                comp.text,
+                _FINISH.get(str(getattr(comp, "finish_reason", None)), "error"),
+                len(ids),
+                logprobs,
+                None if cumulative is None else float(cumulative),
+            )
+        )
+    return out
 
 
 class TRTLLMEngine(Engine):
@@ -86,6 +151,22 @@ class TRTLLMEngine(Engine):
         self.spec = spec
         self._sampling = SamplingParams
         kw = llm_kwargs(spec)
+        if "lora_config" in kw:
+            from tensorrt_llm.executor.request import LoRARequest
+            from tensorrt_llm.lora_manager import LoraConfig
+
+            kw["lora_config"] = LoraConfig(**kw["lora_config"])
+            self._loras = {
+                name: LoRARequest(name, i, path)
+                for i, (name, path) in enumerate(spec.engine.lora.adapters.items(), start=1)
+            }
+        else:
+            self._loras = {}
+        from tensorrt_llm.llmapi import GuidedDecodingParams
+
+        self._guided = GuidedDecodingParams
+        job = spec.sampling.structured and spec.sampling.structured.constraint()
+        self._job_guided = GuidedDecodingParams(**trtllm_fields(job)) if job else None
         if spec.engine.gpu_memory_utilization is not None:
             kw["kv_cache_config"] = KvCacheConfig(
                 free_gpu_memory_fraction=spec.engine.gpu_memory_utilization
@@ -93,26 +174,48 @@ class TRTLLMEngine(Engine):
         if spec.engine.enable_prefix_caching is not None:
             kv = kw.setdefault("kv_cache_config", KvCacheConfig())
             kv.enable_block_reuse = spec.engine.enable_prefix_caching
-        self.params = SamplingParams(**sampling_kwargs(spec))
+        self.params = SamplingParams(**sampling_kwargs(spec), guided_decoding=self._job_guided)
         self.llm = LLM(**kw)
 
     async def generate(self, request: Request) -> Result:
         t0 = time.perf_counter()
         params = self.params
-        if request.params:
+        if request.params or request.structured:
             try:
-                params = self._sampling(**sampling_kwargs(self.spec, request.params))
+                guided = self._job_guided
+                if request.structured:
+                    guided = self._guided(**trtllm_fields(request.structured))
+                params = self._sampling(
+                    **sampling_kwargs(self.spec, request.params), guided_decoding=guided
+                )
             except Exception as exc:  # noqa: BLE001
-                return Result.failed(f"invalid per-row sampling parameters {request.params}: {exc}")
+                what = request.params or request.structured
+                return Result.failed(f"invalid per-row sampling parameters {what}: {exc}")
+        lora = None
+        if request.adapter is not None:
+            lora = self._loras.get(request.adapter)
+            if lora is None:
+                return Result.failed(f"unknown LoRA adapter {request.adapter!r}")
         try:
             # The LLM API takes a prompt as text or as a list of token ids.
             prompt = list(request.token_ids) if request.token_ids is not None else request.prompt
-            output = await self.llm.generate_async(prompt, params)
+            output = await self.llm.generate_async(prompt, params, lora_request=lora)
         except Exception as exc:  # noqa: BLE001 - a rejected request is a row error
             return Result.failed(
                 f"rejected by engine: {type(exc).__name__}: {exc}", time.perf_counter() - t0
             )
-        return normalize(output, time.perf_counter() - t0)
+        result = normalize(output, time.perf_counter() - t0)
+        result.adapter = request.adapter if lora is not None else None
+        if result.error is None:
+            one = output[0] if isinstance(output, (list, tuple)) else output
+            found = samples(one, self.spec.sampling.logprobs)
+            if found:
+                result.logprobs = found[0].logprobs
+                result.cumulative_logprob = found[0].cumulative_logprob
+                if len(found) > 1:
+                    result.samples = found
+                    result.completion_tokens = sum(s.completion_tokens for s in found)
+        return result
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

@@ -44,13 +44,15 @@ def is_url(value: str) -> bool:
 
 
 def model_paths(job: JobSpec) -> list[tuple[str, str]]:
-    """(spec key, value) of every model and tokenizer the job may load."""
+    """(spec key, value) of every model, tokenizer and LoRA adapter the job may load."""
     found = [("engine.model", job.engine.model), ("engine.tokenizer", job.engine.tokenizer)]
     for i, cand in enumerate(job.pilot.candidates if job.pilot else []):
         found += [
             (f"pilot.candidates[{i}].model", cand.model),
             (f"pilot.candidates[{i}].tokenizer", cand.tokenizer),
         ]
+    lora = job.engine.lora.adapters if job.engine.lora else {}
+    found += [(f"engine.lora.adapters.{name}", path) for name, path in lora.items()]
     return [(k, v) for k, v in found if v]
 
 

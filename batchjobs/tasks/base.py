@@ -56,15 +56,31 @@ class Task:
     def input_columns(self) -> Columns:
         """What the readers read for this task, and the checks they apply."""
         from batchjobs.readers import Columns
+        from batchjobs.tasks.generated import control_columns
 
         inp = self.spec.input
+        controls = control_columns(self.spec)  # a row's adapter and output constraint
         return Columns(
             fields=self.columns(),
             id_column=inp.id_column,
             sampling=dict(inp.sampling_columns),
-            check_row=self.check_row,
-            check_type=self.check_type,
+            check_row=self.check_input if controls else self.check_row,
+            check_type=self.check_input_type if controls else self.check_type,
+            optional=controls,
         )
+
+    def check_input(self, values: dict[str, Any]) -> str | None:
+        """``check_row`` and the checks of the generation controls' columns."""
+        from batchjobs.tasks.generated import check_controls_row
+
+        return self.check_row(values) or check_controls_row(self.spec, values)
+
+    def check_input_type(self, role: str, dtype: pa.DataType) -> str | None:
+        from batchjobs.tasks.generated import check_control_type, control_columns
+
+        if role in control_columns(self.spec):
+            return check_control_type(role, dtype)
+        return self.check_type(role, dtype)
 
     # -- planning and reading (driver and read tasks; no engine, no model files) --------
 
@@ -114,13 +130,20 @@ class Task:
     ) -> list[Prepared | str]:
         """Each row of a read batch prepared, or the reason it fails (its input error, or
         the ``RowError`` that ``prepare`` raised)."""
+        from batchjobs.tasks.generated import attach, control_columns
+
+        controls = self.spec.task in ("generate", "chat") and (
+            control_columns(self.spec) or self.spec.sampling.structured is not None
+        )
         out: list[Prepared | str] = []
         for row_id, payload, error, row_params in zip(ids, payloads, input_errors, params):
             if error is not None:
                 out.append(error)
                 continue
             try:
-                out.append(self.prepare(request_id(row_id), json.loads(payload), row_params))
+                values = json.loads(payload)
+                prepared = self.prepare(request_id(row_id), values, row_params)
+                out.append(attach(self.spec, prepared, values) if controls else prepared)
             except RowError as exc:
                 out.append(f"row {row_id}: {exc}")
         return out

@@ -14,11 +14,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchjobs.tasks.base import Prepared, RowError, Task
-from batchjobs.tasks.generate import TEXT_FIELDS, text_columns
+from batchjobs.tasks.base import Prepared, RowError
+from batchjobs.tasks.generate import GenerateTask
 
 
-class ChatTask(Task):
+class ChatTask(GenerateTask):
+    """Output columns, generation controls and per-adapter sums as ``GenerateTask``'s."""
+
     name = "chat"
     call = "generate"
 
@@ -65,12 +67,6 @@ class ChatTask(Task):
         if not ids:
             raise RowError("chat template rendered an empty prompt")
         return Prepared(Request(request_id, token_ids=ids, params=params))
-
-    def output_fields(self) -> dict[str, pa.DataType]:
-        return dict(TEXT_FIELDS)
-
-    def to_columns(self, results, extras) -> dict[str, pa.Array]:
-        return text_columns(results)
 
 
 def load_tokenizer(spec):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from batchjobs.engines.base import Result
+from batchjobs.tasks import generated
 from batchjobs.tasks.base import Task, common_columns
 
 TEXT_FIELDS: dict[str, pa.DataType] = {
@@ -35,8 +36,20 @@ class GenerateTask(Task):
     name = "generate"
     call = "generate"
 
+    # The columns follow the job's generation controls (n, logprobs, structured output,
+    # LoRA): batchjobs.tasks.generated. Without any they are TEXT_FIELDS.
     def output_fields(self) -> dict[str, pa.DataType]:
-        return dict(TEXT_FIELDS)
+        return generated.output_fields(self.spec)
 
     def to_columns(self, results, extras) -> dict[str, pa.Array]:
-        return text_columns(results)
+        return generated.output_columns(self.spec, results, extras)
+
+    def summarize(self, table: pa.Table) -> dict[str, float]:
+        """With LoRA adapters: rows and tokens per adapter (the manifest charges each)."""
+        return generated.adapter_sums(table) if self.spec.engine.lora is not None else {}
+
+    def report(self, out, records) -> dict | None:
+        """With LoRA adapters: the job's rows, tokens and $ per adapter."""
+        if self.spec.engine.lora is None:
+            return None
+        return {"adapters": generated.adapter_report(records)}
