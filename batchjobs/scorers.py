@@ -176,8 +176,11 @@ def contains(output: str | None, reference: Any, case_sensitive: bool = False) -
     return WRONG
 
 
-def extract(pattern: re.Pattern, text: str, group: int | str, occurrence: str) -> str | None:
-    """The ``group`` of the first or last match of ``pattern`` in ``text``, or None."""
+def extract(pattern: re.Pattern, text: str, group: int | str | None, occurrence: str) -> str | None:
+    """The ``group`` of the first or last match of ``pattern`` in ``text``, or None. With
+    ``group`` None: the first group that matched something (as lm-eval-harness's regex
+    filter takes it, for patterns of alternatives such as ``(-?[0-9.,]{2,})|(-?[0-9]+)``),
+    or the whole match for a pattern without groups."""
     if occurrence == "last":
         m = None
         for m in pattern.finditer(text):  # noqa: B007 - the last one is wanted
@@ -186,7 +189,10 @@ def extract(pattern: re.Pattern, text: str, group: int | str, occurrence: str) -
         m = pattern.search(text)
     if m is None:
         return None
-    value = m.group(group)
+    if group is None:
+        value = next((g for g in m.groups() if g), None) if pattern.groups else m.group(0)
+    else:
+        value = m.group(group)
     return value.strip() if value is not None else None
 
 
@@ -208,7 +214,7 @@ def regex(
     output: str | None,
     reference: Any,
     pattern: re.Pattern,
-    group: int | str = 0,
+    group: int | str | None = None,
     occurrence: str = "first",
     compare: str = "exact",
     extract_reference: bool = False,

@@ -353,7 +353,7 @@ class EvalTask(Task):
                     output,
                     ref,
                     self.patterns[s.metric_name()],
-                    s.answer_group(),
+                    s.group,
                     s.occurrence,
                     s.compare,
                     s.extract_reference,

@@ -121,7 +121,9 @@ def _spec(model, inp: str, out: str, **over) -> dict:
         model,
         inp,
         out,
-        engine={"enable_prefix_caching": False},
+        # float32: vLLM would run the float32 tiny model in bfloat16, whose results move
+        # by ~1e-3 with the batch a request lands in; in float32 by ~1e-6
+        engine={"enable_prefix_caching": False, "dtype": "float32"},
         sampling={"max_tokens": 6, "temperature": 0.0},
         resources={"batch_size": 4, "max_inflight_batches": 1, "rows_per_file": 4},
     )

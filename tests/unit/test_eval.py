@@ -60,7 +60,7 @@ def test_scorers_by_kind_alone_or_with_options(eval_spec):
     )
     kinds = [(s.kind, s.metric_name()) for s in spec.eval.scorers]
     assert kinds == [("exact", "exact"), ("regex", "gsm")]
-    assert spec.eval.scorers[1].answer_group() == 1  # the pattern's first group by default
+    assert spec.eval.scorers[1].group is None  # the first group that matched
     assert task_for(spec).input_columns().fields == {"prompt": "prompt", "reference": "answer"}
 
 

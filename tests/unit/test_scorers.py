@@ -160,6 +160,17 @@ def test_regex_that_matches_nothing_is_wrong_with_nothing_extracted():
     assert sc.regex(None, "18", GSM, 1) == sc.WRONG
 
 
+def test_regex_without_a_group_takes_the_first_group_that_matched():
+    # GSM8K's "flexible-extract" in lm-eval-harness: the last match of two alternatives
+    flexible = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+    s = sc.regex("5 apples, then 12, so 7", "7", flexible, occurrence="last")
+    assert s == sc.Score(True, 1.0, "7")  # group 2 matched; group 1 is empty
+    s = sc.regex("costs $1,200 or 3", "$1,200", flexible)
+    assert s == sc.Score(True, 1.0, "$1,200")
+    whole = re.compile(r"\d+")  # no groups: the whole match
+    assert sc.regex("x 42 y", "42", whole).correct
+
+
 def test_regex_first_or_last_match():
     pat = re.compile(r"answer: (\w+)", re.IGNORECASE)
     out = "Answer: cat ... on reflection, answer: dog"
