@@ -958,8 +958,8 @@ def _check_eval(spec: JobSpec) -> None:
         )
     if ev.loglikelihood():
         kind = ENGINES[spec.engine.kind]
-        if "prompt_logprobs" not in kind.calls:
-            able = ", ".join(k for k, e in ENGINES.items() if "prompt_logprobs" in e.calls)
+        if "prompt_logprobs" not in kind.features:
+            able = ", ".join(k for k, e in ENGINES.items() if "prompt_logprobs" in e.features)
             raise ValueError(
                 f"eval scorer loglikelihood needs an engine that returns prompt "
                 f"log-probabilities, and engine.kind {spec.engine.kind!r} does not (use "

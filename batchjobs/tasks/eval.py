@@ -32,7 +32,7 @@ from batchjobs import scorers as sc
 from batchjobs.engines.base import Request, Result
 from batchjobs.tasks.base import CHECKS, Prepared, RowError, Task, common_columns
 from batchjobs.tasks.chat import ChatTask, load_tokenizer
-from batchjobs.tasks.generate import TEXT_FIELDS, GenerateTask, text_columns
+from batchjobs.tasks.generate import GenerateTask
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchjobs.spec import JobSpec
@@ -303,11 +303,16 @@ class EvalTask(Task):
     # -- output --------------------------------------------------------------------------
 
     def output_fields(self) -> dict[str, pa.DataType]:
-        head = LL_FIELDS if self.ll else TEXT_FIELDS
+        # generate/chat: the inner task's columns, with the job's generation controls
+        # (structured output, logprobs, LoRA) as they are for that task
+        head = LL_FIELDS if self.ll else self.inner.output_fields()
         return {**head, **eval_columns(self.spec)}
 
     def to_columns(self, results, extras) -> dict[str, pa.Array]:
-        cols = self._ll_columns(results, extras) if self.ll else text_columns(results)
+        if self.ll:
+            cols = self._ll_columns(results, extras)
+        else:
+            cols = self.inner.to_columns(results, extras)
         cols["reference"] = pa.array(
             [reference_text(e.get("reference")) for e in extras], pa.string()
         )
@@ -326,11 +331,14 @@ class EvalTask(Task):
                 cols[m.correct] = pa.array(ok, pa.bool_())
                 cols[m.score] = pa.array([float(x) for x in ok], pa.float64())
             return cols
+        # The output as written: an output the task refused afterwards (structured output
+        # that does not satisfy its constraint) is an error row, and never correct.
+        outputs = [
+            text if error is None else None
+            for text, error in zip(cols["text"].to_pylist(), cols["error"].to_pylist())
+        ]
         for s, m in zip(self.ev.scorers, self.metrics):
-            scores = [
-                self.score(s, r.text if r.error is None else None, e) if e else sc.WRONG
-                for r, e in zip(results, extras)
-            ]
+            scores = [self.score(s, out, e) if e else sc.WRONG for out, e in zip(outputs, extras)]
             cols[m.correct] = pa.array([x.correct for x in scores], pa.bool_())
             cols[m.score] = pa.array([x.score for x in scores], pa.float64())
             if s.kind in EXTRACTS:
@@ -394,7 +402,8 @@ class EvalTask(Task):
     def summarize(self, table: pa.Table) -> dict[str, float]:
         """Sums over an output file's rows, which add up per shard: rows, and per metric
         the rows correct and the scores' sum."""
-        sums: dict[str, float] = {"rows": table.num_rows}
+        sums: dict[str, float] = {} if self.ll else dict(self.inner.summarize(table))
+        sums["rows"] = table.num_rows
         for m in self.metrics:
             sums[f"{m.name}.correct"] = (
                 pc.sum(table.column(m.correct).cast(pa.int64())).as_py() or 0
@@ -407,7 +416,7 @@ class EvalTask(Task):
     def shard_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """A shard's summed metrics with each metric's accuracy (error rows count as wrong)."""
         rows = sums.get("rows", 0)
-        out = dict(sums)
+        out = dict(sums if self.ll else self.inner.shard_metrics(sums))
         for m in self.metrics:
             out[f"{m.name}.accuracy"] = sums.get(f"{m.name}.correct", 0) / rows if rows else None
         return out
@@ -416,7 +425,9 @@ class EvalTask(Task):
         """Aggregate the job's committed output into ``_eval.json`` and return it."""
         from batchjobs.evalreport import write_report
 
-        return write_report(self.spec, self.metrics, out, records)
+        report = write_report(self.spec, self.metrics, out, records)
+        inner = None if self.ll else self.inner.report(out, records)
+        return {**report, **(inner or {})}
 
 
 def check_choices(value: Any, need: bool) -> str | None:

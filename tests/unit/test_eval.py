@@ -112,6 +112,10 @@ def test_bad_scorers_are_refused_at_validation(eval_spec, scorer, message):
             "remove input.token_ids_column",
         ),
         ({"eval": {"scorers": ["exact"], "group_by": "correct"}}, "eval.group_by 'correct'"),
+        (
+            {"eval": {"scorers": ["exact"]}, "sampling": {"n": 2, "temperature": 1.0}},
+            "only tasks generate and chat take generation controls",
+        ),
         ({"eval": {"scorers": ["exact"]}, "input": {"id_column": "reference"}}, "clashes"),
     ],
 )
