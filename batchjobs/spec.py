@@ -494,6 +494,10 @@ ScorerSpec = Annotated[
 ]
 
 
+# The kinds that may be named alone (regex needs its pattern).
+ScorerKind = Literal["exact", "normalized", "contains", "numeric", "choice", "loglikelihood"]
+
+
 class EvalSpec(_Model):
     reference_column: str = Field(
         default="reference",
@@ -501,7 +505,9 @@ class EvalSpec(_Model):
         "list of acceptable strings, or for multiple choice the correct option (0-based "
         "index, letter or option text).",
     )
-    scorers: list[ScorerSpec] = Field(
+    # A kind alone (a string) is turned into its scorer by _kind_alone before validation;
+    # ScorerKind is in the annotation so that the JSON Schema accepts it too.
+    scorers: list[ScorerSpec | ScorerKind] = Field(
         default_factory=list,
         description="How each output is scored (one at least); a kind alone (exact, "
         "normalized, contains, numeric, choice, loglikelihood) takes its defaults.",
