@@ -3,9 +3,7 @@
 A row becomes a generate or chat request (``eval.input_task``) and its output is scored by
 each of ``eval.scorers`` (``batchjobs.scorers``) against the row's reference, in the engine
 stage, so that every output file carries its scores. ``loglikelihood`` generates nothing:
-the row becomes one request per choice (the prompt's tokens followed by the choice's), each
-asking the engine for the log-probabilities of its prompt tokens; the choice's tokens are
-summed and the likeliest choice is the answer.
+the likeliest of the row's choices is its answer (``batchjobs.tasks.loglikelihood``).
 
 Columns (``eval_columns``): the generate/chat columns (``text`` …) or, for loglikelihood,
 ``choice_logprobs``, ``choice_tokens``, ``answer``, ``answer_norm``; then ``reference``
@@ -21,8 +19,7 @@ import asyncio
 import json
 import math
 import string
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -30,24 +27,22 @@ import pyarrow.compute as pc
 
 from batchjobs import scorers as sc
 from batchjobs.engines.base import Request, Result
-from batchjobs.tasks.base import CHECKS, Prepared, RowError, Task, common_columns
+from batchjobs.tasks.base import CHECKS, Prepared, Task
 from batchjobs.tasks.chat import ChatTask, load_tokenizer
 from batchjobs.tasks.generate import GenerateTask
+from batchjobs.tasks.loglikelihood import (
+    LL_FIELDS,
+    ChoicesRequest,
+    choice_requests,
+    choice_tokens,
+    ll_columns,
+    merge_choices,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from batchjobs.spec import JobSpec
 
 LETTERS = string.ascii_uppercase
-LL_FIELDS: dict[str, pa.DataType] = {
-    "choice_logprobs": pa.list_(pa.float64()),
-    "choice_tokens": pa.list_(pa.int32()),
-    "answer": pa.int32(),
-    "answer_norm": pa.int32(),
-    "prompt_tokens": pa.int32(),
-    "completion_tokens": pa.int32(),
-    "latency_s": pa.float32(),
-    "error": pa.string(),
-}
 EXTRACTS = ("regex", "numeric", "choice")  # scorers that write what they extracted
 
 
@@ -94,47 +89,6 @@ def eval_columns(spec: JobSpec, group: bool = True) -> dict[str, pa.DataType]:
 
 
 # ---------------------------------------------------------------- engine requests
-
-
-@dataclass(frozen=True)
-class ChoicesRequest(Request):
-    """A loglikelihood row: one engine request per choice (``parts``), each the prompt's
-    tokens followed by the choice's ``cont_lens[i]`` tokens."""
-
-    parts: tuple[Request, ...] = ()
-    cont_lens: tuple[int, ...] = ()
-
-
-@dataclass
-class ChoicesResult(Result):
-    """The results of a row's choice requests as one: summed counts, the slowest latency,
-    the first error, and each choice's summed log-probability."""
-
-    choice_logprobs: list[float] | None = None
-    choice_tokens: list[int] = field(default_factory=list)
-
-
-def merge_choices(results: Sequence[Result], cont_lens: Sequence[int]) -> ChoicesResult:
-    error = next((f"choice {i}: {r.error}" for i, r in enumerate(results) if r.error), None)
-    logprobs: list[float] = []
-    for i, (r, n) in enumerate(zip(results, cont_lens)):
-        if error:
-            break
-        tail = (r.prompt_logprobs or [])[-n:]
-        if len(tail) != n or any(x is None for x in tail):
-            error = f"choice {i}: the engine returned no prompt log-probabilities"
-            break
-        logprobs.append(math.fsum(tail))
-    return ChoicesResult(
-        finish_reason="error" if error else "stop",
-        prompt_tokens=sum(r.prompt_tokens for r in results),
-        completion_tokens=sum(r.completion_tokens for r in results),
-        latency_s=max((r.latency_s for r in results), default=0.0),
-        cached_tokens=sum(r.cached_tokens for r in results),
-        error=error,
-        choice_logprobs=None if error else logprobs,
-        choice_tokens=list(cont_lens),
-    )
 
 
 # ---------------------------------------------------------------- the task
@@ -246,53 +200,10 @@ class EvalTask(Task):
             prepared = self.inner.prepare(request_id, values, params)
             prepared.extra.update(extra)
             return prepared
-        context, conts = self.choice_tokens(values)
-        parts = tuple(
-            Request(
-                f"{request_id}/{i}",
-                token_ids=[*context, *cont],
-                params={"max_tokens": 1, "min_tokens": 0},
-                prompt_logprobs=0,
-            )
-            for i, cont in enumerate(conts)
-        )
-        request = ChoicesRequest(
-            request_id, token_ids=context, parts=parts, cont_lens=tuple(len(c) for c in conts)
-        )
-        return Prepared(request, extra)
-
-    def choice_tokens(self, values: dict[str, Any]) -> tuple[list[int], list[list[int]]]:
-        """The prompt's token ids and each choice's token ids after it.
-
-        A text prompt is encoded as lm-eval-harness encodes a (context, continuation) pair:
-        whitespace at the end of the prompt moves to the front of the continuation, the
-        prompt is encoded alone and together with each continuation, and the continuation's
-        tokens are those past the prompt's. A conversation is rendered with the chat
-        template, and each choice encoded alone after it."""
         delimiter = next(s.delimiter for s in self.ev.scorers if s.kind == "loglikelihood")
-        choices = values["choices"]
-        if "messages" in values:
-            try:
-                context = self.inner.render(values["messages"])
-            except Exception as exc:  # noqa: BLE001 - any template failure is this row's error
-                raise RowError(f"chat template failed: {type(exc).__name__}: {exc}") from None
-            with self.lock:
-                conts = self.tokenizer([delimiter + c for c in choices], add_special_tokens=False)[
-                    "input_ids"
-                ]
-        else:
-            prompt = values["prompt"]
-            pairs = [lm_eval_pair(prompt, delimiter + c) for c in choices]
-            with self.lock:
-                enc = self.tokenizer(
-                    [pairs[0][0]] + [ctx + cont for ctx, cont in pairs], add_special_tokens=True
-                )["input_ids"]
-            context = list(enc[0])
-            conts = [list(whole[len(context) :]) for whole in enc[1:]]
-        for i, cont in enumerate(conts):
-            if not cont:
-                raise RowError(f"choice {i} ({choices[i]!r}) has no tokens after the prompt")
-        return list(context), [list(c) for c in conts]
+        render = self.inner.render if "messages" in values else None
+        context, conts = choice_tokens(self.tokenizer, self.lock, values, delimiter, render)
+        return Prepared(choice_requests(request_id, context, conts), extra)
 
     async def run(self, engine, request: Request) -> Result:
         if not isinstance(request, ChoicesRequest):
@@ -309,10 +220,7 @@ class EvalTask(Task):
         return {**head, **eval_columns(self.spec)}
 
     def to_columns(self, results, extras) -> dict[str, pa.Array]:
-        if self.ll:
-            cols = self._ll_columns(results, extras)
-        else:
-            cols = self.inner.to_columns(results, extras)
+        cols = ll_columns(results, extras) if self.ll else self.inner.to_columns(results, extras)
         cols["reference"] = pa.array(
             [reference_text(e.get("reference")) for e in extras], pa.string()
         )
@@ -374,29 +282,6 @@ class EvalTask(Task):
                 return sc.choice(output, ref, extra.get("choices"), s.letters)
         raise ValueError(f"unknown scorer kind {s.kind!r}")  # pragma: no cover - spec forbids
 
-    def _ll_columns(self, results, extras) -> dict[str, pa.Array]:
-        picks = [
-            sc.loglikelihood_pick(r.choice_logprobs, e["choices"])
-            if getattr(r, "choice_logprobs", None) is not None
-            else (None, None)
-            for r, e in zip(results, extras)
-        ]
-        common = common_columns(results)
-        return {
-            "choice_logprobs": pa.array(
-                [getattr(r, "choice_logprobs", None) for r in results], pa.list_(pa.float64())
-            ),
-            "choice_tokens": pa.array(
-                [getattr(r, "choice_tokens", None) or None for r in results], pa.list_(pa.int32())
-            ),
-            "answer": pa.array([p[0] for p in picks], pa.int32()),
-            "answer_norm": pa.array([p[1] for p in picks], pa.int32()),
-            "prompt_tokens": common["prompt_tokens"],
-            "completion_tokens": pa.array([r.completion_tokens for r in results], pa.int32()),
-            "latency_s": common["latency_s"],
-            "error": common["error"],
-        }
-
     # -- aggregates ----------------------------------------------------------------------
 
     def summarize(self, table: pa.Table) -> dict[str, float]:
@@ -447,12 +332,3 @@ def reference_text(ref: Any) -> str | None:
     if ref is None or isinstance(ref, str):
         return ref
     return json.dumps(ref, ensure_ascii=False)
-
-
-def lm_eval_pair(context: str, continuation: str) -> tuple[str, str]:
-    """lm-eval-harness's split of a (context, continuation) pair before encoding: trailing
-    whitespace of the context moves to the continuation."""
-    n = len(context) - len(context.rstrip())
-    if n:
-        continuation, context = context[-n:] + continuation, context[:-n]
-    return context, continuation

@@ -265,7 +265,7 @@ def test_loglikelihood_logprobs_equal_raw_vllm_prompt_logprobs(
     from batchjobs.layout import EVAL_JSON
     from batchjobs.pipeline import run
     from batchjobs.spec import parse_spec
-    from batchjobs.tasks.eval import lm_eval_pair
+    from batchjobs.tasks.loglikelihood import lm_eval_pair
 
     inp = tmp_path / "in"
     inp.mkdir()

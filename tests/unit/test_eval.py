@@ -20,7 +20,7 @@ from batchjobs.errors import InputError, OutputError, SpecError
 from batchjobs.layout import EVAL_JSON, MANIFEST
 from batchjobs.readers import list_shards, preflight, read_shard
 from batchjobs.tasks import task_for
-from batchjobs.tasks.eval import lm_eval_pair
+from batchjobs.tasks.loglikelihood import lm_eval_pair
 
 transformers = pytest.importorskip("transformers")
 runner = CliRunner()
