@@ -168,6 +168,10 @@ def run(
         from batchjobs.evalreport import summary_lines
 
         typer.echo("\n".join(summary_lines(summary.metrics)))
+    if summary.metrics.get("adapters"):
+        from batchjobs.tasks.generated import adapter_lines
+
+        typer.echo("\n".join(adapter_lines(summary.metrics["adapters"])))
     result = summary.to_dict()
     if pilot is not None:
         from batchjobs.projection import summary_line

@@ -296,3 +296,16 @@ def adapter_report(records) -> dict[str, dict[str, float]]:
         cost = entry.get("cost_usd")
         entry["usd_per_1m_tokens"] = cost / (tokens / 1e6) if cost and tokens else None
     return dict(sorted(out.items()))
+
+
+def adapter_lines(report: dict[str, dict[str, float]]) -> list[str]:
+    """The run summary's lines per adapter: rows, tokens and $."""
+    lines = ["per adapter (base: the base model):"]
+    for name, e in report.items():
+        per_m = e.get("usd_per_1m_tokens")
+        lines.append(
+            f"  {name}: {int(e.get('rows', 0))} rows, {int(e.get('prompt_tokens', 0)):,} in, "
+            f"{int(e.get('completion_tokens', 0)):,} out, ${e.get('cost_usd', 0):,.6f}"
+            + (f" (${per_m:.4f} per 1M tokens)" if per_m else "")
+        )
+    return lines

@@ -648,6 +648,11 @@ def test_the_run_report_sums_each_adapter_over_shards(make_spec, tmp_path):
         }
     }
     assert task_for(make_spec()).report(None, recs) is None
+    from batchjobs.tasks.generated import adapter_lines
+
+    assert adapter_lines(report["adapters"])[1] == (
+        "  a: 4 rows, 20 in, 20 out, $1.000000 ($25000.0000 per 1M tokens)"
+    )
 
 
 # --------------------------------------------------------------------------- make-model --lora
