@@ -98,7 +98,7 @@ def test_live_panel_from_a_tracker_on_a_recording_console(tracker, engine_output
     assert "2 rows (40.0%)" in text and "2 × 'prompt' is empty" in text
     assert "1 of 2 up · 1 restarting · 1 restart(s) so far" in text
     assert "node:0:abc" in text and "busy 75%" in text and "busy 50%" in text
-    assert "avg: since the first row" in text  # the rates say what they cover
+    assert "avg: since the first engine was ready" in text  # the rates say what they cover
     assert max(len(line) for line in text.splitlines()) <= 100
 
 
@@ -147,7 +147,7 @@ def test_rates_eta_and_projection_exclude_start_up():
     assert p.usd_projected == pytest.approx(1.0 + 0.01 * 50)
     line = p.line()
     assert line.startswith("[j] 50 rows (50%), 0 errors, 1/2 shards committed; ")
-    assert "output 20 tok/s now, 20 since the first row" in line and "ETA 50s" in line
+    assert "output 20 tok/s now, 20 since the engines were ready" in line and "ETA 50s" in line
     done = _sample(rows=100)
     assert done.eta_s is None and done.usd_projected == 1.0
 
@@ -231,3 +231,42 @@ def test_manifest_table_fits_100_columns_and_says_what_it_covers(tmp_path):
     for part in manifest_tables(recs, runs, "s3://bucket/out", wide=True):
         wide.print(part)
     assert "s3://bucket/some/long/prefix/part-00000.parquet" in wide.export_text()
+
+
+def test_engines_still_starting_cost_from_the_start_and_rates_start_when_ready(tracker):
+    tracker.t0 -= 100  # the data stage began 100 s ago; no replica has reported yet
+    tracker.states = {"PENDING_CREATION": 2}
+    p = tracker.snapshot()
+    assert p.device_s == pytest.approx(200, abs=1)  # two replicas holding a device each
+    assert p.usd == pytest.approx(200 / 3600 * 3.6, rel=0.01)
+    assert "0 of 2 up · 2 starting" in _text(panel(p))
+    assert "; engines starting (0 of 2 up); " in p.line()
+    _board(tracker)  # now both have reported: ready 40 s ago
+    tracker.done_ctok = 400
+    p = tracker.snapshot()
+    assert p.ready_s == pytest.approx(60, abs=1)
+    assert p.device_s >= 200  # they reported 100 s in all: "so far" does not go down
+    assert p.output_tokens_per_s_avg == pytest.approx(10, rel=0.05)  # 400 tokens in 40 s
+
+
+def _text(renderable) -> str:
+    console = Console(record=True, width=100, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_plain_lines_while_nothing_comes_in_are_fewer():
+    buf = io.StringIO()
+    d = Display.for_terminal("j", buf, quiet=False, plain_every_s=5.0)
+    d.update(_sample(rows=0))
+    d.printed_at -= 10  # 10 s later, still no row: not yet
+    d.update(_sample(rows=0))
+    d.printed_at -= 25  # 35 s after the last line
+    d.update(_sample(rows=0))
+    d.printed_at -= 6  # rows come in again: every 5 s
+    d.update(_sample(rows=10))
+    assert [line.split(" rows")[0] for line in buf.getvalue().splitlines()] == [
+        "[j] 0",
+        "[j] 0",
+        "[j] 10",
+    ]
