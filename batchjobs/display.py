@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from batchjobs.tracker import Progress
 
 PLAIN_EVERY_S = 5.0
+STALLED_EVERY_S = 30.0  # plain lines while no row comes in (engines starting): less often
 REPLICA_LINES = 8  # replicas listed one per line; more are summed up in one line
 ERROR_LINES = 3  # most frequent error kinds shown
 
@@ -56,6 +57,7 @@ class Display:
         self.started = time.time()
         self.printed_at = 0.0
         self.printed_line = ""
+        self.printed_rows = -1
         self.live: Live | None = None
         if live and not quiet:
             self.live = Live(
@@ -95,9 +97,10 @@ class Display:
             now = time.time()
             line = p.line()
             done = p.fraction >= 1 and line.split(";")[0] != self.printed_line.split(";")[0]
-            if done or now - self.printed_at >= self.plain_every_s:
+            every = self.plain_every_s if p.rows != self.printed_rows else STALLED_EVERY_S
+            if done or now - self.printed_at >= every:
                 self.message(line)
-                self.printed_at, self.printed_line = now, line
+                self.printed_at, self.printed_line, self.printed_rows = now, line, p.rows
 
     def close(self) -> None:
         if self.live is not None:
@@ -160,7 +163,7 @@ def panel(p: Progress, elapsed_s: float | None = None) -> RenderableType:
         grid,
         title=f"{p.job} · {duration(elapsed)}",
         title_align="left",
-        subtitle="now: last 30 s · avg: since the first row",
+        subtitle="now: last 30 s · avg: since the first engine was ready",
         subtitle_align="right",
         width=100,
     )

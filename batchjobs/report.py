@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 MAX_ROWS = 200_000  # output rows read for the distributions
 MAX_VECTORS = 20_000  # embeddings read for the norm distribution
 MAX_BARS = 60  # per-shard bars; more shards: a histogram
+NAN = float("nan")  # breaks a plotted line (between runs)
 COLORS = ["#3b6ea8", "#d9822b", "#3a9a5b", "#c0392b", "#8e6bb8", "#7f7f7f"]
 
 
@@ -233,14 +234,28 @@ def _time_axis(xs: list[float]) -> tuple[float, str]:
 
 
 def _rates(samples: list[dict], xs: list[float], key: str) -> tuple[list[float], list[float]]:
-    """Per second between consecutive samples of the same run, at the interval's end."""
+    """Per second between consecutive samples of the same run, at the interval's end; a
+    gap (NaN) between runs, so that no line joins them."""
     px, py = [], []
     for (a, xa), (b, xb) in zip(zip(samples, xs), zip(samples[1:], xs[1:])):
+        if a["run"] != b["run"]:
+            px.append(NAN)
+            py.append(NAN)
         if a["run"] != b["run"] or xb <= xa:
             continue
         px.append(xb)
         py.append(max(0.0, (b[key] - a[key]) / (xb - xa)))
     return px, py
+
+
+def _by_run(samples: list[dict], values: list[float]) -> list[float]:
+    """``values`` (one per sample) with a NaN between runs."""
+    out: list[float] = []
+    for i, v in enumerate(values):
+        if i and samples[i]["run"] != samples[i - 1]["run"]:
+            out.append(NAN)
+        out.append(v)
+    return out
 
 
 def plot_throughput(data: JobData) -> bytes | None:
@@ -259,7 +274,7 @@ def plot_throughput(data: JobData) -> bytes | None:
             [x / scale for x in tx], ty, color=COLORS[i], marker=".", linewidth=1.4, label=name
         )
     axes[1, 0].set_ylabel("tokens/s")
-    axes[1, 0].legend(loc="upper left", frameon=False, fontsize=9)
+    axes[1, 0].legend(loc="center left", frameon=False, fontsize=9)
     for ax in axes.flat:
         _mark_runs(ax, marks, scale)
         ax.set_xlim(left=0)
@@ -283,14 +298,23 @@ def plot_cost(data: JobData) -> bytes | None:
     fig, axes = _figure(1, 1)
     ax = axes[0, 0]
     cum = [before.get(s["run"], 0.0) + s["usd"] for s in samples]
-    ax.plot([x / scale for x in xs], cum, color=COLORS[0], linewidth=1.8, label="spent so far")
+    xs_runs = _by_run(samples, [x / scale for x in xs])
+    ax.plot(xs_runs, _by_run(samples, cum), color=COLORS[0], linewidth=1.8, label="spent so far")
     proj = [
-        (x / scale, before.get(s["run"], 0.0) + s["usd_projected"])
-        for s, x in zip(samples, xs)
+        before.get(s["run"], 0.0) + s["usd_projected"]
         if s.get("usd_projected") is not None
+        else NAN
+        for s in samples
     ]
-    if proj:
-        ax.plot(*zip(*proj), color=COLORS[1], linestyle=":", linewidth=1.5, label="projected then")
+    if any(p == p for p in proj):  # not all NaN
+        ax.plot(
+            xs_runs,
+            _by_run(samples, proj),
+            color=COLORS[1],
+            linestyle=":",
+            linewidth=1.5,
+            label="projected then",
+        )
     ends = []
     clock = 0.0
     for run in data.runs:
@@ -359,7 +383,7 @@ def plot_distributions(data: JobData) -> bytes | None:
         values = [v for v in ok.column(col).to_pylist() if v is not None]
         if values:
             ax.hist(values, bins=_bins(values), color=COLORS[0])
-            _quantiles(ax, values)
+            label += _quantiles(ax, values)
         if values and col != "latency_s":
             ax.set_xlim(left=min(0, min(values) - 0.5))  # lengths from 0: their scale shows
         ax.set_xlabel(label)
@@ -375,13 +399,16 @@ def _bins(values: list[float]):
     return 40
 
 
-def _quantiles(ax, values: list[float]) -> None:
+def _quantiles(ax, values: list[float]) -> str:
+    """Median (dashed) and 99th percentile (dotted) as lines; their values for the label."""
     import numpy as np
 
+    said = []
     for q, style in ((50, "--"), (99, ":")):
         v = float(np.percentile(values, q))
-        ax.axvline(v, color=COLORS[1], linestyle=style, linewidth=1.2, label=f"p{q} {v:,.3g}")
-    ax.legend(loc="best", fontsize=9, framealpha=0.9)
+        ax.axvline(v, color=COLORS[1], linestyle=style, linewidth=1.2)
+        said.append(f"p{q} {v:,.3g}")
+    return "\n" + " (dashed) · ".join(said) + " (dotted)"
 
 
 def error_kinds(data: JobData) -> dict[str, int]:
@@ -398,7 +425,10 @@ def error_kinds(data: JobData) -> dict[str, int]:
 def plot_errors(data: JobData) -> bytes | None:
     kinds = error_kinds(data)
     samples = data.samples
-    has_rate = len(samples) >= 2 and any(s["error_rows"] for s in samples)
+    moving = sum(
+        1 for a, b in zip(samples, samples[1:]) if a["run"] == b["run"] and b["rows"] > a["rows"]
+    )
+    has_rate = moving >= 3 and any(s["error_rows"] for s in samples)
     if not kinds and not has_rate:
         return None
     panels = int(has_rate) + int(bool(kinds))
@@ -411,13 +441,17 @@ def plot_errors(data: JobData) -> bytes | None:
         px, py = [], []
         for a, b, xb in zip(samples, samples[1:], xs[1:]):
             rows = b["rows"] - a["rows"]
-            if a["run"] == b["run"] and rows > 0:
+            if a["run"] != b["run"]:
+                px.append(NAN)
+                py.append(NAN)
+            elif rows > 0:
                 px.append(xb / scale)
                 py.append(100 * (b["error_rows"] - a["error_rows"]) / rows)
         ax.plot(px, py, color=COLORS[3], marker=".", linewidth=1.2)
         _mark_runs(ax, marks, scale)
         ax.set_ylabel("error rows (% of rows written)")
         ax.set_xlabel(label)
+        ax.set_xlim(0, max(xs) / scale * 1.02)
         ax.set_ylim(bottom=0)
         i += 1
     if kinds:
@@ -634,8 +668,9 @@ def build_html(data: JobData) -> str:
         (
             "Errors",
             plot_errors(data),
-            f"Error rate between progress samples, and error rows by kind (file and line "
-            f"left out) in the {data.rows_read:,} rows read.",
+            f"Error rows by kind (file and line left out) in the {data.rows_read:,} rows "
+            "read; where the job ran long enough, also their share of the rows written "
+            "between progress samples.",
         ),
         (
             "Replicas",

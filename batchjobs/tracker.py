@@ -89,6 +89,7 @@ class Tracker:
         self.states: dict[str, int] = {}  # the replicas' actors by state (compat)
         self.restarts = 0
         self.lock = threading.RLock()
+        self.device_s_max = 0.0
 
     @_locked
     def tick(self) -> None:
@@ -248,8 +249,19 @@ class Tracker:
         # and at the end if the replicas up now go on at this cost until the ETA.
         price = self.price / 3600
         device_s = sum(r["startup_s"] + r["busy_s"] + r["idle_s"] for r in self.raw.values())
-        device_s *= self.gpus
+        # Replicas that have not reported yet (their engines still starting) hold their
+        # devices too: counted from the start of the data stage.
+        holding = (
+            sum(self.states.get(s, 0) for s in ("ALIVE", "PENDING_CREATION", "RESTARTING"))
+            if self.states
+            else self.plan.spec.resources.replicas
+        )
+        device_s += max(0, holding - len(self.raw)) * (now - self.t0)
+        # That estimate may exceed what the replica then reports (its start-up is timed
+        # from its own start): "so far" never goes down.
+        device_s = self.device_s_max = max(device_s * self.gpus, self.device_s_max)
         up = self.states.get("ALIVE", len(self.raw))
+        ready = [r["ready_at"] for r in self.raw.values() if r.get("ready_at")]
         return Progress(
             job=self.plan.spec.name,
             elapsed_s=time.time() - self.t0,
@@ -264,6 +276,7 @@ class Tracker:
             busy_share=busy_share(self.replicas.values()),
             started_at=self.t0,
             first_row_s=None if self.first_row_at is None else self.first_row_at - self.t0,
+            ready_s=min(ready) - self.t0 if ready else None,
             window_s=window[0],
             window_rows=window[1],
             window_prompt_tokens=window[2],
@@ -320,7 +333,8 @@ class Progress:
 
     Times are seconds since the driver began the job's data stage (``started_at``); the
     engines' start-up may overlap it. Rates say what they cover: ``*_now`` over the last
-    ``window_s`` seconds, ``*_avg`` since the first rows were written (start-up excluded).
+    ``window_s`` seconds, ``*_avg`` since the first engine was ready (start-up excluded;
+    before any replica has reported, since the first rows were written).
     Money and device time count the replicas' time as reported (start-up included);
     ``device_s`` is GPU-seconds, or CPU-seconds where ``device`` is ``cpu``."""
 
@@ -337,6 +351,7 @@ class Progress:
     busy_share: float | None  # their share of time with work since start-up
     started_at: float = 0.0  # time.time() at elapsed_s 0
     first_row_s: float | None = None  # elapsed_s when the first rows were written
+    ready_s: float | None = None  # elapsed_s when the first engine was ready (may be < 0)
     window_s: float = 0.0  # the span of the rates "now" and the counts over it
     window_rows: int = 0
     window_prompt_tokens: int = 0
@@ -361,7 +376,7 @@ class Progress:
 
     @property
     def eta_s(self) -> float | None:
-        """Seconds to the last row at the rows' rate since the first row (start-up
+        """Seconds to the last row at the rows' average rate (start-up
         excluded); None before there is a rate or once all rows are in."""
         f = self.fraction
         rate = self.rows_per_s_avg
@@ -375,9 +390,10 @@ class Progress:
         return self.completion_tokens / self.elapsed_s if self.elapsed_s else 0.0
 
     def _since_first(self, count: int) -> float | None:
-        if self.first_row_s is None or self.elapsed_s - self.first_row_s <= 0:
+        since = self.ready_s if self.ready_s is not None else self.first_row_s
+        if since is None or self.elapsed_s - since <= 0:
             return None
-        return count / (self.elapsed_s - self.first_row_s)
+        return count / (self.elapsed_s - since)
 
     @property
     def rows_per_s_avg(self) -> float | None:
@@ -421,11 +437,13 @@ class Progress:
         from batchjobs.display import usd
 
         now, avg = self.output_tokens_per_s_now, self.output_tokens_per_s_avg
-        rates = (
-            f"output {now:.0f} tok/s now, {avg:.0f} since the first row"
-            if now is not None and avg is not None
-            else f"output {self.output_tokens_per_s:.0f} tok/s since the start"
-        )
+        if not self.rows and not self.replicas:
+            of = f" of {self.replicas_planned}" if self.replicas_planned else ""
+            rates = f"engines starting ({self.replicas_up}{of} up)"
+        elif now is not None and avg is not None:
+            rates = f"output {now:.0f} tok/s now, {avg:.0f} since the engines were ready"
+        else:
+            rates = f"output {self.output_tokens_per_s:.0f} tok/s since the start"
         return (
             f"[{self.job}] {self.rows} rows ({self.fraction:.0%}), {self.error_rows} errors, "
             f"{self.shards_committed}/{self.shards_total} shards committed; {rates}; "
