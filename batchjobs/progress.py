@@ -182,7 +182,8 @@ class ProgressLog:
 
 class RayMetrics:
     """The samples' figures as Ray metrics (``ray.util.metrics``), tagged with the job's
-    name, for a Prometheus that scrapes the cluster: ``batchjobs_rows``,
+    name, for a Prometheus that scrapes the cluster (which sees them as ``ray_batchjobs_*``,
+    counters with ``_total``): ``batchjobs_rows``,
     ``batchjobs_error_rows``, ``batchjobs_input_tokens``, ``batchjobs_output_tokens``
     (counters), ``batchjobs_rows_per_s``, ``batchjobs_input_tokens_per_s``,
     ``batchjobs_output_tokens_per_s`` (over the last samples), ``batchjobs_cost_usd``,
