@@ -153,7 +153,11 @@ class TRTLLMEngine(Engine):
         kw = llm_kwargs(spec)
         if "lora_config" in kw:
             from tensorrt_llm.executor.request import LoRARequest
-            from tensorrt_llm.lora_manager import LoraConfig
+
+            try:  # its home until 1.3; later releases moved it
+                from tensorrt_llm.lora_manager import LoraConfig
+            except ImportError:  # pragma: no cover
+                from tensorrt_llm._torch.peft.lora.config import LoraConfig
 
             kw["lora_config"] = LoraConfig(**kw["lora_config"])
             self._loras = {
