@@ -317,6 +317,7 @@ def watching(job, quiet: bool = False, verbose: bool = False) -> Iterator[Watch]
     )
     out = OutputRoot(job.output.path, job.output.storage_options)
     router = None
+    failed = True
     try:
         with routed(secrets, verbose) as router:
             display = Display.for_terminal(
@@ -326,6 +327,7 @@ def watching(job, quiet: bool = False, verbose: bool = False) -> Iterator[Watch]
             watch = Watch(display, router, out)
             try:
                 yield watch
+                failed = False
             except Exception as exc:
                 from batchjobs.errors import BatchJobError
 
@@ -335,9 +337,10 @@ def watching(job, quiet: bool = False, verbose: bool = False) -> Iterator[Watch]
             finally:
                 display.close()
     finally:
-        # Failed or not: into the output root if the run recorded itself there.
-        if router is not None and (router.sync(out, force=True) or router.is_empty()):
-            router.discard_local()  # in the output root now, or nothing in it
+        # Failed or not: into the output root if the run recorded itself there. A local
+        # copy stays only for a failed run whose root could not take it (the error names it).
+        if router is not None and (router.sync(out, force=True) or router.is_empty() or not failed):
+            router.discard_local()
 
 
 # --------------------------------------------------------------------- batchjobs manifest
