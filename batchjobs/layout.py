@@ -24,6 +24,7 @@ know, so an old batchjobs never misreads a newer output root.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from batchjobs.errors import BatchJobError, OutputError
@@ -77,6 +78,22 @@ def unstamped(kind: str, record: dict[str, Any], where: str) -> dict[str, Any]:
             f"{VERSIONS[kind]}: upgrade batchjobs to read it, or run with --fresh"
         )
     return rest
+
+
+def read_records(out, kind: str) -> list[dict[str, Any]]:
+    """Every record of the JSON Lines file ``kind`` (one of the names above) at the output
+    root ``out`` (an ``OutputRoot``), without its ``"v"``; none if the file is missing.
+    Lines that do not parse (a file cut short) are skipped."""
+    raw = out.read(kind)
+    found = []
+    for n, line in enumerate((raw or b"").decode(errors="replace").splitlines(), start=1):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            found.append(unstamped(kind, data, f"{out.url}/{kind} line {n}"))
+    return found
 
 
 def run_record(

@@ -27,7 +27,7 @@ import logging
 import re
 from typing import TYPE_CHECKING, Any
 
-from batchjobs.layout import PROGRESS, stamped, unstamped
+from batchjobs.layout import PROGRESS, read_records, stamped
 
 if TYPE_CHECKING:
     from batchjobs.sink import OutputRoot
@@ -89,16 +89,7 @@ def sample(p: Progress, run: float) -> dict[str, Any]:
 def read_samples(out: OutputRoot) -> list[dict[str, Any]]:
     """Every sample in ``<output>/_progress.jsonl`` (none if it is missing); lines that do
     not parse (a file cut short) are skipped."""
-    raw = out.read(PROGRESS)
-    found = []
-    for n, line in enumerate((raw or b"").decode(errors="replace").splitlines(), start=1):
-        try:
-            data = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(data, dict):
-            found.append(unstamped(PROGRESS, data, f"{out.url}/{PROGRESS} line {n}"))
-    return found
+    return read_records(out, PROGRESS)
 
 
 class ProgressLog:

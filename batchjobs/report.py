@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from batchjobs.display import device_unit, duration, usd
 from batchjobs.errors import OutputError
-from batchjobs.layout import EVAL_JSON, PILOT_JSON, REPORT, RUNS, unstamped
+from batchjobs.layout import EVAL_JSON, PILOT_JSON, REPORT, RUNS, read_records, unstamped
 from batchjobs.progress import error_kind, read_samples
 
 if TYPE_CHECKING:
@@ -42,16 +42,7 @@ COLORS = ["#3b6ea8", "#d9822b", "#3a9a5b", "#c0392b", "#8e6bb8", "#7f7f7f"]
 
 def read_runs(out: OutputRoot) -> list[dict[str, Any]]:
     """Every record in ``_runs.jsonl``, oldest first (lines that do not parse are skipped)."""
-    raw = out.read(RUNS)
-    runs = []
-    for n, line in enumerate((raw or b"").decode(errors="replace").splitlines(), start=1):
-        try:
-            data = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(data, dict):
-            runs.append(unstamped(RUNS, data, f"{out.url}/{RUNS} line {n}"))
-    return sorted(runs, key=lambda r: r.get("started_at") or 0)
+    return sorted(read_records(out, RUNS), key=lambda r: r.get("started_at") or 0)
 
 
 @dataclass
