@@ -13,9 +13,11 @@ below its full throughput: the draining tail, a starved engine) and is job overh
 start-up and idle. So, exactly: Σ row charges + under-fill + idle + start-up = the time the
 replicas held their devices.
 
-Where the run cannot tell prefill from decode cost (too few full windows, or every window
-with the same mix), both weigh the same (``method: tokens``): busy time per token of the
-full windows.
+Where the run cannot tell prefill from decode cost (too few full windows, every window
+with the same mix, or a fit that prices a prompt token above a generated one, which the
+engine's work never does: it computes a prompt's tokens many to a step, generated tokens
+one per sequence per step, so such a fit is noise), both weigh the same (``method:
+tokens``): busy time per token of the full windows.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def fit(windows: list[tuple[float, float, int, int]]) -> Weights | None:
         return flat
     coef, *_ = np.linalg.lstsq(xs, busy, rcond=None)
     a, b = coef / norms
-    if a <= 0 or b <= 0:
+    if a <= 0 or b <= 0 or a > b:
         return flat
     return Weights(float(a), float(b), "fit", len(full))
 

@@ -102,3 +102,16 @@ def test_a_request_alone_at_the_end_pays_its_work_and_the_rest_is_under_fill():
 def test_weights_round_trip_through_the_manifest_dict():
     w = Weights(0.001, 0.01, "fit", 12)
     assert Weights(**w.to_dict()) == w
+
+
+def test_a_fit_that_prices_prompt_tokens_above_generated_ones_is_not_used():
+    # windows as a noisy, loaded machine gave them: prefill looks dearer than decode
+    rng = np.random.default_rng(2)
+    windows = []
+    for _ in range(20):
+        p, d = int(rng.integers(100, 2_000)), int(rng.integers(100, 1_000))
+        busy = 0.003 * p + 0.001 * d
+        windows.append((busy, 8 * busy, p, d))
+    w = fit(windows)
+    per_token = sum(x[0] for x in windows) / sum(x[2] + x[3] for x in windows)
+    assert w.method == "tokens" and w.prefill_s == w.decode_s == pytest.approx(per_token)
