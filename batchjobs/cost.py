@@ -103,7 +103,7 @@ def fit(windows: list[tuple[float, float, int, int]]) -> Weights | None:
     tokens = prefill.sum() + decode.sum()
     if tokens <= 0:
         return None
-    per_token = busy.sum() / tokens
+    per_token = float(busy.sum() / tokens)
     flat = Weights(per_token, per_token, "tokens", len(full))
     if len(full) < MIN_FULL_WINDOWS:
         return flat

@@ -34,7 +34,7 @@ def test_identical_shards_cost_the_same_and_twice_the_work_costs_twice(
                 {
                     # a different first word per shard: no shard reads another's prompts
                     # from the prefix cache
-                    "prompt": [f"{w} night job row {i}" for i, w in enumerate(_words(k))],
+                    "prompt": _words(k),
                     "budget": [b * factor for b in BUDGETS],
                 }
             ),
@@ -69,7 +69,7 @@ def test_identical_shards_cost_the_same_and_twice_the_work_costs_twice(
     double = by_file[DOUBLE]["cost_usd"] / (sum(m["cost_usd"] for m in same) / len(same))
     print("ratios", [round(r, 3) for r in ratios], "double", round(double, 3), summary.cost_weights)
     assert all(abs(r - 1) <= 0.10 for r in ratios), ratios
-    # twice the output tokens: about twice the cost (prompts, ~9 tokens a row against 24
+    # twice the output tokens: about twice the cost (prompts, a few tokens a row against 24
     # generated on average, are the rest of the work)
     assert 1.6 <= double <= 2.05, double
 
