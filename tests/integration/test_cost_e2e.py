@@ -78,7 +78,7 @@ def test_identical_shards_cost_the_same_and_twice_the_work_costs_twice(
     held = rep["startup_s"] + rep["idle_s"] + rep["busy_s"]
     assert summary.gpu_s == pytest.approx(held, rel=1e-6)
     assert sum(m["gpu_s"] for m in manifest) + summary.overhead_s == pytest.approx(held, rel=1e-6)
-    assert rep["underfill_s"] >= 0
+    assert rep["underfill_s"] >= -1e-9  # float rounding where the charges fill the busy time
     assert all(m["cost_weights"] == summary.cost_weights for m in manifest)
 
 

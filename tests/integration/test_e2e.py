@@ -164,7 +164,11 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
     (rep,) = summary.replicas.values()
     assert summary.engine_s == pytest.approx(rep["engine_s"], rel=1e-6)
     assert rep["engine_s"] + rep["underfill_s"] == pytest.approx(rep["busy_s"], rel=1e-6)
-    assert rep["underfill_s"] >= 0 and summary.cost_weights["method"] in ("fit", "tokens", "busy")
+    assert rep["underfill_s"] >= -1e-9 and summary.cost_weights["method"] in (
+        "fit",
+        "tokens",
+        "busy",
+    )
     assert rep["startup_s"] > 0 and rep["idle_s"] >= 0
     # 41 rows went into an engine that admits many more: all were in at once at the start
     assert 1 <= rep["mean_inflight"] <= n + 1 and rep["inflight_limit"] >= n + 1
