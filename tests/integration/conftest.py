@@ -40,6 +40,9 @@ def ray_session():
     from batchjobs.cluster import connect_ray
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # Set by vLLM in a process that ran an engine; Ray's workers would inherit it.
+    leaked = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
+    assert leaked is None, f"an earlier test left VLLM_WORKER_MULTIPROC_METHOD={leaked}"
     connect_ray()
     yield
     ray.shutdown()

@@ -122,6 +122,9 @@ def test_embed_job_matches_raw_llm_embed_and_survives_an_engine_kill(
     # The same documents through raw vLLM (LLM.embed) in this process.
     from vllm import LLM
 
+    # vLLM sets its start-method variable in this process (spawn, as Ray is up); a Ray started
+    # later by another module would pass it to every worker and turn the warm start off.
+    environ = dict(os.environ)
     llm = LLM(
         model=str(tiny_model),
         runner="pooling",
@@ -134,6 +137,8 @@ def test_embed_job_matches_raw_llm_embed_and_survives_an_engine_kill(
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
+        os.environ.clear()
+        os.environ.update(environ)
     want = np.array([r.outputs.embedding for r in raw], dtype=np.float32)
     assert [len(r.prompt_token_ids) for r in raw] == [rows[k]["prompt_tokens"] for k in ok]
     np.testing.assert_allclose(got, want, atol=1e-3)
