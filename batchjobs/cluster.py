@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from batchjobs import compat
 from batchjobs.errors import BatchJobError, SpecError
@@ -17,6 +18,9 @@ log = logging.getLogger("batchjobs")
 # The local cluster's worker settings (also given to the head `bench.py`'s batchjobs_head
 # mode starts, so that it differs from a local run only in being up before the clock).
 LOCAL_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+SCALE_UP_POLL_S = 2.0  # how often a job waiting for GPU nodes looks at the cluster
+SCALE_UP_SAY_S = 30.0  # and says how long it has waited
+_local_gcs: str | None = None  # the cluster connect_ray started here (one node, no autoscaler)
 
 
 def local_cluster_cpus() -> int:
@@ -28,6 +32,7 @@ def connect_ray(local_cpus: int | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`), else start a local one."""
     import ray
 
+    global _local_gcs
     if ray.is_initialized():
         return
     try:
@@ -46,9 +51,16 @@ def connect_ray(local_cpus: int | None = None) -> None:
                 include_dashboard=False,
                 _system_config=dict(LOCAL_SYSTEM_CONFIG),
             )
+            _local_gcs = ray.get_runtime_context().gcs_address
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = os.environ.get("RAY_ADDRESS") or "a new local Ray"
         raise BatchJobError(f"cannot start or join Ray ({where}): {exc}") from None
+
+
+def _on_local_cluster() -> bool:
+    import ray
+
+    return _local_gcs is not None and ray.get_runtime_context().gcs_address == _local_gcs
 
 
 def resolve_device(spec: JobSpec) -> str:
@@ -56,23 +68,30 @@ def resolve_device(spec: JobSpec) -> str:
 
     if spec.engine.device != "auto":
         return spec.engine.device
-    return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return "cuda"
+    if not _on_local_cluster():
+        log.warning(
+            "the cluster has no GPU now, so engine.device auto picks the CPU engine; on a "
+            "cluster that scales GPU nodes from zero set engine.device: cuda, and batchjobs "
+            "asks the autoscaler for them (resources.scale_up_timeout_s)"
+        )
+    return "cpu"
 
 
-def check_resources(spec: JobSpec, device: str) -> None:
+def _shortfall(spec: JobSpec) -> str | None:
+    """Why the cluster cannot start the job's first replicas now, or None."""
     import ray
 
-    if device != "cuda":
-        return
     # A replica is one actor holding all tp × pp GPUs, so Ray places it on one node: its
     # GPUs share that node's NVLink. A replica larger than every node could never start.
     per_node = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
     largest = int(max(per_node, default=0))
     if spec.gpus_per_replica() > largest:
-        raise SpecError(
-            f"engine.tensor_parallel_size × pipeline_parallel_size = {spec.gpus_per_replica()} GPUs "
-            f"per replica, but the largest node has {largest}: a replica must fit on one node. "
-            "Lower engine.tensor_parallel_size (and use more replicas)."
+        return (
+            f"engine.tensor_parallel_size × pipeline_parallel_size = {spec.gpus_per_replica()} "
+            f"GPUs per replica, but the largest node has {largest}: a replica must fit on one "
+            "node. Lower engine.tensor_parallel_size (and use more replicas)."
         )
     have = int(ray.cluster_resources().get("GPU", 0))
     res = spec.resources
@@ -82,11 +101,65 @@ def check_resources(spec: JobSpec, device: str) -> None:
     key = "resources.min_replicas" if res.min_replicas is not None else "resources.replicas"
     need = count * spec.gpus_per_replica()
     if need > have:
-        raise SpecError(
+        return (
             f"{key}={count} × {spec.gpus_per_replica()} GPU(s) per "
             f"replica needs {need} GPUs; the cluster has {have}. Lower {key} or "
             "engine.tensor_parallel_size."
         )
+    return None
+
+
+def check_resources(
+    spec: JobSpec, device: str, progress: Callable[[str], None] | None = None
+) -> None:
+    """Refuse a GPU job whose first replicas cannot be placed. On a cluster that was joined
+    (it may have an autoscaler), first ask the autoscaler for the missing GPU nodes and wait
+    up to ``resources.scale_up_timeout_s`` for them to join."""
+    if device != "cuda":
+        return
+    problem = _shortfall(spec)
+    timeout = spec.resources.scale_up_timeout_s
+    if problem is None:
+        return
+    if _on_local_cluster() or timeout <= 0:
+        raise SpecError(problem)
+    _scale_up(spec, timeout, progress or log.info)
+
+
+def _scale_up(spec: JobSpec, timeout_s: float, say: Callable[[str], None]) -> None:
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    count, per = pool_min(spec), spec.gpus_per_replica()
+    # One bundle per starting replica: its GPUs and CPUs on one node, as Ray places it.
+    bundle = {"GPU": per, "CPU": spec.resources.num_cpus_per_replica}
+    request_resources(bundles=[{k: v for k, v in bundle.items() if v}] * count)
+    started = time.monotonic()
+    said = started
+    say(
+        f"[{spec.name}] the cluster has {int(ray.cluster_resources().get('GPU', 0))} GPU(s); "
+        f"asked the autoscaler for {count} node slot(s) of {per} GPU(s) and waiting up to "
+        f"{timeout_s:g} s for them (resources.scale_up_timeout_s)"
+    )
+    try:
+        while (problem := _shortfall(spec)) is not None:
+            waited = time.monotonic() - started
+            if waited >= timeout_s:
+                raise SpecError(
+                    f"{problem} Waited {waited:.0f} s for the autoscaler to add GPU nodes "
+                    "(resources.scale_up_timeout_s); check the cluster's GPU node group "
+                    "(its maximum, quota, capacity) or raise the timeout."
+                )
+            if time.monotonic() - said >= SCALE_UP_SAY_S:
+                said = time.monotonic()
+                have = int(ray.cluster_resources().get("GPU", 0))
+                say(f"[{spec.name}] waiting for GPU nodes: {have} GPU(s) after {waited:.0f} s")
+            time.sleep(SCALE_UP_POLL_S)
+        say(f"[{spec.name}] GPU nodes joined after {time.monotonic() - started:.0f} s")
+    finally:
+        # The request is a standing floor on the cluster's size: withdrawn once the nodes
+        # are in (the replicas then hold them) or the wait is over, never left behind.
+        request_resources(bundles=[])
 
 
 def wait_for_exit(class_parts: tuple[str, ...], timeout_s: float) -> int:

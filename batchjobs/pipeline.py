@@ -215,7 +215,7 @@ def run(
                     plan.out.clear_shard(shard.shard_id)
                 connect_ray()
                 device = resolve_device(spec)
-                check_resources(spec, device)
+                check_resources(spec, device, progress)
                 board = start_board()
                 if progress:
                     progress(

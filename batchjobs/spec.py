@@ -610,6 +610,14 @@ class ResourcesSpec(_Model):
         description="Times Ray may restart a dead engine actor (its batch is retried).",
     )
     rows_per_file: int = Field(default=1000, ge=1, description="Rows per staged output file.")
+    scale_up_timeout_s: int = Field(
+        default=900,
+        ge=0,
+        description="With engine.device: cuda on a cluster joined through RAY_ADDRESS (KubeRay, "
+        "`ray up`) that has too few GPUs for the first replicas (e.g. GPU nodes scaled to "
+        "zero): ask Ray's autoscaler for them and wait this long for the nodes to join "
+        "before refusing the job. 0: refuse at once. A local cluster never waits.",
+    )
     start_timeout_s: int = Field(
         default=0,
         ge=0,

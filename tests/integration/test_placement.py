@@ -149,6 +149,7 @@ def test_replica_larger_than_any_node_is_refused(tmp_path, tiny_model, two_nodes
             str(tmp_path / "in"),
             str(tmp_path / "out"),
             engine={"tensor_parallel_size": 8},
+            resources={"scale_up_timeout_s": 0},
         )
     )
     with pytest.raises(SpecError, match="8 GPUs per replica, but the largest node has 4"):
@@ -159,10 +160,11 @@ def test_replica_larger_than_any_node_is_refused(tmp_path, tiny_model, two_nodes
             str(tmp_path / "in"),
             str(tmp_path / "out"),
             engine={"tensor_parallel_size": 4},
-            resources={"replicas": 3},
+            resources={"replicas": 3, "scale_up_timeout_s": 1},
         )
     )
-    with pytest.raises(SpecError, match="needs 12 GPUs; the cluster has 8"):
+    # A joined cluster may have an autoscaler: asked, waited for, then refused.
+    with pytest.raises(SpecError, match=r"needs 12 GPUs; the cluster has 8.*Waited \d+ s"):
         run(spec, engine_factory=probe_factory)
 
 
@@ -202,6 +204,61 @@ def test_autoscaling_starts_on_the_minimum_and_grows_to_what_fits(
     assert 1 <= len(placements) <= 2  # never more replicas than the GPUs hold
     for p in placements:
         assert len(p.split("|")[1].split(",")) == 4
+
+
+def test_gpu_nodes_scaled_to_zero_are_asked_for_and_waited_on(
+    tmp_path, tiny_model, clusters, monkeypatch
+):
+    """A cluster whose GPU nodes are scaled to zero (a CPU head only), as cluster/aws and
+    an autoscaling KubeRay group leave it when idle: the job asks Ray's autoscaler for its
+    replicas' GPUs, waits, runs once a node joins (here the test adds it, as an autoscaler
+    would on the request), and withdraws the request after."""
+    import ray.autoscaler.sdk
+
+    from batchjobs.pipeline import run
+
+    cluster = clusters.start(head_gpus=0, node_gpus=[])
+    clusters.shape = None  # the node this test adds changes the shape: not for reuse
+    asked: list = []
+    real = ray.autoscaler.sdk.request_resources
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("bundles"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", recording)
+
+    ids = id_shards(tmp_path / "in", shards=2, rows=20)
+    lines: list[str] = []
+    spec = tp_spec(
+        tiny_model, tmp_path / "in", tmp_path / "out", replicas=1, scale_up_timeout_s=300
+    )
+    done: list = []
+
+    def job():
+        try:
+            done.append(run(spec, engine_factory=probe_factory, progress=lines.append))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            done.append(exc)
+
+    runner = threading.Thread(target=job, daemon=True)
+    runner.start()
+    # What an autoscaler does on the request: a GPU node joins (Cluster.add_node works on
+    # the main thread only, so the job runs on another).
+    deadline = time.monotonic() + 120
+    while not asked and runner.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert asked, (done, lines)
+    cluster.add_node(num_cpus=4, num_gpus=8)
+    runner.join(timeout=600)
+    [summary] = done
+    assert not isinstance(summary, BaseException), summary
+    assert asked == [[{"GPU": 8, "CPU": 0.5}], []]  # one replica's node, then withdrawn
+    assert any("asked the autoscaler for 1 node slot(s) of 8 GPU(s)" in ln for ln in lines)
+    assert any("GPU nodes joined after" in ln for ln in lines)
+    assert summary.rows == len(ids)
+    got = pq.read_table(tmp_path / "out").column("id").to_pylist()
+    assert sorted(got) == sorted(ids)
 
 
 def gpu_nodes() -> dict[str, int]:
@@ -274,7 +331,9 @@ def test_replica_larger_than_the_cpu_heads_nodes_is_refused_before_start(
     from batchjobs.pipeline import run
 
     id_shards(tmp_path / "in", shards=1, rows=1)
-    spec = tp_spec(tiny_model, tmp_path / "in", tmp_path / "out", replicas=1, tp=16)
+    spec = tp_spec(
+        tiny_model, tmp_path / "in", tmp_path / "out", replicas=1, tp=16, scale_up_timeout_s=0
+    )
     with pytest.raises(SpecError, match="16 GPUs per replica, but the largest node has 8"):
         run(spec, engine_factory=probe_factory)
 
