@@ -154,3 +154,26 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     build_tokenizer(out, SHAPES["tiny"]["vocab_size"])
     (out / "config.json").write_text("{}")
     return out
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub: every tokenizer comes from a local directory."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+
+
+@pytest.fixture
+def task_spec(make_spec, tiny_tokenizer_dir, offline):
+    """task_spec(task, **sections) -> a JobSpec of that task on the tiny tokenizer."""
+
+    def _spec(task: str, **sections):
+        engine = {"model": str(tiny_tokenizer_dir), **sections.pop("engine", {})}
+        return make_spec(task=task, engine=engine, **sections)
+
+    return _spec

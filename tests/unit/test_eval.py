@@ -5,6 +5,7 @@ test_scorers.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -27,25 +28,15 @@ runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir):
-    return transformers.AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+def _offline(offline):
+    pass
 
 
 @pytest.fixture
-def eval_spec(make_spec, tiny_tokenizer_dir, tmp_path):
+def eval_spec(task_spec):
     """eval_spec(eval={...}, **sections) -> a JobSpec of task eval on the tiny tokenizer,
     reading tmp_path/in/*.jsonl."""
-
-    def _spec(**sections):
-        engine = {"model": str(tiny_tokenizer_dir), **sections.pop("engine", {})}
-        return make_spec(task="eval", engine=engine, **sections)
-
-    return _spec
+    return functools.partial(task_spec, "eval")
 
 
 # --------------------------------------------------------------------------- the spec

@@ -34,24 +34,8 @@ MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_tokenizer_dir):
-    return transformers.AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
-
-
-@pytest.fixture
-def task_spec(make_spec, tiny_tokenizer_dir):
-    """task_spec(task, **sections) -> a JobSpec of that task on the tiny tokenizer."""
-
-    def _spec(task: str, **sections):
-        engine = {"model": str(tiny_tokenizer_dir), **sections.pop("engine", {})}
-        return make_spec(task=task, engine=engine, **sections)
-
-    return _spec
+def _offline(offline):
+    pass
 
 
 @pytest.fixture
