@@ -32,6 +32,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchjobs.agreement import guard, load_encoder, read_outputs
+from batchjobs.engineconfig import engine_digest
 from batchjobs.engines import engine_kind
 from batchjobs.errors import BatchJobError, EngineError, OutputError
 from batchjobs.layout import PILOT_DIR, PILOT_JSON, stamped, unstamped
@@ -40,12 +42,12 @@ from batchjobs.projection import (
     FAILED,
     NOT_INSTALLED,
     OK,
-    fmt_value,
+    decision_reason,
     format_table,
     metric_for,
-    metric_label,
     project,
     rank,
+    replica_unit,
 )
 from batchjobs.readers import (
     PARAMS,
@@ -69,7 +71,7 @@ Progress = Callable[[str], None] | None
 
 def overrides(cand: CandidateSpec) -> dict[str, Any]:
     """The engine keys a candidate sets (its name aside)."""
-    return {k: getattr(cand, k) for k in sorted(cand.model_fields_set - {"name"})}
+    return {k: getattr(cand, k) for k in sorted(cand.model_fields_set - {"name", "reference"})}
 
 
 def apply_candidate(spec: JobSpec, cand: CandidateSpec) -> JobSpec:
@@ -93,15 +95,6 @@ def shown_overrides(cand: CandidateSpec) -> dict[str, Any]:
     if "env" in shown:
         shown["env"] = {k: "***" for k in shown["env"]}
     return shown
-
-
-def engine_digest(spec: JobSpec) -> str:
-    """What identifies an engine configuration in ``_pilot.json`` (env by names only)."""
-    import hashlib
-
-    engine = spec.engine.model_dump()
-    engine["env"] = sorted(engine["env"])
-    return hashlib.sha256(json.dumps(engine, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- the pilot
@@ -235,7 +228,8 @@ def choose_engine(
             row.update(status=FAILED, error=str(exc).splitlines()[0][:500])
             say(f"pilot: {cand.name}: failed: {row['error']}")
             continue
-        gpus = job.gpus_per_replica() if resolve_device(job) == "cuda" else 1
+        device = row["device"] = resolve_device(job)
+        gpus = job.gpus_per_replica() if device == "cuda" else 1
         reps = list(summary.replicas.values())
         measured = {
             "rows": summary.rows,
@@ -262,18 +256,16 @@ def choose_engine(
             "pilot: every candidate failed: "
             + "; ".join(f"{r['name']}: {r.get('error', '')}" for r in table)
         )
-    chosen = rank(table, metric)
-    best = next(r for r in table if r["name"] == chosen)
-    others = [
-        f"{r['name']} {fmt_value(r.get(metric))}"
-        for r in table
-        if r["name"] != chosen and r["status"] == OK
-    ]
-    reason = (
-        f"cheapest by {metric_label(metric)}: {fmt_value(best.get(metric))}"
-        + (f" (vs {', '.join(others)})" if others else " (the only one measured)")
-        + ("" if price > 0 else "; no price set (cost.usd_per_gpu_hour), so ranked by GPU-s")
+    ref = spec.pilot.reference().name
+    quality = guard(
+        table,
+        ref,
+        lambda name: read_outputs(_at(spec, PILOT_DIR, name), spec.output.storage_options),
+        lambda: load_encoder(*_tokenizer(specs[ref])),
+        spec.pilot.min_agreement,
     )
+    chosen = rank(table, metric)
+    unit = replica_unit(next(r["device"] for r in table if r["status"] == OK))
     report = {
         "version": 1,
         "job": spec.name,
@@ -285,8 +277,10 @@ def choose_engine(
         "usd_per_gpu_hour": price,
         "metric": metric,
         "candidates": table,
+        "device": next(r["device"] for r in table if r["status"] == OK),
+        **quality,
         "chosen": chosen,
-        "reason": reason,
+        "reason": decision_reason(table, chosen, metric, price, unit),
         "chosen_fingerprint": specs[chosen].fingerprint(),
         "chosen_engine_digest": engine_digest(specs[chosen]),
         # What the pilot itself held (start-up included): paid once, on top of the job.
@@ -384,6 +378,10 @@ def reuse(spec: JobSpec, recorded: dict[str, Any]) -> tuple[JobSpec | None, str]
     if engine_digest(chosen) != recorded.get("chosen_engine_digest"):
         return None, f"candidate {cand.name!r} or the job's engine section changed"
     return chosen, ""
+
+
+def _tokenizer(spec: JobSpec) -> tuple[str, bool]:
+    return spec.engine.tokenizer or spec.engine.model, spec.engine.trust_remote_code
 
 
 def _at(spec: JobSpec, *parts: str) -> str:

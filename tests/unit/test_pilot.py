@@ -317,7 +317,7 @@ def test_prepare_pilots_records_and_then_reuses(pilot_dict, jsonl_input, fake_en
     shown = "\n".join(lines) + json.dumps(recorded)
     assert "pilot: chose 'fast'" in shown
     assert recorded["pilot_gpu_s"] == pytest.approx((30 + 5 * 8 / 2) + (30 + 5 * 8 / 64))
-    assert "the pilot itself took 80.6 GPU-s" in shown
+    assert "the pilot itself took 80.6 CPU-s" in shown  # the fake runs on CPU
     assert "cand-secret-2" not in shown and "job-secret-1" not in shown
 
     # the same spec again: the decision is reused, nothing is piloted
