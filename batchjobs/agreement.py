@@ -132,10 +132,12 @@ def read_outputs(path: str, storage_options: dict | None = None) -> dict[int, An
     return out
 
 
-def load_encoder(tokenizer_dir: str, trust_remote_code: bool = False) -> Encoder | None:
-    """Token ids of texts with the tokenizer in ``tokenizer_dir`` (its ``tokenizer.json``
-    through ``tokenizers`` where there is one, else transformers); None where it cannot be
-    loaded."""
+def load_encoder(spec: Any) -> Encoder | None:
+    """Token ids of texts with the job's tokenizer (``engine.tokenizer``, else the model's:
+    its ``tokenizer.json`` through ``tokenizers`` where there is one, else transformers);
+    None where it cannot be loaded."""
+    tokenizer_dir = spec.engine.tokenizer or spec.engine.model
+    trust_remote_code = spec.engine.trust_remote_code
     try:
         file = Path(tokenizer_dir).expanduser() / "tokenizer.json"
         if file.is_file():

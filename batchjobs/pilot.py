@@ -8,16 +8,19 @@ pilot measured, the job's cost is projected::
 
     rows_job      = rows still to run (Parquet footers; JSON Lines: non-empty lines)
     tokens_job    = pilot tokens / pilot rows × rows_job          (prompt + completion)
-    gpu_s_job     = gpus_per_replica × (start-up_s × replicas + engine_s × rows_job / pilot rows)
+    gpu_s_job     = gpus_per_replica × ((start-up_s + drain_s) × replicas
+                                        + engine_s × rows_job / pilot rows)
     $/1M tokens   = gpu_s_job / 3600 × usd_per_gpu_hour / tokens_job × 1e6
 
-``engine_s`` is what the pilot's rows were charged (the replica's busy time, see actor.py),
-so start-up is paid once per replica of the job and amortised over its size, not over the
-pilot. With no price set, candidates are ranked by GPU-seconds per 1M tokens (the same
-order: the price is the job's, not the candidate's). The cheapest runs the job; the table
-and the decision go to ``<output>/_pilot.json`` (names only: no env values, no storage
-options), and a rerun that resumes the same output reuses that decision, so every shard of
-the job is produced by one engine configuration (one fingerprint).
+``engine_s`` is what the pilot's rows were charged (their work, see cost.py); ``drain_s``
+is the replica's idle and under-fill (ramp-up, the draining tail of the longest rows), which
+like start-up is paid once per replica of the job and amortised over its size, not over the
+pilot. With no price set, candidates are ranked by GPU-seconds (CPU-seconds on CPU) per 1M
+tokens (the same order). Candidates whose outputs agree less than ``pilot.min_agreement``
+with the reference candidate's are ruled out (agreement.py). The cheapest left runs the
+job; the table and the decision go to ``<output>/_pilot.json`` (names only: no env values,
+no storage options), and a rerun that resumes the same output reuses that decision, so
+every shard of the job is produced by one engine configuration (recorded per shard).
 """
 
 from __future__ import annotations
@@ -230,13 +233,14 @@ def choose_engine(
             continue
         device = row["device"] = resolve_device(job)
         gpus = job.gpus_per_replica() if device == "cuda" else 1
-        reps = list(summary.replicas.values())
+        reps = list(summary.replicas.values()) or [{}]
         measured = {
             "rows": summary.rows,
             "error_rows": summary.error_rows,
             "prompt_tokens": summary.prompt_tokens,
             "completion_tokens": summary.completion_tokens,
-            "startup_s": sum(r["startup_s"] for r in reps) / len(reps) if reps else 0.0,
+            "startup_s": _per_replica(reps, "startup_s"),
+            "drain_s": _per_replica(reps, "idle_s", "underfill_s"),
             "engine_s": summary.engine_s,
             "gpus_per_replica": gpus,
             "pilot_wall_s": summary.wall_s,
@@ -261,7 +265,7 @@ def choose_engine(
         table,
         ref,
         lambda name: read_outputs(_at(spec, PILOT_DIR, name), spec.output.storage_options),
-        lambda: load_encoder(*_tokenizer(specs[ref])),
+        lambda: load_encoder(specs[ref]),
         spec.pilot.min_agreement,
     )
     chosen = rank(table, metric)
@@ -380,8 +384,8 @@ def reuse(spec: JobSpec, recorded: dict[str, Any]) -> tuple[JobSpec | None, str]
     return chosen, ""
 
 
-def _tokenizer(spec: JobSpec) -> tuple[str, bool]:
-    return spec.engine.tokenizer or spec.engine.model, spec.engine.trust_remote_code
+def _per_replica(reps: list[dict], *keys: str) -> float:
+    return sum(r.get(k, 0.0) for r in reps for k in keys) / len(reps)
 
 
 def _at(spec: JobSpec, *parts: str) -> str:

@@ -15,14 +15,16 @@ def project(
     """Project one pilot's measurements onto the whole job (see the module docstring).
 
     ``measured``: rows, prompt_tokens, completion_tokens, startup_s (one replica),
-    engine_s (Σ the pilot rows' charges), gpus_per_replica.
+    engine_s (Σ the pilot rows' charges), gpus_per_replica, and drain_s (one replica's idle
+    and under-fill: the ramp-up and the draining tail, paid once per replica like start-up).
     """
     rows = measured["rows"]
     tokens = measured["prompt_tokens"] + measured["completion_tokens"]
     gpus = measured["gpus_per_replica"]
     scale = expected_rows / rows if rows else 0.0
     expected_tokens = tokens * scale
-    gpu_s = gpus * (measured["startup_s"] * replicas + measured["engine_s"] * scale)
+    fixed_s = measured["startup_s"] + measured.get("drain_s", 0.0)
+    gpu_s = gpus * (fixed_s * replicas + measured["engine_s"] * scale)
     gpu_s_per_1m = gpu_s / expected_tokens * 1e6 if expected_tokens else None
     return {
         "tokens_per_row": tokens / rows if rows else None,

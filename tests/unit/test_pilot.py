@@ -161,6 +161,15 @@ def test_projection_amortises_start_up_over_the_job():
     )
 
 
+def test_projection_pays_the_draining_tail_once_per_replica_like_start_up():
+    p = projection.project(
+        _measured(drain_s=5.0), expected_rows=1000, replicas=4, usd_per_gpu_hour=3.0
+    )
+    # 2 GPUs × ((40 s + 5 s) × 4 replicas + 2 s × 1000/10)
+    assert p["expected_gpu_s"] == pytest.approx(760.0)
+    assert p["tokens_per_s"] == pytest.approx(1000 / 2.0)  # the pilot rows' work rate
+
+
 def test_job_size_decides_between_quick_start_and_fast_engine():
     quick_start = _measured(startup_s=5.0, engine_s=4.0)
     fast_engine = _measured(startup_s=60.0, engine_s=1.0)
