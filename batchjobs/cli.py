@@ -227,6 +227,12 @@ def manifest(
         typer.echo(f"engine chosen by pilot ({output.rstrip('/')}/{PILOT_JSON}):")
         for line in format_table(decision):
             typer.echo(line)
+        from batchjobs.pilotview import shards_by_config
+
+        by = shards_by_config(list(records))
+        typer.echo(
+            "shards by engine configuration: " + ", ".join(f"{k} {n}" for k, n in by.items())
+        )
 
 
 @app.command()

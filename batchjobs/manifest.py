@@ -77,6 +77,10 @@ class ShardRecord(ShardCounts):
     files: list[str] = field(default_factory=list)
     engine: str = ""
     model: str = ""
+    # The engine configuration that produced the shard (engineconfig.py): its digest, and
+    # the pilot candidate's name where a pilot chose it ("" otherwise).
+    engine_digest: str = ""
+    engine_config: str = ""
     fingerprint: str = ""
     started_at: float | None = None
     committed_at: float | None = None

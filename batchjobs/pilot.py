@@ -8,16 +8,19 @@ pilot measured, the job's cost is projected::
 
     rows_job      = rows still to run (Parquet footers; JSON Lines: non-empty lines)
     tokens_job    = pilot tokens / pilot rows × rows_job          (prompt + completion)
-    gpu_s_job     = gpus_per_replica × (start-up_s × replicas + engine_s × rows_job / pilot rows)
+    gpu_s_job     = gpus_per_replica × ((start-up_s + drain_s) × replicas
+                                        + engine_s × rows_job / pilot rows)
     $/1M tokens   = gpu_s_job / 3600 × usd_per_gpu_hour / tokens_job × 1e6
 
-``engine_s`` is what the pilot's rows were charged (the replica's busy time, see actor.py),
-so start-up is paid once per replica of the job and amortised over its size, not over the
-pilot. With no price set, candidates are ranked by GPU-seconds per 1M tokens (the same
-order: the price is the job's, not the candidate's). The cheapest runs the job; the table
-and the decision go to ``<output>/_pilot.json`` (names only: no env values, no storage
-options), and a rerun that resumes the same output reuses that decision, so every shard of
-the job is produced by one engine configuration (one fingerprint).
+``engine_s`` is what the pilot's rows were charged (their work, see cost.py); ``drain_s``
+is the replica's idle and under-fill (ramp-up, the draining tail of the longest rows), which
+like start-up is paid once per replica of the job and amortised over its size, not over the
+pilot. With no price set, candidates are ranked by GPU-seconds (CPU-seconds on CPU) per 1M
+tokens (the same order). Candidates whose outputs agree less than ``pilot.min_agreement``
+with the reference candidate's are ruled out (agreement.py). The cheapest left runs the
+job; the table and the decision go to ``<output>/_pilot.json`` (names only: no env values,
+no storage options), and a rerun that resumes the same output reuses that decision, so
+every shard of the job is produced by one engine configuration (recorded per shard).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchjobs.agreement import guard, load_encoder, read_outputs
+from batchjobs.engineconfig import engine_digest
 from batchjobs.engines import engine_kind
 from batchjobs.errors import BatchJobError, EngineError, OutputError
 from batchjobs.layout import PILOT_DIR, PILOT_JSON, stamped, unstamped
@@ -40,12 +45,12 @@ from batchjobs.projection import (
     FAILED,
     NOT_INSTALLED,
     OK,
-    fmt_value,
+    decision_reason,
     format_table,
     metric_for,
-    metric_label,
     project,
     rank,
+    replica_unit,
 )
 from batchjobs.readers import (
     PARAMS,
@@ -69,7 +74,7 @@ Progress = Callable[[str], None] | None
 
 def overrides(cand: CandidateSpec) -> dict[str, Any]:
     """The engine keys a candidate sets (its name aside)."""
-    return {k: getattr(cand, k) for k in sorted(cand.model_fields_set - {"name"})}
+    return {k: getattr(cand, k) for k in sorted(cand.model_fields_set - {"name", "reference"})}
 
 
 def apply_candidate(spec: JobSpec, cand: CandidateSpec) -> JobSpec:
@@ -93,15 +98,6 @@ def shown_overrides(cand: CandidateSpec) -> dict[str, Any]:
     if "env" in shown:
         shown["env"] = {k: "***" for k in shown["env"]}
     return shown
-
-
-def engine_digest(spec: JobSpec) -> str:
-    """What identifies an engine configuration in ``_pilot.json`` (env by names only)."""
-    import hashlib
-
-    engine = spec.engine.model_dump()
-    engine["env"] = sorted(engine["env"])
-    return hashlib.sha256(json.dumps(engine, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- the pilot
@@ -235,14 +231,16 @@ def choose_engine(
             row.update(status=FAILED, error=str(exc).splitlines()[0][:500])
             say(f"pilot: {cand.name}: failed: {row['error']}")
             continue
-        gpus = job.gpus_per_replica() if resolve_device(job) == "cuda" else 1
-        reps = list(summary.replicas.values())
+        device = row["device"] = resolve_device(job)
+        gpus = job.gpus_per_replica() if device == "cuda" else 1
+        reps = list(summary.replicas.values()) or [{}]
         measured = {
             "rows": summary.rows,
             "error_rows": summary.error_rows,
             "prompt_tokens": summary.prompt_tokens,
             "completion_tokens": summary.completion_tokens,
-            "startup_s": sum(r["startup_s"] for r in reps) / len(reps) if reps else 0.0,
+            "startup_s": _per_replica(reps, "startup_s"),
+            "drain_s": _per_replica(reps, "idle_s", "underfill_s"),
             "engine_s": summary.engine_s,
             "gpus_per_replica": gpus,
             "pilot_wall_s": summary.wall_s,
@@ -262,18 +260,16 @@ def choose_engine(
             "pilot: every candidate failed: "
             + "; ".join(f"{r['name']}: {r.get('error', '')}" for r in table)
         )
-    chosen = rank(table, metric)
-    best = next(r for r in table if r["name"] == chosen)
-    others = [
-        f"{r['name']} {fmt_value(r.get(metric))}"
-        for r in table
-        if r["name"] != chosen and r["status"] == OK
-    ]
-    reason = (
-        f"cheapest by {metric_label(metric)}: {fmt_value(best.get(metric))}"
-        + (f" (vs {', '.join(others)})" if others else " (the only one measured)")
-        + ("" if price > 0 else "; no price set (cost.usd_per_gpu_hour), so ranked by GPU-s")
+    ref = spec.pilot.reference().name
+    quality = guard(
+        table,
+        ref,
+        lambda name: read_outputs(_at(spec, PILOT_DIR, name), spec.output.storage_options),
+        lambda: load_encoder(specs[ref]),
+        spec.pilot.min_agreement,
     )
+    chosen = rank(table, metric)
+    unit = replica_unit(next(r["device"] for r in table if r["status"] == OK))
     report = {
         "version": 1,
         "job": spec.name,
@@ -285,8 +281,10 @@ def choose_engine(
         "usd_per_gpu_hour": price,
         "metric": metric,
         "candidates": table,
+        "device": next(r["device"] for r in table if r["status"] == OK),
+        **quality,
         "chosen": chosen,
-        "reason": reason,
+        "reason": decision_reason(table, chosen, metric, price, unit),
         "chosen_fingerprint": specs[chosen].fingerprint(),
         "chosen_engine_digest": engine_digest(specs[chosen]),
         # What the pilot itself held (start-up included): paid once, on top of the job.
@@ -384,6 +382,10 @@ def reuse(spec: JobSpec, recorded: dict[str, Any]) -> tuple[JobSpec | None, str]
     if engine_digest(chosen) != recorded.get("chosen_engine_digest"):
         return None, f"candidate {cand.name!r} or the job's engine section changed"
     return chosen, ""
+
+
+def _per_replica(reps: list[dict], *keys: str) -> float:
+    return sum(r.get(k, 0.0) for r in reps for k in keys) / len(reps)
 
 
 def _at(spec: JobSpec, *parts: str) -> str:

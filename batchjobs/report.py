@@ -24,10 +24,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batchjobs import pilotview
 from batchjobs.display import device_unit, duration, usd
 from batchjobs.errors import OutputError
 from batchjobs.layout import EVAL_JSON, PILOT_JSON, REPORT, RUNS, read_records, unstamped
 from batchjobs.progress import error_kind, read_samples
+from batchjobs.projection import replica_unit
 
 if TYPE_CHECKING:
     from batchjobs.manifest import ShardRecord
@@ -558,7 +560,7 @@ def plot_pilot(data: JobData) -> bytes | None:
     ax.set_xlabel(
         "projected $ per 1M tokens for the job (start-up amortised)"
         if metric == "usd_per_1m_tokens"
-        else "projected GPU-s per 1M tokens for the job (no price set)"
+        else f"projected {replica_unit(p.get('device'))} per 1M tokens for the job (no price set)"
     )
     ax.invert_yaxis()
     return _png(fig)
@@ -679,6 +681,7 @@ def build_html(data: JobData) -> str:
         parts.append(
             f"<img alt='{_e(title)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
         )
+    parts += pilotview.report_section(data.pilot, data.runs, data.records)
     kinds = error_kinds(data)
     if kinds:
         parts.append("<h2>Error kinds</h2><table><tr><th>rows</th><th class='l'>kind</th></tr>")

@@ -666,6 +666,11 @@ class CandidateSpec(EngineSpec):
         description="Names the candidate in the pilot table and its pilot output directory.",
     )
     model: str | None = Field(default=None, description="Default: the job's engine.model.")
+    reference: bool = Field(
+        default=False,
+        description="The candidate whose outputs the others are compared with (agreement in "
+        "the pilot table; pilot.min_agreement). Default: the first candidate.",
+    )
 
 
 class PilotSpec(_Model):
@@ -681,6 +686,14 @@ class PilotSpec(_Model):
         description="Rows of the job's first shards that each candidate runs before the "
         "cheapest ($ per 1M tokens, start-up amortised over the job) runs the job.",
     )
+    min_agreement: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Rule out candidates whose outputs agree less with the reference "
+        "candidate's on the pilot rows (mean token agreement, 0-1). Default: agreement is "
+        "reported, not enforced.",
+    )
 
     @field_validator("candidates")
     @classmethod
@@ -689,7 +702,14 @@ class PilotSpec(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"candidate names must be unique ({', '.join(dupes)} repeated)")
+        refs = [c.name for c in candidates if c.reference]
+        if len(refs) > 1:
+            raise ValueError(f"at most one candidate may be the reference ({', '.join(refs)})")
         return candidates
+
+    def reference(self) -> CandidateSpec:
+        """The candidate the others' outputs are compared with: the one marked, else the first."""
+        return next((c for c in self.candidates if c.reference), self.candidates[0])
 
 
 class JobSpec(_Model):

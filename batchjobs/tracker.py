@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from batchjobs import compat
 from batchjobs.cost import Weights, fit_for_job
+from batchjobs.engineconfig import configuration
 from batchjobs.engines import engine_kind
 from batchjobs.errors import OutputError
 from batchjobs.manifest import COMMITTED, ShardRecord
@@ -65,6 +66,7 @@ class Tracker:
         self.info = {
             "engine": engine_kind(plan.spec.engine.kind).label(),
             "model": plan.spec.engine.model,
+            **configuration(plan.out, plan.spec),  # which configuration (pilot: candidate)
         }
         self.pending: dict[str, ShardRecord] = {}
         self.files: dict[str, list[str]] = {}

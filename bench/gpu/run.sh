@@ -30,6 +30,13 @@
 #                             of 64); WINDOW_MODES picks modes (one call may not hold all three)
 #   STEPS="tp4_70b"           (4 GPUs) one replica, TP=4, Llama-3-70B shape; NCCL topology log
 #   STEPS="pytest"            tests/gpu through pytest
+#   STEPS="pilot_warm"        each pilot candidate's engine once on 16 rows (fills vLLM's compile cache
+#                             per configuration, so that `pilot` pays warm start-ups only)
+#   STEPS="pilot"             bench/pilot_gpu.py: 4,000 long-tailed prompts (mean ~128 output tokens), the
+#                             pilot over bf16 / fp8 / kv-fp8 / fp8+kv-fp8 / max_num_seqs 2048 / TensorRT-LLM
+#                             on PILOT_ROWS (600) rows, then the whole job with bf16 and with the pick;
+#                             PILOT_PHASES (pilot,baseline,picked) and PILOT_ORDER (baseline,picked) split or
+#                             reorder it; /tmp/pilot/job/_pilot.json carries the decision between calls
 # Modes: `batchjobs` starts a local Ray inside the clock (`batchjobs run` with no cluster);
 # `batchjobs_head` joins a head started before the clock (the `ray job submit` case), the mode
 # of the results table in docs/PERFORMANCE.md. Steps default to `batchjobs`: for the table's
@@ -114,6 +121,15 @@ for step in ${STEPS:-longtail_raw_bj raydata cli fixed}; do
           --resources '{"replicas":1,"batch_size":64,"max_inflight_batches":16,"num_cpus_per_replica":1}' \
           --out $OUT/tp4-70b.json > $OUT/tp4-70b.log 2>&1; grep -v "NCCL INFO\|^(\|^\[" $OUT/tp4-70b.log | tail -4
         grep -a "NCCL INFO" $OUT/tp4-70b.log | grep -a "via P2P\|NVLS\|Connected all\|comm 0x\|Trees\|Channel 00" | head -40 > $OUT/nccl.txt || true; wc -l $OUT/nccl.txt ;;
+    pilot_warm) python3 bench/pilot_gpu.py --model /tmp/llama7b --load-format dummy --n 64 --pilot-rows 16 \
+           --phases pilot --workdir /tmp/pilot-warm --out $OUT/pilot-warm.json 2>$OUT/pilot-warm.log
+         grep -a "^pilot: \|^  candidate\|^[* ] [a-z]\|^total" $OUT/pilot-warm.log | tail -12 ;;
+    pilot) # the table goes to stdout, progress (and the pilot's own table) to pilot.log
+         python3 bench/pilot_gpu.py --model /tmp/llama7b --load-format dummy --n ${PILOT_N:-4000} \
+           --pilot-rows ${PILOT_ROWS:-600} --phases ${PILOT_PHASES:-pilot,baseline,picked} \
+           --order ${PILOT_ORDER:-baseline,picked} --workdir /tmp/pilot --out $OUT/pilot-gpu.json \
+           2>$OUT/pilot.log | tee $OUT/pilot-table.txt
+         grep -a "^data\|^pilot: \|^  candidate\|^[* ] [a-z]\|^total" $OUT/pilot.log | tail -16 ;;
     pytest) BATCHJOBS_GPU_TESTS=1 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -5 ;;
     tp2) python3 bench/bench.py run "${COMMON[@]}" --workload fixed --max-tokens 256 --modes batchjobs \
            --spec-engine '{"tensor_parallel_size": 2}' --out $OUT/tp2.json 2>&1 | tee $OUT/tp2.log | grep -v "^(\|^\[" | tail -3 ;;

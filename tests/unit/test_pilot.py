@@ -161,6 +161,15 @@ def test_projection_amortises_start_up_over_the_job():
     )
 
 
+def test_projection_pays_the_draining_tail_once_per_replica_like_start_up():
+    p = projection.project(
+        _measured(drain_s=5.0), expected_rows=1000, replicas=4, usd_per_gpu_hour=3.0
+    )
+    # 2 GPUs × ((40 s + 5 s) × 4 replicas + 2 s × 1000/10)
+    assert p["expected_gpu_s"] == pytest.approx(760.0)
+    assert p["tokens_per_s"] == pytest.approx(1000 / 2.0)  # the pilot rows' work rate
+
+
 def test_job_size_decides_between_quick_start_and_fast_engine():
     quick_start = _measured(startup_s=5.0, engine_s=4.0)
     fast_engine = _measured(startup_s=60.0, engine_s=1.0)
@@ -317,7 +326,7 @@ def test_prepare_pilots_records_and_then_reuses(pilot_dict, jsonl_input, fake_en
     shown = "\n".join(lines) + json.dumps(recorded)
     assert "pilot: chose 'fast'" in shown
     assert recorded["pilot_gpu_s"] == pytest.approx((30 + 5 * 8 / 2) + (30 + 5 * 8 / 64))
-    assert "the pilot itself took 80.6 GPU-s" in shown
+    assert "the pilot itself took 80.6 CPU-s" in shown  # the fake runs on CPU
     assert "cand-secret-2" not in shown and "job-secret-1" not in shown
 
     # the same spec again: the decision is reused, nothing is piloted
