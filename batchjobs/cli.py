@@ -1,5 +1,6 @@
 """The ``batchjobs`` command. Exit codes: 0 success; 2 bad spec; 3 bad input; 4 engine;
-5 output; 1 anything else. The reason goes to stderr, without a traceback."""
+5 output; 7 more error rows than output.max_error_rate; 1 anything else. The reason goes
+to stderr, without a traceback."""
 
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def validate(
     )
     for note in notes:
         typer.echo(f"note: {note}")
+    if job.engine.trust_remote_code:
+        typer.echo(f"note: {TRUST_REMOTE_CODE}")
     if job.pilot is not None:
         from batchjobs.pilot import apply_candidate, installed
 
@@ -149,6 +152,10 @@ def run(
             )
     except BatchJobError as exc:
         if watch is not None:
+            if getattr(exc, "summary", None) is not None:  # every readable row is written
+                _print_summary(exc.summary)
+                if not skip_report:
+                    _write_report(job.output.path, job.output.storage_options)
             typer.echo(f"error: {exc}", err=True)
             typer.echo(f"logs of Ray and the engines: {watch.logs}", err=True)
             raise typer.Exit(exc.exit_code) from None
@@ -430,8 +437,15 @@ def _print_summary(s) -> None:
         + _tokens_line(s)
         + _cost_line(s)
         + _replica_line(s.replicas)
+        + (f"{TRUST_REMOTE_CODE}\n" if getattr(s, "trust_remote_code", False) else "")
         + f"output: {s.output} (manifest: {s.output.rstrip('/')}/{MANIFEST})"
     )
+
+
+TRUST_REMOTE_CODE = (
+    "trust_remote_code: on: the model directory's own Python code runs in the engine "
+    "processes (engine.trust_remote_code)"
+)
 
 
 def _tokens_line(s) -> str:
