@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from batchjobs.spec import JobSpec
 
 FAILED_ROWS = -1  # shard_rows of a marker row
-SHOWN = 5  # failed shards named in one error message
+SHOWN = 10  # failed shards named in one error message
 
 
 def preflight_all(
