@@ -59,7 +59,7 @@ ERRORS = {
     "pn-2": ("nulls.parquet", "row 2", "'prompt' is empty"),
     "pn-3": ("nulls.parquet", "row 3", "'prompt' is empty"),
     "w-7": ("weird.jsonl", "line 7", "'prompt' is float, expected string"),
-    "t-1": ("too_long.jsonl", "line 1", "'prompt' has 801 tokens; engine.max_model_len is 256"),
+    "t-1": ("too_long.jsonl", "line 1", "'prompt' has 601 tokens; engine.max_model_len is 256"),
     "h-1": ("huge.jsonl", "line 1", "more than engine.max_model_len 256 tokens can hold"),
     "s-2": ("sampling.jsonl", "line 2", "column 'budget' (sampling.max_tokens) is -1"),
     "s-3": ("sampling.jsonl", "line 3", "column 'budget' (sampling.max_tokens) is 0"),

@@ -95,7 +95,7 @@ def make(root: Path = HERE) -> None:
     # a prompt longer than max_model_len (256 tokens in the tests), short enough in
     # characters that only tokenizing it can tell
     (gen / "too_long.jsonl").write_bytes(
-        _line({"id": "t-1", "prompt": "the data " * 400})
+        _line({"id": "t-1", "prompt": "the data " * 300})
         + _line({"id": "t-2", "prompt": "short enough"})
     )
     # per-row sampling values out of range or of the wrong type
