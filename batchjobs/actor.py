@@ -55,7 +55,7 @@ from batchjobs.readers import (
     WHERE,
 )
 from batchjobs.replicas import claim_replica
-from batchjobs.rowcheck import locate_errors, safe_columns
+from batchjobs.rowcheck import safe_columns
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import Prepared, task_for
 
@@ -195,14 +195,15 @@ class EngineReplica:
             log.error("replica %s: %s; exiting so Ray restarts it", self.replica, exc)
             os._exit(1)
         results, extras = zip(*rows) if rows else ((), ())
-        locate_errors(results, wheres or [None] * len(results))  # the engine's refusals too
         out = pa.table(
             {
                 ROW_ID: batch.column(ROW_ID),
                 SHARD_ID: batch.column(SHARD_ID),
                 ROW_INDEX: batch.column(ROW_INDEX),
                 SHARD_ROWS: batch.column(SHARD_ROWS),
-                **safe_columns(self.task, list(results), list(extras)),
+                **safe_columns(
+                    self.task, list(results), list(extras), wheres or [None] * len(results)
+                ),
                 CACHED: pa.array([r.cached_tokens for r in results], pa.int64()),
             }
         )

@@ -6,10 +6,12 @@ so that resume can recognise committed work, and safe to use as a file name.
 Readers know file formats, not tasks: they read the columns a ``Columns`` names (the
 task's, by role) and carry each row's values on as one JSON object (``payload``), checked
 by the task's ``check_row``. Row-level problems (malformed JSON line, non-UTF-8 bytes, a
-value the task cannot use) do not stop the job: the row gets an ``input_error`` and flows
-on, so every input row still yields exactly one output row. Shard-level problems (file
-vanished, corrupt Parquet, missing column) raise ``InputError`` naming the file, the row
-or line, and the column.
+value the task cannot use, anything else one row holds: ``rowcheck``) do not stop the job:
+the row gets an ``input_error`` and flows on, so every input row still yields exactly one
+output row; each row also carries its place (``where``: file and line or row), which every
+error of that row starts with. Shard-level problems (file vanished, corrupt Parquet,
+missing or mistyped column) raise ``InputError`` naming the file, the row or line, and the
+column; the job reads around them (``shard_errors``).
 """
 
 from __future__ import annotations

@@ -3,15 +3,17 @@ error, never the job's.
 
 Readers and the engine replica call these on one row at a time:
 
+- ``python_rows`` / ``row_values``: a read row's values, id, sampling overrides and error,
+  whatever it holds; nothing one row does can fail its batch;
 - ``text``: a string Arrow can store (a lone surrogate from a JSON ``\\ud800`` escape
   cannot be written as UTF-8 and would fail the whole batch);
 - ``located``: an error message that starts with where the row is (file, line or row);
 - ``sampling_check``: a row's own sampling values (``input.sampling_columns``) checked
   against the same rules as the spec's ``sampling:`` section, where the row is read;
-- ``prompt_limit`` / ``too_long``: a prompt that cannot fit ``max_model_len``, found in the
+- ``too_many_chars`` / ``too_long``: a prompt that cannot fit ``max_model_len``, found in the
   replica where the tokenizer is, before the engine sees it;
-- ``safe_columns``: a batch's output columns, where one row's result that cannot be
-  converted becomes that row's error instead of failing the batch.
+- ``safe_columns``: a batch's output columns, every error naming the row's place, and a
+  row whose result cannot be converted made that row's error instead of failing the batch.
 """
 
 from __future__ import annotations
@@ -216,13 +218,30 @@ def too_many_chars(chars: int, limit: int | None, per_token: int, column: str) -
 # ------------------------------------------------------------------ output columns
 
 
-def safe_columns(task: Any, results: list[Result], extras: list[dict]) -> dict[str, Any]:
-    """``task.to_columns`` of a batch; a row whose result cannot be converted becomes an
-    error row (its cause in ``error``) and the others are kept."""
+def safe_columns(
+    task: Any, results: list[Result], extras: list[dict], wheres: Sequence[str | None]
+) -> dict[str, Any]:
+    """``task.to_columns`` of a batch, each error prefixed with its row's place (``wheres``:
+    the engine's own refusals and a failed output check then name the file and line too).
+    A row whose result cannot be converted becomes an error row (its cause in ``error``) and
+    the others are kept."""
     try:
-        return task.to_columns(results, extras)
+        cols = task.to_columns(results, extras)
     except Exception:  # noqa: BLE001 - find the row(s) that fail, keep the rest
-        pass
+        cols = task.to_columns(*_without_failing(task, results, extras))
+    if "error" in cols:
+        import pyarrow as pa
+
+        errors = cols["error"].to_pylist()
+        if any(e is not None for e in errors):
+            cols["error"] = pa.array(
+                [None if e is None else text(located(w, e)) for e, w in zip(errors, wheres)],
+                pa.string(),
+            )
+    return cols
+
+
+def _without_failing(task: Any, results: list[Result], extras: list[dict]):
     from batchjobs.engines.base import Result
 
     fixed_results, fixed_extras = list(results), list(extras)
@@ -236,12 +255,4 @@ def safe_columns(task: Any, results: list[Result], extras: list[dict]) -> dict[s
                 res.prompt_tokens,
             )
             fixed_extras[i] = {}
-    return task.to_columns(fixed_results, fixed_extras)
-
-
-def locate_errors(results: Sequence[Result], wheres: Sequence[str | None]) -> None:
-    """Prefix every error of a batch's results with its row's place (in place): the engine's
-    own refusals then name the file and line too."""
-    for res, where in zip(results, wheres):
-        if res.error is not None:
-            res.error = text(located(where, res.error))
+    return fixed_results, fixed_extras

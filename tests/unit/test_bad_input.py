@@ -342,9 +342,9 @@ def test_a_result_that_cannot_be_written_is_that_rows_error(make_spec):
     good = Result.finished("ok", 1, "stop", {"stop": "stop"}, 3, 0.1)
     bad = Result.finished("ok", 1, "stop", {"stop": "stop"}, 3, 0.1)
     bad.completion_tokens = "many"  # not an int32
-    cols = safe_columns(task, [good, bad], [{}, {}])
+    cols = safe_columns(task, [good, bad], [{}, {}], ["f line 1", "f line 2"])
     assert cols["error"].to_pylist()[0] is None
-    assert cols["error"].to_pylist()[1].startswith("its result could not be written: ")
+    assert cols["error"].to_pylist()[1].startswith("f line 2: its result could not be written: ")
     assert cols["finish_reason"].to_pylist() == ["stop", "error"]
 
 
