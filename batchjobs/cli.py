@@ -126,7 +126,6 @@ def run(
     <output>/_logs/."""
     from batchjobs.display import watching
     from batchjobs.ops.checks import on_cluster
-    from batchjobs.ops.jobs import SUMMARY_PREFIX
     from batchjobs.pipeline import run as run_job
     from batchjobs.spec import load_spec
 
@@ -156,6 +155,7 @@ def run(
                 _print_summary(exc.summary)
                 if not skip_report:
                     _write_report(job.output.path, job.output.storage_options)
+                _write_summary_json(summary_json, exc.summary.to_dict())
             typer.echo(f"error: {exc}", err=True)
             typer.echo(f"logs of Ray and the engines: {watch.logs}", err=True)
             raise typer.Exit(exc.exit_code) from None
@@ -189,10 +189,17 @@ def run(
     typer.echo(f"logs: {watch.logs} (Ray's and the engines' output)")
     if not skip_report:
         _write_report(job.output.path, job.output.storage_options)
+    _write_summary_json(summary_json, result)
+
+
+def _write_summary_json(summary_json: Path | None, result: dict) -> None:
+    """``--summary-json``: the run's summary to a file, or ("-") one line on stdout."""
+    from batchjobs.ops.jobs import SUMMARY_PREFIX
+
     if summary_json is not None and str(summary_json) == "-":  # read by batchjobs wait
         typer.echo(SUMMARY_PREFIX + json.dumps(result, sort_keys=True, default=str))
     elif summary_json:
-        summary_json.write_text(json.dumps(result, indent=2) + "\n")
+        summary_json.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 @app.command()

@@ -189,6 +189,7 @@ def test_one_job_over_the_bad_corpus(tmp_path, tiny_model, ray_session, monkeypa
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(raw, allow_unicode=True))
     cmd = [sys.executable, "-m", "batchjobs.cli", "run", str(path), "--skip-report"]
+    cmd += ["--summary-json", str(tmp_path / "summary.json")]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 7, proc.stderr[-3000:]
@@ -198,6 +199,8 @@ def test_one_job_over_the_bad_corpus(tmp_path, tiny_model, ray_session, monkeypa
         in proc.stderr
     )
     assert "Traceback" not in proc.stderr
+    written = json.loads((tmp_path / "summary.json").read_text())  # for schedulers too
+    assert (written["rows"], written["error_rows"]) == (0, 0)  # this run ran nothing
     proc = subprocess.run(
         [*cmd, "--set", "output.max_error_rate=0.6"],
         cwd=REPO,
