@@ -415,3 +415,16 @@ def test_check_outcome(make_spec):
     check_outcome(make_spec(), {}, _records(100, 100), None)  # no limit set
     with pytest.raises(RowErrorRateError):
         check_outcome(make_spec(output={"max_error_rate": 0}), {}, _records(5, 1), None)
+
+
+@pytest.mark.parametrize("pattern", ["in/*.jsonl", "in"])
+def test_an_empty_glob_or_directory_is_a_preflight_error(tmp_path, make_spec, pattern):
+    from batchjobs.planning import plan_job
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not input")
+    spec = make_spec(input={"path": str(tmp_path / pattern)})
+    with pytest.raises(InputError) as info:
+        plan_job(spec)
+    assert info.value.exit_code == 3 and "matched no input files" in str(info.value)
+    assert not (tmp_path / "out").exists()  # stopped before the output root was touched
