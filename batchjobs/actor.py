@@ -44,8 +44,18 @@ from batchjobs.cost import Windows
 from batchjobs.engines import make_engine
 from batchjobs.engines.base import Engine, EngineDead, Result
 from batchjobs.errors import BatchJobError, EngineError
-from batchjobs.readers import INPUT_ERROR, PARAMS, PAYLOAD, ROW_ID, ROW_INDEX, SHARD_ID, SHARD_ROWS
+from batchjobs.readers import (
+    INPUT_ERROR,
+    PARAMS,
+    PAYLOAD,
+    ROW_ID,
+    ROW_INDEX,
+    SHARD_ID,
+    SHARD_ROWS,
+    WHERE,
+)
 from batchjobs.replicas import claim_replica
+from batchjobs.rowcheck import safe_columns
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import Prepared, task_for
 
@@ -173,9 +183,10 @@ class EngineReplica:
         input_errors = batch.column(INPUT_ERROR).to_pylist()
         ids = batch.column(ROW_ID).to_pylist()
         params = [json.loads(p) if p else None for p in batch.column(PARAMS).to_pylist()]
+        wheres = batch.column(WHERE).to_pylist() if WHERE in batch.column_names else None
         # Prepared here, in the calling thread (tokenizing, rendering templates), so that
         # the engine's event loop only feeds the engine.
-        prepared = self.task.prepare_batch(ids, payloads, input_errors, params)
+        prepared = self.task.prepare_batch(ids, payloads, input_errors, params, wheres)
         try:
             rows = self._on_loop(_serve(self, prepared))
         except EngineDead as exc:
@@ -190,7 +201,9 @@ class EngineReplica:
                 SHARD_ID: batch.column(SHARD_ID),
                 ROW_INDEX: batch.column(ROW_INDEX),
                 SHARD_ROWS: batch.column(SHARD_ROWS),
-                **self.task.to_columns(results, extras),
+                **safe_columns(
+                    self.task, list(results), list(extras), wheres or [None] * len(results)
+                ),
                 CACHED: pa.array([r.cached_tokens for r in results], pa.int64()),
             }
         )

@@ -1,5 +1,6 @@
 """The ``batchjobs`` command. Exit codes: 0 success; 2 bad spec; 3 bad input; 4 engine;
-5 output; 1 anything else. The reason goes to stderr, without a traceback."""
+5 output; 7 more error rows than output.max_error_rate; 1 anything else. The reason goes
+to stderr, without a traceback."""
 
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def validate(
     )
     for note in notes:
         typer.echo(f"note: {note}")
+    if job.engine.trust_remote_code:
+        typer.echo(f"note: {TRUST_REMOTE_CODE}")
     if job.pilot is not None:
         from batchjobs.pilot import apply_candidate, installed
 
@@ -123,7 +126,6 @@ def run(
     <output>/_logs/."""
     from batchjobs.display import watching
     from batchjobs.ops.checks import on_cluster
-    from batchjobs.ops.jobs import SUMMARY_PREFIX
     from batchjobs.pipeline import run as run_job
     from batchjobs.spec import load_spec
 
@@ -149,6 +151,11 @@ def run(
             )
     except BatchJobError as exc:
         if watch is not None:
+            if getattr(exc, "summary", None) is not None:  # every readable row is written
+                _print_summary(exc.summary)
+                if not skip_report:
+                    _write_report(job.output.path, job.output.storage_options)
+                _write_summary_json(summary_json, exc.summary.to_dict())
             typer.echo(f"error: {exc}", err=True)
             typer.echo(f"logs of Ray and the engines: {watch.logs}", err=True)
             raise typer.Exit(exc.exit_code) from None
@@ -182,10 +189,17 @@ def run(
     typer.echo(f"logs: {watch.logs} (Ray's and the engines' output)")
     if not skip_report:
         _write_report(job.output.path, job.output.storage_options)
+    _write_summary_json(summary_json, result)
+
+
+def _write_summary_json(summary_json: Path | None, result: dict) -> None:
+    """``--summary-json``: the run's summary to a file, or ("-") one line on stdout."""
+    from batchjobs.ops.jobs import SUMMARY_PREFIX
+
     if summary_json is not None and str(summary_json) == "-":  # read by batchjobs wait
         typer.echo(SUMMARY_PREFIX + json.dumps(result, sort_keys=True, default=str))
     elif summary_json:
-        summary_json.write_text(json.dumps(result, indent=2) + "\n")
+        summary_json.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 @app.command()
@@ -436,8 +450,15 @@ def _print_summary(s) -> None:
         + _tokens_line(s)
         + _cost_line(s)
         + _replica_line(s.replicas)
+        + (f"{TRUST_REMOTE_CODE}\n" if getattr(s, "trust_remote_code", False) else "")
         + f"output: {s.output} (manifest: {s.output.rstrip('/')}/{MANIFEST})"
     )
+
+
+TRUST_REMOTE_CODE = (
+    "trust_remote_code: on: the model directory's own Python code runs in the engine "
+    "processes (engine.trust_remote_code)"
+)
 
 
 def _tokens_line(s) -> str:

@@ -44,6 +44,26 @@ class OutputError(BatchJobError):
     exit_code = 5
 
 
+class ShardsFailedError(InputError):
+    """Some input shards could not be read; every other shard is committed. ``summary``:
+    the run's ``RunSummary``."""
+
+    def __init__(self, message: str, summary=None):
+        super().__init__(message)
+        self.summary = summary
+
+
+class RowErrorRateError(BatchJobError):
+    """Every row is written, but more of them are error rows than ``output.max_error_rate``
+    allows. ``summary``: the run's ``RunSummary``."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, summary=None):
+        super().__init__(message)
+        self.summary = summary
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """Return the ``BatchJobError`` hidden inside Ray's wrappers, or ``exc`` itself.
 

@@ -13,8 +13,9 @@ import pyarrow as pa
 from batchjobs.feeding import inflight_batches, io_concurrency, tasks_per_replica
 from batchjobs.ordering import group_by_prefix, read_groups
 from batchjobs.planning import Plan
-from batchjobs.readers import Shard, read_shard
+from batchjobs.readers import Shard
 from batchjobs.replicas import EarlyReplicas, engine_resources
+from batchjobs.shard_errors import read_or_mark
 from batchjobs.sink import write_staged
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import task_for
@@ -30,7 +31,9 @@ def _read_fn(batch: pa.Table, spec: JobSpec, batch_rows: int):
         tables = (
             table
             for shard in json.loads(row["shards"])
-            for table in read_shard(Shard(**shard), cols, batch_rows, spec.input.storage_options)
+            # a shard that cannot be read ends in a marker row (shard_errors.py): it fails
+            # alone, the others go on
+            for table in read_or_mark(Shard(**shard), cols, batch_rows, spec.input.storage_options)
         )
         if spec.input.order == "prefix":
             tables = group_by_prefix(tables, batch_rows)

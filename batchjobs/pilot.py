@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from batchjobs.agreement import guard, load_encoder, read_outputs
 from batchjobs.engineconfig import engine_digest
 from batchjobs.engines import engine_kind
-from batchjobs.errors import BatchJobError, EngineError, OutputError
+from batchjobs.errors import BatchJobError, EngineError, InputError, OutputError
 from batchjobs.layout import PILOT_DIR, PILOT_JSON, stamped, unstamped
 from batchjobs.manifest import Manifest
 from batchjobs.projection import (
@@ -142,7 +142,8 @@ def prepare(spec: JobSpec, fresh: bool = False, progress: Progress = None) -> Pr
 
     inp = spec.input
     shards = list_shards(inp.path, inp.format, inp.storage_options)
-    preflight_shards(spec, shards[:PREFLIGHT_ALL_UP_TO])
+    failed = preflight_shards(spec, shards[:PREFLIGHT_ALL_UP_TO], strict=False)
+    shards = [s for s in shards if s.shard_id not in failed]  # the job reports them
     manifest = Manifest(out)
     committed = manifest.committed()
     candidates = list(spec.pilot.candidates)
@@ -319,11 +320,14 @@ def write_pilot_input(spec: JobSpec, shards: list[Shard]) -> tuple[str, int]:
     parts: list[pa.Table] = []
     have = 0
     for shard in shards:
-        for batch in read_shard(shard, read, min(want, 4096), inp.storage_options):
-            parts.append(batch.slice(0, want - have))
-            have += parts[-1].num_rows
-            if have >= want:
-                break
+        try:
+            for batch in read_shard(shard, read, min(want, 4096), inp.storage_options):
+                parts.append(batch.slice(0, want - have))
+                have += parts[-1].num_rows
+                if have >= want:
+                    break
+        except InputError:
+            continue  # a shard that cannot be read fails in the job, alone
         if have >= want:
             break
     rows = pa.concat_tables(parts).to_pylist() if parts else []

@@ -32,6 +32,7 @@ from batchjobs.replicas import (
     start_replicas,
     stop_replicas,
 )
+from batchjobs.shard_errors import check_outcome
 from batchjobs.sink import OutputRoot
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import task_for
@@ -72,6 +73,9 @@ class RunSummary:
     # The task's figures over all the job's committed shards (Task.report): an eval's
     # accuracy per metric and group, as in <output>/_eval.json; empty for other tasks.
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Input shards that could not be read (not in the output), by id, with why.
+    failed_shards: dict[str, str] = field(default_factory=dict)
+    trust_remote_code: bool = False  # the model directory's own code ran in the engines
 
     @property
     def tokens_per_s(self) -> float:
@@ -151,6 +155,7 @@ def _execute(
         ticking.set()
         ticker.join()
     tracker.finish()
+    summary.failed_shards.update(tracker.failed)
     plan.out.remove_empty_staging()
     tracker.read_board(rows=tracker.done_rows)
     tracker.settle()
@@ -206,6 +211,8 @@ def run(
             shards=len(plan.shards),
             shards_skipped=len(plan.skipped),
             shards_run=len(plan.todo),
+            failed_shards=dict(plan.failed),
+            trust_remote_code=spec.engine.trust_remote_code,
         )
         try:
             retire_superseded(plan)
@@ -260,6 +267,11 @@ def run(
                     f"[{spec.name}] all rows committed; waiting for the engine replicas to stop"
                 )
             summary.teardown_s = _stop_engines(replicas)
+        # Every row that could be read is written: now failed shards and too many error
+        # rows make the run fail (exit 3 and 7), recorded as such.
+        check_outcome(
+            spec, summary.failed_shards, list(plan.manifest.committed().values()), summary
+        )
     except BaseException as exc:
         _append_run(spec, plan, summary, started, failure=exc)
         raise

@@ -4,11 +4,11 @@ the output root, and decide which shards are already committed (resume) or super
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from batchjobs.errors import OutputError
 from batchjobs.manifest import SUPERSEDED, Manifest, ShardRecord
-from batchjobs.readers import Shard, list_shards, preflight
+from batchjobs.readers import Shard, list_shards
 from batchjobs.sink import OutputRoot
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import task_for
@@ -26,14 +26,19 @@ class Plan:
     out: OutputRoot
     manifest: Manifest
     fingerprint: str
+    # Shards that failed their preflight, by id, with why: not run (shard_errors.py).
+    failed: dict[str, str] = field(default_factory=dict)
 
 
-def preflight_shards(spec: JobSpec, shards: list[Shard]) -> None:
+def preflight_shards(spec: JobSpec, shards: list[Shard], strict: bool = True) -> dict[str, str]:
     """Check that the columns the task reads exist in each shard and have a type it can
-    use (footer or first line only)."""
+    use (footer or first lines only). Returns the shards that fail, with why; ``strict``
+    raises for any, otherwise only when every shard checked fails
+    (``shard_errors.preflight_all``)."""
+    from batchjobs.shard_errors import preflight_all
+
     cols = task_for(spec).input_columns()
-    for shard in shards:
-        preflight(shard, cols, spec.input.storage_options)
+    return preflight_all(shards, cols, spec.input.storage_options, strict)
 
 
 def open_output(spec: JobSpec, fresh: bool = False) -> OutputRoot:
@@ -51,8 +56,11 @@ def open_output(spec: JobSpec, fresh: bool = False) -> OutputRoot:
 
 def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
     """List shards, check their columns, and decide what to skip; starts no engine."""
+    from batchjobs.safety import check_roots
+
     shards = list_shards(spec.input.path, spec.input.format, spec.input.storage_options)
-    preflight_shards(spec, shards[:PREFLIGHT_ALL_UP_TO])
+    check_roots(spec)
+    failed = preflight_shards(spec, shards[:PREFLIGHT_ALL_UP_TO], strict=False)
     out = open_output(spec, fresh)
     manifest = Manifest(out)
     fp = spec.fingerprint()
@@ -65,9 +73,10 @@ def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
             "to a new location."
         )
     committed = manifest.committed()
-    todo = [s for s in shards if s.shard_id not in committed]
+    todo = [s for s in shards if s.shard_id not in committed and s.shard_id not in failed]
     skipped = [committed[s.shard_id] for s in shards if s.shard_id in committed]
-    return Plan(spec, shards, todo, skipped, out, manifest, fp)
+    failed = {sid: why for sid, why in failed.items() if sid not in committed}
+    return Plan(spec, shards, todo, skipped, out, manifest, fp, failed)
 
 
 def retire_superseded(plan: Plan) -> None:

@@ -6,10 +6,12 @@ so that resume can recognise committed work, and safe to use as a file name.
 Readers know file formats, not tasks: they read the columns a ``Columns`` names (the
 task's, by role) and carry each row's values on as one JSON object (``payload``), checked
 by the task's ``check_row``. Row-level problems (malformed JSON line, non-UTF-8 bytes, a
-value the task cannot use) do not stop the job: the row gets an ``input_error`` and flows
-on, so every input row still yields exactly one output row. Shard-level problems (file
-vanished, corrupt Parquet, missing column) raise ``InputError`` naming the file, the row
-or line, and the column.
+value the task cannot use, anything else one row holds: ``rowcheck``) do not stop the job:
+the row gets an ``input_error`` and flows on, so every input row still yields exactly one
+output row; each row also carries its place (``where``: file and line or row), which every
+error of that row starts with. Shard-level problems (file vanished, corrupt Parquet,
+missing or mistyped column) raise ``InputError`` naming the file, the row or line, and the
+column; the job reads around them (``shard_errors``).
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchjobs.errors import InputError
+from batchjobs.rowcheck import exception_text, python_rows, row_values, text
 
 PARQUET_EXT = (".parquet", ".pq")
 JSONL_EXT = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")
 GLOB_CHARS = "*?["
 
 # Internal columns a read batch carries into the engine stage.
-SHARD_ID, ROW_INDEX, SHARD_ROWS, ROW_ID, PAYLOAD, INPUT_ERROR, PARAMS = (
+SHARD_ID, ROW_INDEX, SHARD_ROWS, ROW_ID, PAYLOAD, INPUT_ERROR, PARAMS, WHERE = (
     "shard_id",
     "row_index",
     "shard_rows",
@@ -41,6 +44,7 @@ SHARD_ID, ROW_INDEX, SHARD_ROWS, ROW_ID, PAYLOAD, INPUT_ERROR, PARAMS = (
     "payload",  # JSON object of the row's task values by role ({"prompt": ...}), or null
     "input_error",
     "params",  # JSON object of per-row sampling overrides, or null
+    "where",  # the row's place for people: "<url> line <n>" or "<url> row <i>"
 )
 
 
@@ -55,6 +59,9 @@ class Columns:
     sampling: dict[str, str] = field(default_factory=dict)
     check_row: Callable[[dict[str, Any]], str | None] | None = None
     check_type: Callable[[str, pa.DataType], str | None] | None = None
+    # A row's sampling overrides checked: ({param: value}, {param: column}) -> (params, why)
+    # (rowcheck.sampling_check); None: passed on as read.
+    check_params: Callable[[dict[str, Any], dict[str, str]], Any] | None = None
     # Columns by role that a JSON Lines row may leave out (null), carried in the payload
     # and checked like ``fields`` (a LoRA adapter name, a row's own output constraint).
     optional: dict[str, str] = field(default_factory=dict)
@@ -99,7 +106,7 @@ def list_shards(path: str, fmt: str = "auto", storage_options: dict | None = Non
         files = [p for p in fs.glob(root) if fs.isfile(p)]
     elif fs.isdir(root):
         base = root.rstrip("/")
-        files = [p for p in fs.find(root) if _format_of(p, fmt)]
+        files = [p for p in _files_under(fs, root) if _format_of(p, fmt)]
     elif fs.exists(root):
         base, files = posixpath.dirname(root), [root]
     else:
@@ -142,6 +149,18 @@ def list_shards(path: str, fmt: str = "auto", storage_options: dict | None = Non
     return shards
 
 
+def _files_under(fs, root: str) -> list[str]:
+    """The files under a directory. A symbolic link counts when it leads to a file (it is
+    named by its own path, inside the tree); one that leads to a directory is not followed,
+    so a link back up the tree cannot loop, and a broken one is not a file."""
+    found = fs.find(root, detail=True)
+    return [
+        p
+        for p, info in found.items()
+        if info.get("type") == "file" or (info.get("islink") and fs.isfile(p))
+    ]
+
+
 def _rel(path: str, base: str) -> str:
     return posixpath.relpath(path, base) if base else path
 
@@ -164,43 +183,85 @@ def _format_of(path: str, fmt: str) -> str | None:
     return None
 
 
+# JSON Lines preflight reads up to this many non-blank lines for one that has the columns.
+PREFLIGHT_LINES = 100
+
+
 def preflight(shard: Shard, cols: Columns, storage_options=None) -> None:
-    """Check a shard's columns before any engine starts (cheap: footer or first line)."""
+    """Check a shard's columns before any engine starts (cheap: the Parquet footer, or the
+    first JSON Lines rows); raise ``InputError`` naming the file and the column."""
     fs, path = filesystem(shard.url, storage_options)
-    if shard.format == "parquet":
-        try:
-            schema = pq.ParquetFile(fs.open(path, "rb")).schema_arrow
-        except Exception as exc:  # noqa: BLE001 - any parse failure means "not a Parquet file"
-            raise InputError(f"{shard.url}: not a readable Parquet file ({exc})") from None
-        for col in cols.names():
-            if col not in schema.names:
-                raise InputError(
-                    f"{shard.url}: no column {col!r} (columns: {', '.join(schema.names)}); "
-                    f"set {cols.spec_key(col)}"
-                )
-        for role, col in {**cols.fields, **cols.optional}.items():
-            problem = cols.check_type(role, schema.field(col).type) if cols.check_type else None
-            if problem:
-                raise InputError(
-                    f"{shard.url}: column {col!r} has type {schema.field(col).type}, {problem}"
-                )
-        return
+    try:
+        if shard.format == "parquet":
+            _preflight_parquet(shard, fs, path, cols)
+        else:
+            _preflight_jsonl(shard, fs, path, cols)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{shard.url}: file vanished after planning") from None
+    except Exception as exc:  # noqa: BLE001 - unreadable in any way: this shard's error
+        raise InputError(f"{shard.url}: cannot be read ({exception_text(exc)})") from None
+
+
+def _preflight_parquet(shard: Shard, fs, path: str, cols: Columns) -> None:
+    try:
+        schema = pq.ParquetFile(fs.open(path, "rb")).schema_arrow
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a Parquet file"
+        raise InputError(f"{shard.url}: not a readable Parquet file ({exc})") from None
+    for col in cols.names():
+        if col not in schema.names:
+            raise InputError(
+                f"{shard.url}: no column {col!r} (columns: {', '.join(schema.names)}); "
+                f"set {cols.spec_key(col)}"
+            )
+    for role, col in {**cols.fields, **cols.optional}.items():
+        dtype = schema.field(col).type
+        problem = _type_problem(cols, role, dtype)
+        if problem:
+            raise InputError(f"{shard.url}: column {col!r} has type {dtype}, {problem}")
+
+
+def _type_problem(cols: Columns, role: str, dtype: pa.DataType) -> str | None:
+    """Why a Parquet column of ``dtype`` cannot serve ``role``. A column of type null (every
+    value null) passes: each of its rows is an error row. A dictionary-encoded column (a
+    pandas category) is judged by its values' type."""
+    if pa.types.is_null(dtype) or cols.check_type is None:
+        return None
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    if pa.types.is_string_view(dtype):
+        dtype = pa.string()
+    return cols.check_type(role, dtype)
+
+
+def _preflight_jsonl(shard: Shard, fs, path: str, cols: Columns) -> None:
+    """Pass when one of the first ``PREFLIGHT_LINES`` rows that parse has the columns, or
+    none parses (each such row is an error row); else the columns are missing."""
+    need = [*cols.fields.values(), *([cols.id_column] if cols.id_column else [])]
+    first: tuple[int, dict] | None = None
+    seen = 0
     with fs.open(path, "rb", compression="infer") as fh:
         for lineno, line in enumerate(fh, start=1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except ValueError as exc:
-                    raise InputError(f"{shard.url} line {lineno}: not valid JSON ({exc})") from None
-                if not isinstance(obj, dict):
-                    raise InputError(f"{shard.url} line {lineno}: expected a JSON object per line")
-                for col in [*cols.fields.values(), *([cols.id_column] if cols.id_column else [])]:
-                    if col not in obj:
-                        raise InputError(
-                            f"{shard.url} line {lineno}: no column {col!r} "
-                            f"(columns: {', '.join(obj)}); set {cols.spec_key(col)}"
-                        )
-                return
+            if not line.strip():
+                continue
+            seen += 1
+            obj, err = _parse_line(line, lineno, shard.url)
+            if err is None:
+                if all(col in obj for col in need):
+                    return
+                first = first or (lineno, obj)
+            if seen >= PREFLIGHT_LINES:
+                break
+    if first is not None:
+        lineno, obj = first
+        col = next(c for c in need if c not in obj)
+        raise InputError(
+            f"{shard.url} line {lineno}: no column {col!r} (columns: {', '.join(obj)}); "
+            f"set {cols.spec_key(col)}"
+        )
 
 
 def read_shard(
@@ -209,40 +270,59 @@ def read_shard(
     batch_rows: int = 1024,
     storage_options: dict | None = None,
 ) -> Iterator[pa.Table]:
-    """Yield batches with shard_id, row_index, shard_rows, row_id, payload, input_error, params."""
+    """Yield batches with shard_id, row_index, shard_rows, row_id, payload, input_error,
+    params and where. A shard that cannot be read raises ``InputError``; a row that cannot
+    be used is an error row."""
     fs, path = filesystem(shard.url, storage_options)
     try:
         if shard.format == "parquet":
             yield from _read_parquet(shard, fs, path, cols, batch_rows)
         else:
             yield from _read_jsonl(shard, fs, path, cols, batch_rows)
+    except InputError:
+        raise
     except FileNotFoundError:
         raise InputError(f"{shard.url}: file vanished after planning") from None
+    except Exception as exc:  # noqa: BLE001 - unreadable in any way: this shard's error
+        raise InputError(f"{shard.url}: cannot be read ({exception_text(exc)})") from None
 
 
 def _read_parquet(shard, fs, path, cols: Columns, batch_rows):
     try:
         pf = pq.ParquetFile(fs.open(path, "rb"))
+    except FileNotFoundError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"{shard.url}: not a readable Parquet file ({exc})") from None
     total = pf.metadata.num_rows
     columns = cols.names()
-    missing = [c for c in columns if c not in pf.schema_arrow.names]
+    schema = pf.schema_arrow
+    missing = [c for c in columns if c not in schema.names]
     if missing:
         raise InputError(
-            f"{shard.url}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})"
+            f"{shard.url}: no column {missing[0]!r} (columns: {', '.join(schema.names)}); "
+            f"set {cols.spec_key(missing[0])}"
         )
+    for role, col in {**cols.fields, **cols.optional}.items():
+        problem = _type_problem(cols, role, schema.field(col).type)
+        if problem:
+            raise InputError(
+                f"{shard.url}: column {col!r} has type {schema.field(col).type}, {problem}"
+            )
     start = 0
-    try:
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
-            values = {c: batch.column(c).to_pylist() for c in columns}
-            rows = [{c: values[c][i] for c in columns} for i in range(batch.num_rows)]
-            yield _make_batch(shard, start, total, rows, [None] * len(rows), cols, "row")
-            start += batch.num_rows
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{shard.url}: corrupt Parquet data after row {start} ({exc})") from None
+    batches = pf.iter_batches(batch_size=batch_rows, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as exc:  # noqa: BLE001 - a damaged page or row group
+            raise InputError(
+                f"{shard.url}: corrupt Parquet data after row {start} ({exception_text(exc)})"
+            ) from None
+        if batch is None:
+            break
+        rows, errors = python_rows(batch, columns, shard.url, start)
+        yield _make_batch(shard, start, total, rows, errors, cols, "row")
+        start += batch.num_rows
 
 
 def _read_jsonl(shard, fs, path, cols: Columns, batch_rows):
@@ -267,13 +347,17 @@ def _read_jsonl(shard, fs, path, cols: Columns, batch_rows):
 
 def _parse_line(line: bytes, lineno: int, url: str) -> tuple[dict, str | None]:
     try:
-        text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        data = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as exc:
         return {}, f"{url} line {lineno}: not UTF-8 (byte {exc.start})"
     try:
-        obj = json.loads(text)
+        obj = json.loads(data)
     except ValueError as exc:
-        return {}, f"{url} line {lineno}: not valid JSON ({exc})"
+        return {}, f"{url} line {lineno}: not valid JSON ({text(exc)})"
+    except RecursionError:
+        return {}, f"{url} line {lineno}: not valid JSON (nested too deeply)"
+    except Exception as exc:  # noqa: BLE001 - whatever else json raises is this line's
+        return {}, f"{url} line {lineno}: not valid JSON ({exception_text(exc)})"
     if not isinstance(obj, dict):
         return {}, f"{url} line {lineno}: expected a JSON object, got {type(obj).__name__}"
     return obj, None
@@ -285,23 +369,15 @@ def _make_batch(shard, start, total, rows, errors, cols: Columns, unit, linenos=
     payloads: list[str | None] = [None] * n
     params: list[str | None] = [None] * n
     ids: list[str] = [f"{shard.shard_id}:{i}" for i in range(start, start + n)]
+    wheres = [f"{shard.url} {unit} {linenos[i] if linenos else start + i}" for i in range(n)]
     for i, row in enumerate(rows):
-        if cols.id_column and row.get(cols.id_column) is not None:
-            ids[i] = str(row[cols.id_column])
-        if errors[i] is not None:
-            continue
-        where = f"{shard.url} {unit} {linenos[i] if linenos else start + i}"
-        if cols.id_column and row.get(cols.id_column) is None:
-            errors[i] = f"{where}: id column {cols.id_column!r} is null or missing"
-            continue
-        values = {role: row.get(col) for role, col in {**cols.fields, **cols.optional}.items()}
-        problem = cols.check_row(values) if cols.check_row else None
-        if problem:
-            errors[i] = f"{where}: {problem}"
-            continue
-        payloads[i] = json.dumps(values, ensure_ascii=False)
-        overrides = {p: row[c] for p, c in cols.sampling.items() if row.get(c) is not None}
-        params[i] = json.dumps(overrides) if overrides else None
+        try:
+            payloads[i], params[i], ids[i], errors[i] = row_values(
+                row, errors[i], ids[i], wheres[i], cols
+            )
+        except Exception as exc:  # noqa: BLE001 - whatever one row holds is its own error
+            payloads[i] = params[i] = None
+            errors[i] = f"{wheres[i]}: cannot be read ({exception_text(exc)})"
     # A row whose id is unknown (null id, unparseable line) keeps the generated id, so that
     # its error row can still be found and joined back.
     return pa.table(
@@ -311,8 +387,9 @@ def _make_batch(shard, start, total, rows, errors, cols: Columns, unit, linenos=
             SHARD_ROWS: pa.array([total] * n, pa.int64()),
             ROW_ID: pa.array(ids, pa.string()),
             PAYLOAD: pa.array(payloads, pa.string()),
-            INPUT_ERROR: pa.array(errors, pa.string()),
+            INPUT_ERROR: pa.array([None if e is None else text(e) for e in errors], pa.string()),
             PARAMS: pa.array(params, pa.string()),
+            WHERE: pa.array([text(w) for w in wheres], pa.string()),
         }
     )
 

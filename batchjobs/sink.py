@@ -28,6 +28,7 @@ from batchjobs.errors import OutputError
 from batchjobs.layout import STAGING, SUCCESS
 from batchjobs.readers import ROW_ID, SHARD_ID, SHARD_ROWS, filesystem
 from batchjobs.records import BOOKKEEPING_COLUMNS, COUNT_TYPES, DEFAULT_ID_COLUMN
+from batchjobs.safety import child
 
 CACHED = "_cached_tokens"  # the engine stage's per-row prefix-cache hits (actor.CACHED)
 
@@ -52,8 +53,11 @@ def write_staged(
         from batchjobs.tasks import task_for
 
         summarize = task_for(spec).summarize
+    from batchjobs.shard_errors import split_failed
+
+    batch, failed = split_failed(batch)  # shards that could not be read: summaries only
     fs, path = filesystem(root, storage_options)
-    summaries = [
+    summaries = failed + [
         _write_part(
             fs,
             path,
@@ -92,7 +96,7 @@ def _write_part(
 ) -> dict[str, Any]:
     out = output_table(part, id_column, metadata)
     name = f"{uuid.uuid4().hex}.parquet"
-    path = posixpath.join(root, STAGING, shard_id, name)
+    path = child(root, STAGING, shard_id, name)
     try:
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         with fs.open(path, "wb") as fh:
@@ -159,7 +163,7 @@ class OutputRoot:
         self.local = "file" in _protocols(self.fs)
 
     def path(self, *parts: str) -> str:
-        return posixpath.join(self.root, *parts)
+        return child(self.root, *parts)  # never outside the root (safety.child)
 
     def shard_dir(self, shard_id: str) -> str:
         return self.path(shard_id)

@@ -17,7 +17,6 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -117,6 +116,14 @@ class OutputSpec(_Model):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (credentials stay out of logs)."
     )
+    max_error_rate: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Most error rows allowed, as a share of the output's rows (0.01: 1%), over "
+        "every committed shard of the output root. Above it the run exits 7 once every row "
+        "is written. null: no limit.",
+    )
 
 
 class LoraSpec(_Model):
@@ -206,6 +213,20 @@ class EngineSpec(_Model):
         description="Serve LoRA adapters on the model; each row names its adapter in "
         "input.adapter_column (null: the base model).",
     )
+
+    @field_validator("args")
+    @classmethod
+    def _args_name_no_code(cls, args: dict[str, Any]) -> dict[str, Any]:
+        from batchjobs.safety import check_args
+
+        return check_args(args)
+
+    @field_validator("env")
+    @classmethod
+    def _env_loads_no_code(cls, env: dict[str, str]) -> dict[str, str]:
+        from batchjobs.safety import check_env
+
+        return check_env(env)
 
 
 class StructuredSpec(_Model):
@@ -302,6 +323,13 @@ class SamplingSpec(_Model):
         "regex, a list of choices or a grammar; writes the column parsed.",
     )
     args: dict[str, Any] = Field(default_factory=dict, description="Extra sampling parameters.")
+
+    @field_validator("args")
+    @classmethod
+    def _args_name_no_code(cls, args: dict[str, Any]) -> dict[str, Any]:
+        from batchjobs.safety import check_args
+
+        return check_args(args)
 
 
 class ChatSpec(_Model):
@@ -902,10 +930,9 @@ def load_spec(
         text = path.read_text()
     except OSError as exc:
         raise SpecError(f"cannot read job spec {path}: {exc.strerror or exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path} is not valid YAML: {exc}") from None
+    from batchjobs.safety import load_yaml
+
+    raw = load_yaml(text, str(path))  # data only: a tag that builds objects is refused
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a job spec is a YAML mapping (name:, input:, output:, engine:)")
     for item in overrides or []:
@@ -924,10 +951,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise SpecError(f"--set {item!r}: {part} is not a section")
-    try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+    from batchjobs.safety import load_yaml
+
+    node[parts[-1]] = load_yaml(value, f"--set {item!r}: value", lines=False)
 
 
 def parse_spec(raw: dict[str, Any], source: str = "spec", offline: bool = False) -> JobSpec:

@@ -23,6 +23,7 @@ from batchjobs.errors import OutputError
 from batchjobs.manifest import COMMITTED, ShardRecord
 from batchjobs.readers import shard_rows
 from batchjobs.records import ShardCounts
+from batchjobs.shard_errors import failure_of
 from batchjobs.tasks import task_for
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class Tracker:
         self.windows: list = []  # the replicas' work windows (cost.Windows), all of them
         self.weights = Weights(0.0, 0.0, "busy")  # until the replicas have reported
         self.committed_ids: list[str] = []
+        self.failed: dict[str, str] = {}  # shards that could not be read, with why
         self.t0 = time.time()
         self.last_print = 0.0
         self.last_line = ""
@@ -103,6 +105,10 @@ class Tracker:
     def add(self, summary: pa.Table) -> None:
         for row in summary.to_pylist():
             sid = row["shard_id"]
+            why = failure_of(row)
+            if why is not None or sid in self.failed:
+                self._fail(sid, why)
+                continue
             rec = self.pending.get(sid)
             if rec is None:
                 rec = self.pending[sid] = ShardRecord(
@@ -209,9 +215,22 @@ class Tracker:
         self.committed += 1
         self.committed_ids.append(sid)
 
+    def _fail(self, sid: str, why: str | None) -> None:
+        """A shard that could not be read: its rows so far are dropped, it is never
+        committed (shard_errors.py). Rows of it that come later are dropped too."""
+        if why is None or sid in self.failed or sid in self.committed_ids:
+            return  # a later row of a failed shard; or a failure after every row came
+        self.failed[sid] = why
+        self.pending.pop(sid, None)
+        self.files.pop(sid, None)
+        self.expected.pop(sid, None)
+
     def finish(self) -> None:
-        """Commit shards that produced no rows (empty files); anything else left is lost work."""
-        seen = set(self.plan.manifest.committed()) | set(self.pending)
+        """Commit shards that produced no rows (empty files), drop the staged rows of shards
+        that failed; anything else left is lost work."""
+        for sid in self.failed:
+            self.plan.out.clear_shard(sid)
+        seen = set(self.plan.manifest.committed()) | set(self.pending) | set(self.failed)
         for shard in self.plan.todo:
             if (
                 shard.shard_id not in seen
@@ -227,7 +246,11 @@ class Tracker:
                 self.files[shard.shard_id] = []
                 self._commit(shard.shard_id)
         committed = self.plan.manifest.committed()
-        missing = [s.shard_id for s in self.plan.todo if s.shard_id not in committed]
+        missing = [
+            s.shard_id
+            for s in self.plan.todo
+            if s.shard_id not in committed and s.shard_id not in self.failed
+        ]
         if missing:
             raise OutputError(
                 f"{len(missing)} shard(s) did not receive all their rows: {', '.join(missing[:5])}"

@@ -83,7 +83,9 @@ def check_here(
 
 def _check_input(job: JobSpec, notes: list[str], for_cluster: bool) -> int | None:
     from batchjobs.planning import list_shards, preflight_shards
+    from batchjobs.safety import check_roots
 
+    check_roots(job)  # an output root inside the input, or around it
     value = job.input.path
     if not is_url(value):
         base = Path(_glob_base(value)).expanduser()

@@ -56,6 +56,7 @@ class Task:
     def input_columns(self) -> Columns:
         """What the readers read for this task, and the checks they apply."""
         from batchjobs.readers import Columns
+        from batchjobs.rowcheck import sampling_check
         from batchjobs.tasks.generated import control_columns
 
         inp = self.spec.input
@@ -67,6 +68,7 @@ class Task:
             check_row=self.check_input if controls else self.check_row,
             check_type=self.check_input_type if controls else self.check_type,
             optional=controls,
+            check_params=sampling_check(self.spec),
         )
 
     def check_input(self, values: dict[str, Any]) -> str | None:
@@ -126,27 +128,68 @@ class Task:
         return Prepared(Request(request_id, prompt=values["prompt"], params=params))
 
     def prepare_batch(
-        self, ids: list[str], payloads: list, input_errors: list, params: list
+        self,
+        ids: list[str],
+        payloads: list,
+        input_errors: list,
+        params: list,
+        wheres: list | None = None,
     ) -> list[Prepared | str]:
-        """Each row of a read batch prepared, or the reason it fails (its input error, or
-        the ``RowError`` that ``prepare`` raised)."""
+        """Each row of a read batch prepared, or the reason it fails (its input error, the
+        ``RowError`` that ``prepare`` raised, a prompt too long for the engine, or whatever
+        else went wrong with that row alone), prefixed with the row's place (``wheres``,
+        else its id)."""
+        from batchjobs.rowcheck import exception_text, located, text
         from batchjobs.tasks.generated import attach, control_columns
 
         controls = self.spec.task in ("generate", "chat") and (
             control_columns(self.spec) or self.spec.sampling.structured is not None
         )
+        wheres = wheres or [None] * len(ids)
+        values = [_loads(p) if e is None else None for p, e in zip(payloads, input_errors)]
+        problems = self.pretokenize(values)
         out: list[Prepared | str] = []
-        for row_id, payload, error, row_params in zip(ids, payloads, input_errors, params):
+        rows = zip(ids, values, input_errors, params, wheres, problems)
+        for row_id, row_values, error, row_params, where, problem in rows:
+            place = where or f"row {row_id}"
             if error is not None:
                 out.append(error)
                 continue
             try:
-                values = json.loads(payload)
-                prepared = self.prepare(request_id(row_id), values, row_params)
-                out.append(attach(self.spec, prepared, values) if controls else prepared)
+                if problem:
+                    raise RowError(problem)
+                prepared = self.prepare(request_id(row_id), row_values, row_params)
+                prepared = attach(self.spec, prepared, row_values) if controls else prepared
+                problem = self.length_problem(prepared.request)
+                if problem:
+                    raise RowError(problem)
+                out.append(prepared)
             except RowError as exc:
-                out.append(f"row {row_id}: {exc}")
+                out.append(located(place, text(exc)))
+            except Exception as exc:  # noqa: BLE001 - one row's failure is that row's error
+                out.append(located(place, f"cannot be prepared ({exception_text(exc)})"))
         return out
+
+    def pretokenize(self, values: list[dict | None]) -> list[str | None]:
+        """Tokenize a batch's text prompts at once where the task checks their length
+        (``GenerateTask``), adding ``token_ids`` to each row's values; per row, why it is
+        too long, or None. Rows without values (input errors) are None."""
+        return [None] * len(values)
+
+    def length_problem(self, request: Any) -> str | None:
+        """Why a prepared request's tokens do not fit the engine, or None (the limit is
+        ``max_len``, set in ``setup`` where the engine states it)."""
+        limit = getattr(self, "max_len", None)
+        token_ids = getattr(request, "token_ids", None)
+        if not limit or token_ids is None:
+            return None
+        from batchjobs.rowcheck import too_long
+
+        return too_long(len(token_ids), limit, self.prompt_label())
+
+    def prompt_label(self) -> str:
+        """The input column a prompt's tokens come from, for a length error."""
+        return next(iter(self.columns().values()))
 
     async def run(self, engine: Engine, request: Request) -> Result:
         return await getattr(engine, self.call)(request)
@@ -179,6 +222,13 @@ class Task:
     def report(self, out, records) -> dict | None:
         """The job's figures over its committed shards (``records``), at the end of a run;
         a task may write them beside the results under ``out``. None: nothing to report."""
+        return None
+
+
+def _loads(payload: str | None) -> dict | None:
+    try:
+        return json.loads(payload) if payload is not None else {}
+    except Exception:  # noqa: BLE001 - prepare names it as this row's error
         return None
 
 

@@ -37,6 +37,9 @@ class ChatTask(GenerateTask):
         return f"its structs lack {', '.join(sorted(missing))}" if missing else None
 
     async def setup(self, engine) -> None:
+        from batchjobs.rowcheck import engine_limit
+
+        self.max_len = engine_limit(engine)  # a longer rendered prompt is an error row
         self.tokenizer = load_tokenizer(self.spec)
         self.template = self.spec.chat.template  # None: the tokenizer's own
 

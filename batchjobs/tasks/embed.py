@@ -57,29 +57,42 @@ class EmbedTask(Task):
     def prepare(self, request_id: str, values: dict[str, Any], params: dict | None) -> Prepared:
         return self.prepare_batch([request_id], [json.dumps(values)], [None], [params])[0]
 
-    def prepare_batch(self, ids, payloads, input_errors, params) -> list[Prepared | str]:
+    def prepare_batch(
+        self, ids, payloads, input_errors, params, wheres=None
+    ) -> list[Prepared | str]:
         """Tokenize the batch's documents in one call of the tokenizer (its Rust core
         encodes them in parallel), then cut or refuse the long ones."""
         from batchjobs.engines.base import Request
+        from batchjobs.rowcheck import exception_text, located
 
         values = [json.loads(p) if e is None else None for p, e in zip(payloads, input_errors)]
         texts = [v["prompt"] for v in values if v is not None and "prompt" in v]
         encoded = iter(())
         if texts:
-            with self.lock:
-                encoded = iter(self.tokenizer(texts, add_special_tokens=True)["input_ids"])
+            try:
+                with self.lock:
+                    encoded = iter(self.tokenizer(texts, add_special_tokens=True)["input_ids"])
+            except Exception:  # noqa: BLE001 - tokenized one by one below, to find the bad one
+                encoded = iter([None] * len(texts))
         out: list[Prepared | str] = []
-        for row_id, v, error in zip(ids, values, input_errors):
+        for row_id, v, error, where in zip(ids, values, input_errors, wheres or [None] * len(ids)):
             if v is None:
                 out.append(error)
                 continue
             text = v.get("prompt")
             try:
-                tokens, cut = self.fit(
-                    list(v["token_ids"]) if text is None else next(encoded), text
-                )
+                tokens = list(v["token_ids"]) if text is None else next(encoded)
+                if tokens is None:
+                    with self.lock:
+                        tokens = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+                tokens, cut = self.fit(list(tokens), text)
             except RowError as exc:
-                out.append(f"row {row_id}: {exc}")
+                out.append(located(where or f"row {row_id}", str(exc)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - one row's failure is that row's error
+                out.append(
+                    located(where or f"row {row_id}", f"cannot be prepared ({exception_text(exc)})")
+                )
                 continue
             out.append(Prepared(Request(request_id(row_id), token_ids=tokens), {"truncated": cut}))
         return out

@@ -187,8 +187,15 @@ class EvalTask(Task):
 
     async def setup(self, engine) -> None:
         await self.inner.setup(engine)
+        self.max_len = None if self.ll else getattr(self.inner, "max_len", None)
         if self.ll:
             self.tokenizer = getattr(self.inner, "tokenizer", None) or load_tokenizer(self.spec)
+
+    def pretokenize(self, values: list[dict | None]) -> list[str | None]:
+        return [None] * len(values) if self.ll else self.inner.pretokenize(values)
+
+    def prompt_label(self) -> str:
+        return self.inner.prompt_label()
 
     def prepare(self, request_id: str, values: dict[str, Any], params: dict | None) -> Prepared:
         extra = {

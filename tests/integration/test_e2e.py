@@ -79,7 +79,9 @@ def test_cli_jsonl_to_parquet_with_bad_rows_resume_and_refusal(tmp_path, tiny_mo
         assert r["error"] is None and r["finish_reason"] in ("stop", "length")
         assert r["prompt_tokens"] == len(tokenizer(p).input_ids)
         assert 1 <= r["completion_tokens"] <= 8
-    assert "maximum context length" in rows["b-long"]["error"]
+    # too long for max_model_len: refused before the engine, naming file, line and column
+    assert rows["b-long"]["error"].startswith(f"file://{inp}/b.jsonl line 2: 'prompt' has ")
+    assert "more than engine.max_model_len 256 tokens can hold" in rows["b-long"]["error"]
     assert "'prompt' is empty" in rows["b-empty"]["error"]
     assert "is int, expected string" in rows["b-int"]["error"]
     bad = [r for r in rows.values() if r["id"].endswith(":3")]
@@ -131,7 +133,7 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
         pa.table(
             {
                 "prompt": [f"{SHARED}write a story about the city {i}" for i in range(n)]
-                + ["word " * 400],  # > max_model_len 256: vLLM refuses it
+                + ["word " * 400],  # > max_model_len 256: refused before the engine
                 "budget": [None if i % 4 == 0 else 1 + i % 5 for i in range(n)] + [None],
             }
         ),
@@ -154,7 +156,8 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
     assert t.column("row_id").to_pylist() == [f"{shard_id}:{i}" for i in range(n + 1)]
     refused = t.slice(n).to_pylist()[0]
     assert refused["finish_reason"] == "error" and refused["completion_tokens"] == 0
-    assert refused["error"].startswith("rejected by engine:") and "256" in refused["error"]
+    assert refused["error"].startswith(f"file://{inp}/p.parquet row {n}: 'prompt' has ")
+    assert "tokens; engine.max_model_len is 256" in refused["error"]
     t = t.slice(0, n)
     expected = [6 if i % 4 == 0 else 1 + i % 5 for i in range(n)]
     assert t.column("completion_tokens").to_pylist() == expected

@@ -323,7 +323,7 @@ def test_text_scorers_through_a_replica(tmp_path, write_jsonl, eval_spec):
     assert col["reference"][5] is None  # an input error: no reference read
     assert col["subject"] == ["math", "geo", "math", "geo", "math", None]
     assert (
-        col["error"][4] == "rejected by engine: no answer"
+        col["error"][4].endswith(" line 5: rejected by engine: no answer")
         and "'prompt' is empty" in col["error"][5]
     )
 
@@ -395,10 +395,12 @@ def test_a_failed_or_logprob_less_choice_is_an_error_row(
     ctx, cont = lm_eval_pair("The sky is", " green")
     failing = tuple(tokenizer(ctx + cont)["input_ids"])
     row = _through_replica(spec, LogprobEngine(fail=(failing,))).to_pylist()[0]
-    assert row["error"] == "choice 1: rejected by engine: too long"
+    assert row["error"].endswith(" line 1: choice 1: rejected by engine: too long")
     assert row["correct"] is False and row["answer"] is None and row["choice_logprobs"] is None
     row = _through_replica(spec, LogprobEngine(give=False)).to_pylist()[0]
-    assert row["error"] == "choice 0: the engine returned no prompt log-probabilities"
+    assert row["error"].endswith(
+        " line 1: choice 0: the engine returned no prompt log-probabilities"
+    )
 
 
 def test_loglikelihood_after_a_chat_template(tmp_path, write_jsonl, eval_spec, tokenizer):

@@ -24,6 +24,7 @@ READ_COLUMNS = [
     "payload",
     "input_error",
     "params",
+    "where",
 ]
 
 
@@ -449,7 +450,7 @@ def test_preflight_parquet_on_memory(memfs, generate):
 
 def test_preflight_jsonl_first_line_missing_column(tmp_path, generate):
     path = tmp_path / "j.jsonl"
-    path.write_text('\n{"question": "a", "n": 1}\n{"prompt": "b"}\n')
+    path.write_text('\n{"question": "a", "n": 1}\nnot json\n{"question": "b"}\n')
     (shard,) = list_shards(str(path))
     with pytest.raises(InputError) as info:
         preflight(shard, generate(), None)
