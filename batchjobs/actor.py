@@ -46,6 +46,7 @@ from batchjobs.engines.base import Engine, EngineDead, Result
 from batchjobs.errors import BatchJobError, EngineError
 from batchjobs.readers import INPUT_ERROR, PARAMS, PAYLOAD, ROW_ID, ROW_INDEX, SHARD_ID, SHARD_ROWS
 from batchjobs.replicas import claim_replica
+from batchjobs.secrets import credential_env
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import Prepared, task_for
 
@@ -127,6 +128,9 @@ class EngineReplica:
         self.rows = 0
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         started = time.time()
+        # engine.env's credentials: set here, not in Ray's runtime_env (replicas.engine_env),
+        # which Ray writes to its own logs; the engine's processes inherit them from here.
+        os.environ.update(credential_env(spec.engine.env))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="engine-loop", daemon=True
