@@ -167,7 +167,7 @@ def raw_spec_secrets(raw: Any) -> list[str]:
         if isinstance(node, Mapping):
             for k, v in node.items():
                 if k in ("storage_options", "env"):
-                    values.extend(secret_values(v if isinstance(v, Mapping) else {"": v}))
+                    values.extend(_leaves(v))  # a number too: an error would quote it
                 else:
                     walk(v)
         elif isinstance(node, (list, tuple)):
@@ -180,6 +180,17 @@ def raw_spec_secrets(raw: Any) -> list[str]:
 
     walk(raw)
     return secrets_of(values)
+
+
+def _leaves(node: Any) -> list[str]:
+    """Every scalar under ``node`` (strings and numbers, not booleans) as text."""
+    if isinstance(node, Mapping):
+        return [leaf for v in node.values() for leaf in _leaves(v)]
+    if isinstance(node, (list, tuple)):
+        return [leaf for v in node for leaf in _leaves(v)]
+    if isinstance(node, (str, int, float)) and not isinstance(node, bool):
+        return [str(node)]
+    return []
 
 
 def _ray_token() -> set[str]:
