@@ -212,7 +212,9 @@ def test_cli_on_s3_kill_resume_changed_shard_store_faults_and_no_secret_anywhere
         rerun = subprocess.run(
             cmd + ["--summary-json", str(summary_json)],
             cwd=REPO,
-            env={**env, **s3.env()},
+            # botocore tries each request twice (its default: 5 times over ~11 s), so the
+            # faults outlast it sooner, in the write tasks too
+            env={**env, **s3.env(), "AWS_MAX_ATTEMPTS": "2"},
             capture_output=True,
             timeout=600,
         )
@@ -251,6 +253,9 @@ def test_cli_on_s3_kill_resume_changed_shard_store_faults_and_no_secret_anywhere
             p.endswith("_runs.jsonl") for p in written
         )
         assert any(p.endswith("_progress.jsonl") for p in written)
+        # a write task's own retries (botocore's attempts used up) are in the run's log
+        logs = b"".join(data for p, data in written.items() if "/_logs/" in p)
+        assert b"output store: write s3://outputs/job1/_staging/" in logs
         ray_files = _local_files(ray_tmp)
         assert any(p.endswith(".log") or p.endswith(".out") for p in ray_files)
         _assert_nowhere(
