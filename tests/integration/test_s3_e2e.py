@@ -16,6 +16,7 @@ process make it fail), with the store failing in the ways production stores do.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -62,10 +63,19 @@ def _put_shards(fs, prefix: str, shards: int, rows: int) -> dict[str, set[str]]:
     return ids
 
 
-def _put_shard(fs, path: str, keys: list[str]) -> set[str]:
-    table = pa.table({"id": keys, "prompt": [f"list every number of the river {k}" for k in keys]})
+def _put_shard(fs, path: str, keys: list[str], bad_line: int | None = None) -> set[str]:
+    """One shard, Parquet or (by its name) JSON Lines, whose line ``bad_line`` (1-based) is
+    not JSON; its ids, without the bad line's."""
+    prompts = [f"list every number of the river {k}" for k in keys]
+    if path.endswith(".jsonl"):
+        lines = [json.dumps({"id": k, "prompt": p}) for k, p in zip(keys, prompts)]
+        if bad_line is not None:
+            lines[bad_line - 1] = "{this is not json"
+            keys = keys[: bad_line - 1] + keys[bad_line:]
+        fs.pipe_file(path, ("\n".join(lines) + "\n").encode())
+        return set(keys)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(pa.table({"id": keys, "prompt": prompts}), sink)
     fs.pipe_file(path, sink.getvalue().to_pybytes())
     return set(keys)
 
@@ -121,17 +131,23 @@ def test_cli_on_s3_kill_resume_changed_shard_store_faults_and_no_secret_anywhere
     s3, tiny_model, tmp_path
 ):
     fs = s3.fs()
-    by_file = _put_shards(fs, "inputs/job1", shards=4, rows=24)
+    by_file = _put_shards(fs, "inputs/job1", shards=3, rows=24)
+    by_file["part-3.jsonl"] = _put_shard(
+        fs, "inputs/job1/part-3.jsonl", [f"s3-r{i}" for i in range(24)], bad_line=6
+    )
     token = uuid.uuid4().hex[:12]
     engine_secret = f"engine-env-secret-{token}"
     ray_token = f"ray-auth-token-{token}"
     quoted = quote(s3.secret, safe="")
     secrets = [s3.key, s3.secret, quoted, engine_secret, ray_token]
     ray_tmp = Path(tempfile.mkdtemp(prefix="bjs3-", dir="/tmp"))  # short: Ray's socket paths
+    local_tmp = ray_tmp / "tmp"  # the job's local files (its log before it reaches S3)
+    local_tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(
         VLLM_CPU_KVCACHE_SPACE="1",
         RAY_TMPDIR=str(ray_tmp),
+        TMPDIR=str(local_tmp),
         RAY_AUTH_TOKEN=ray_token,
         AWS_SHARED_CREDENTIALS_FILE=os.devnull,  # no credentials but the ones given
         AWS_CONFIG_FILE=os.devnull,
@@ -147,7 +163,7 @@ def test_cli_on_s3_kill_resume_changed_shard_store_faults_and_no_secret_anywhere
         _job(
             tiny_model,
             job,
-            f"s3://{s3.key}:{quoted}@inputs/job1/*.parquet",
+            f"s3://{s3.key}:{quoted}@inputs/job1/part-*",
             {"client_kwargs": {"endpoint_url": s3.url, "region_name": REGION}},
             s3.options(),
             {"BATCHJOBS_TEST_SECRET": engine_secret},
@@ -174,7 +190,9 @@ def test_cli_on_s3_kill_resume_changed_shard_store_faults_and_no_secret_anywhere
             assert fs.exists(f"outputs/job1/{sid}/_SUCCESS")
 
         # A committed shard's input changes before the rerun: its old rows must go.
-        changed_sid, changed = next(iter(first.items()))
+        changed_sid, changed = next(
+            (sid, r) for sid, r in first.items() if r.source.endswith(".parquet")
+        )
         name = changed.source.rsplit("/", 1)[1]
         assert changed.source == f"s3://inputs/job1/{name}"  # no credentials in the source
         by_file[name] = _put_shard(
@@ -186,7 +204,7 @@ def test_cli_on_s3_kill_resume_changed_shard_store_faults_and_no_secret_anywhere
         _job(
             tiny_model,
             job,
-            "s3://inputs/job1/*.parquet",
+            "s3://inputs/job1/part-*",
             {},
             {},
             {"BATCHJOBS_TEST_SECRET": engine_secret},
@@ -239,8 +257,11 @@ def test_cli_on_s3_kill_resume_changed_shard_store_faults_and_no_secret_anywhere
         for sid in committed:
             assert fs.exists(f"outputs/job1/{sid}/_SUCCESS")
         assert not fs.find("outputs/job1/_staging")
-        expected = sorted(set().union(*by_file.values()))
-        assert sorted(_output_ids(fs, "outputs/job1")) == expected  # each row exactly once
+        rows = pds.dataset("outputs/job1", filesystem=fs, format="parquet").to_table()
+        (bad,) = [r for r in rows.to_pylist() if r["id"].endswith(":5")]  # no id of its own
+        assert bad["error"].startswith("s3://inputs/job1/part-3.jsonl line 6: not valid JSON")
+        expected = sorted(set().union(*by_file.values()) | {bad["id"]})
+        assert sorted(rows.column("id").to_pylist()) == expected  # each row exactly once
 
         # Not a secret anywhere the job wrote: the output root (manifest, runs, progress,
         # logs, report), the summary, what it printed, and Ray's session folder (driver,
@@ -256,8 +277,9 @@ def test_cli_on_s3_kill_resume_changed_shard_store_faults_and_no_secret_anywhere
         # a write task's own retries (botocore's attempts used up) are in the run's log
         logs = b"".join(data for p, data in written.items() if "/_logs/" in p)
         assert b"output store: write s3://outputs/job1/_staging/" in logs
-        ray_files = _local_files(ray_tmp)
+        ray_files = _local_files(ray_tmp)  # Ray's session folder and the job's local files
         assert any(p.endswith(".log") or p.endswith(".out") for p in ray_files)
+        assert any("batchjobs-logs-" in p for p in ray_files)  # the killed run's local log
         _assert_nowhere(
             secrets,
             {**written, **ray_files, **printed, str(summary_json): summary_json.read_bytes()},
