@@ -10,6 +10,9 @@ values of environment variables whose names say they hold one (``AWS_SECRET_ACCE
   options (s3fs's ``key`` and ``secret``), so the URL that is listed, logged and recorded
   (shard sources, manifest, run records, error messages) never carries them. A URL of any
   other scheme with a password in it is refused: fsspec would keep it in every path.
+* ``credential_env`` picks the ``engine.env`` variables named like credentials: the engine
+  replica sets those in its own process instead of passing them through Ray's runtime
+  environment, which Ray writes to its session logs (``runtime_env_agent.log``).
 * ``redact`` masks a job's credentials in any text, and anything shaped like one
   (AWS access key ids, ``Authorization:`` headers, ``token=...``, ``scheme://user:pass@``).
   Every writer of text that may quote a spec, a URL or the environment goes through it:
