@@ -56,6 +56,7 @@ from batchjobs.readers import (
 )
 from batchjobs.replicas import claim_replica
 from batchjobs.rowcheck import safe_columns
+from batchjobs.secrets import credential_env
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import Prepared, task_for
 
@@ -137,6 +138,9 @@ class EngineReplica:
         self.rows = 0
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         started = time.time()
+        # engine.env's credentials: set here, not in Ray's runtime_env (replicas.engine_env),
+        # which Ray writes to its own logs; the engine's processes inherit them from here.
+        os.environ.update(credential_env(spec.engine.env))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="engine-loop", daemon=True

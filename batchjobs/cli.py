@@ -31,9 +31,17 @@ SetOpt = Annotated[
 SpecArg = Annotated[Path, typer.Argument(help="The job spec, a YAML file.", show_default=False)]
 
 
-def _fail(exc: BatchJobError) -> None:
-    typer.echo(f"error: {exc}", err=True)
+def _fail(exc: BatchJobError, job=None) -> None:
+    typer.echo(f"error: {_masked(str(exc), job)}", err=True)
     raise typer.Exit(exc.exit_code)
+
+
+def _masked(text: str, job=None) -> str:
+    """``text`` with the job's credentials (or, without a job, those of the environment)
+    and anything shaped like one masked (``secrets.redact``)."""
+    from batchjobs.secrets import redact, secrets_of, spec_secrets
+
+    return redact(text, spec_secrets(job) if job is not None else secrets_of(()))
 
 
 @app.command()
@@ -130,7 +138,7 @@ def run(
     from batchjobs.spec import load_spec
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    watch = None
+    watch = job = None
     try:
         job = load_spec(spec, set_)
         job = on_cluster(job)  # where a Ray job runs it: paths the upload left out
@@ -156,15 +164,15 @@ def run(
                 if not skip_report:
                     _write_report(job.output.path, job.output.storage_options)
                 _write_summary_json(summary_json, exc.summary.to_dict())
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {_masked(str(exc), job)}", err=True)
             typer.echo(f"logs of Ray and the engines: {watch.logs}", err=True)
             raise typer.Exit(exc.exit_code) from None
-        _fail(exc)
+        _fail(exc, job)
     except Exception as exc:
         if watch is None:
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
-        typer.echo(f"error: {type(exc).__name__}: {first}", err=True)
+        typer.echo(f"error: {_masked(f'{type(exc).__name__}: {first}', job)}", err=True)
         typer.echo(f"the traceback is in the log: {watch.logs}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:

@@ -308,13 +308,11 @@ def watching(job, quiet: bool = False, verbose: bool = False) -> Iterator[Watch]
     """The terminal side of one ``batchjobs run``: others' output routed to the log file
     (``logs.routed``), a ``Display`` on the terminal, the log copied into the output root
     as the run goes and at its end."""
-    from batchjobs.layout import secret_values
-    from batchjobs.logs import routed, secrets_of
+    from batchjobs.logs import routed
+    from batchjobs.secrets import spec_secrets
     from batchjobs.sink import OutputRoot
 
-    secrets = secrets_of(
-        secret_values(job.input.storage_options, job.output.storage_options, job.engine.env)
-    )
+    secrets = spec_secrets(job)
     out = OutputRoot(job.output.path, job.output.storage_options)
     router = None
     failed = True

@@ -28,6 +28,8 @@ import json
 from typing import Any
 
 from batchjobs.errors import BatchJobError, OutputError
+from batchjobs.secrets import redact
+from batchjobs.secrets import secret_values as secret_values  # its home before secrets.py
 
 MANIFEST = "_manifest.jsonl"
 MANIFEST_DELTAS = "_manifest.d"
@@ -134,29 +136,7 @@ def exit_status(exc: BaseException, secrets: list[str] | tuple[str, ...] = ()) -
     else:
         code, text = 1, f"{type(exc).__name__}: {exc}"
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    reason = lines[0] if lines else type(exc).__name__
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) >= 4:  # shorter values ("us", "1") would mask ordinary words
-            reason = reason.replace(secret, "***")
+    reason = redact(lines[0] if lines else type(exc).__name__, secrets)
     if len(reason) > MAX_REASON:
         reason = reason[: MAX_REASON - 3] + "..."
     return code, reason
-
-
-def secret_values(*mappings: dict[str, Any] | None) -> list[str]:
-    """Every string value (nested too) of storage options or an env mapping."""
-    found: list[str] = []
-
-    def walk(value: Any) -> None:
-        if isinstance(value, str):
-            found.append(value)
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-
-    for m in mappings:
-        walk(m or {})
-    return found

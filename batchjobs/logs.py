@@ -29,11 +29,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
 from batchjobs.layout import LOGS, RUNS
+from batchjobs.secrets import redact
+from batchjobs.secrets import secrets_of as secrets_of  # its home before secrets.py
 
 ROTATE_BYTES = 20 << 20
 BACKUPS = 4
@@ -56,35 +58,6 @@ BENIGN = (
     # store: the engine stage's are the spec, kept for the job's lifetime.
     "has constructor arguments in the object store and max_restarts > 0",
 )
-# Values of environment variables with these words in their names are masked too.
-_SECRET_NAMES = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
-# Credentials by their form: (pattern, what replaces it).
-_SECRET_PATTERNS = (
-    (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "***"),  # AWS access key ids
-    (re.compile(r"(?i)(authorization:\s*(?:bearer|basic)\s+)\S+"), r"\1***"),
-    (
-        re.compile(r"(?i)\b(secret_access_key|password|passwd|api_key|token)(\s*[=:]\s*)[^\s,;]+"),
-        r"\1\2***",
-    ),
-)
-
-
-def secrets_of(values: Iterable[str], environ: dict[str, str] | None = None) -> list[str]:
-    """The strings to mask: ``values`` (the spec's storage options and engine env), and the
-    values of environment variables whose names say they hold a credential."""
-    env = os.environ if environ is None else environ
-    found = {v for v in values if isinstance(v, str) and len(v) >= 4}
-    found |= {v for k, v in env.items() if _SECRET_NAMES.search(k) and len(v) >= 8}
-    return sorted(found, key=len, reverse=True)
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every one of ``secrets`` and anything shaped like a credential masked."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    for pattern, replacement in _SECRET_PATTERNS:
-        text = pattern.sub(replacement, text)
-    return text
 
 
 def clean(line: str) -> str:

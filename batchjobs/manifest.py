@@ -42,6 +42,7 @@ from batchjobs.cost import Weights, per_million, usd
 from batchjobs.errors import OutputError
 from batchjobs.layout import MANIFEST, MANIFEST_DELTAS, stamped, unstamped
 from batchjobs.records import ShardCounts
+from batchjobs.retries import failure
 from batchjobs.sink import OutputRoot
 
 log = logging.getLogger("batchjobs")
@@ -170,8 +171,23 @@ class Manifest:
         if not later:
             return
         fs = self.root.fs
-        # One request per file, concurrent where the filesystem can (s3fs, gcsfs).
-        got = {posixpath.basename(k): v for k, v in fs.cat([p for _, p in later]).items()}
+
+        # One request per file, concurrent where the filesystem can (s3fs, gcsfs). A file
+        # that vanished (a compaction meanwhile) is missing from the answer; _load reads again.
+        def fetch() -> dict[str, bytes]:
+            found = fs.cat([p for _, p in later], on_error="return")
+            for value in found.values():
+                if isinstance(value, Exception) and not isinstance(value, FileNotFoundError):
+                    raise value
+            return {posixpath.basename(k): v for k, v in found.items() if isinstance(v, bytes)}
+
+        what = f"read {self.root.url}/{MANIFEST_DELTAS}"
+        try:
+            got = self.root.io(what, fetch)
+        except FileNotFoundError:
+            raise  # compacted meanwhile: __init__ reads again
+        except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
+            raise failure(what, exc) from None
         for _, path in later:
             name = posixpath.basename(path)
             if name not in got:
@@ -182,16 +198,24 @@ class Manifest:
         self._pending = len(later)
 
     def _list_deltas(self) -> list[tuple[int, str]]:
+        folder = self.root.path(MANIFEST_DELTAS)
+        self.root.fs.invalidate_cache(folder)  # another process may have committed since
         try:
-            paths = self.root.fs.ls(self.root.path(MANIFEST_DELTAS), detail=False)
-        except FileNotFoundError:
-            return []
+            paths = self.root.io(f"list {self.root.url}/{MANIFEST_DELTAS}", self._ls, folder)
+        except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
+            raise failure(f"list {self.root.url}/{MANIFEST_DELTAS}", exc) from None
         found = []
         for p in paths:
             m = _DELTA.match(posixpath.basename(p))
             if m:  # not a temporary file of a write that died
                 found.append((int(m.group(1)), p))
         return sorted(found)
+
+    def _ls(self, folder: str) -> list[str]:
+        try:
+            return self.root.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return []
 
     @staticmethod
     def _parse(raw: bytes, where: str) -> list[tuple[ShardRecord, int]]:
@@ -274,7 +298,8 @@ class Manifest:
     def _put(self, path: str, data: bytes) -> None:
         """Write a new file whole: rename into place locally, one PUT on object stores."""
         fs = self.root.fs
-        try:
+
+        def put() -> None:
             if self.root.local:
                 folder = posixpath.dirname(path)
                 if not self._dir_ready:
@@ -288,8 +313,12 @@ class Manifest:
                 fs.mv(tmp, path)
             else:
                 fs.pipe_file(path, data)
-        except OSError as exc:
-            raise OutputError(f"cannot write {fs.unstrip_protocol(path)}: {exc}") from None
+
+        what = f"write {fs.unstrip_protocol(path)}"
+        try:
+            self.root.io(what, put)
+        except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
+            raise failure(what, exc) from None
 
 
 def _line(rec: ShardRecord, seq: int) -> str:

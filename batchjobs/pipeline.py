@@ -23,7 +23,7 @@ from batchjobs.feeding import (
     start_gate_s,
 )
 from batchjobs.graph import build_dataset
-from batchjobs.layout import RUNS, run_record, secret_values
+from batchjobs.layout import RUNS, run_record
 from batchjobs.planning import Plan, plan_job, retire_superseded
 from batchjobs.records import ShardCounts
 from batchjobs.replicas import (
@@ -32,6 +32,7 @@ from batchjobs.replicas import (
     start_replicas,
     stop_replicas,
 )
+from batchjobs.secrets import public_spec, spec_secrets
 from batchjobs.shard_errors import check_outcome
 from batchjobs.sink import OutputRoot
 from batchjobs.spec import JobSpec
@@ -338,7 +339,7 @@ def _append_run(
         else:
             out = OutputRoot(spec.output.path, spec.output.storage_options)
         if summary is not None:
-            base = {**summary.to_dict(), "spec": _public_spec(spec)}
+            base = {**summary.to_dict(), "spec": public_spec(spec)}
             committed = plan.manifest.committed()
             base["shards_committed"] = sum(1 for s in plan.todo if s.shard_id in committed)
         else:
@@ -348,9 +349,7 @@ def _append_run(
             started_at=started,
             ended_at=ended,
             failure=failure,
-            secrets=secret_values(
-                spec.input.storage_options, spec.output.storage_options, spec.engine.env
-            ),
+            secrets=spec_secrets(spec),
         )
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
         out.write_atomic(RUNS, (out.read(RUNS) or b"") + line)
@@ -358,19 +357,6 @@ def _append_run(
         if failure is None:
             raise
         log.warning("cannot record the failed run in %s/%s: %s", spec.output.path, RUNS, exc)
-
-
-def _public_spec(spec: JobSpec) -> dict[str, Any]:
-    """The spec as the run record keeps it: storage options and engine env hidden
-    (``JobSpec.redacted``), and their values masked wherever else they appear."""
-    text = json.dumps(spec.redacted(), default=str)
-    secrets = secret_values(
-        spec.input.storage_options, spec.output.storage_options, spec.engine.env
-    )
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) >= 4:
-            text = text.replace(json.dumps(secret)[1:-1], "***")
-    return json.loads(text)
 
 
 def _translate(exc: BaseException) -> BatchJobError:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from batchjobs.errors import OutputError
 from batchjobs.manifest import SUPERSEDED, Manifest, ShardRecord
 from batchjobs.readers import Shard, list_shards
+from batchjobs.retries import RetryPolicy
 from batchjobs.sink import OutputRoot
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import task_for
@@ -44,7 +45,7 @@ def preflight_shards(spec: JobSpec, shards: list[Shard], strict: bool = True) ->
 def open_output(spec: JobSpec, fresh: bool = False) -> OutputRoot:
     """The output root, emptied first for --fresh or mode overwrite; mode error refuses a
     non-empty one."""
-    out = OutputRoot(spec.output.path, spec.output.storage_options)
+    out = OutputRoot(spec.output.path, spec.output.storage_options, RetryPolicy.of(spec.output))
     if fresh or spec.output.mode == "overwrite":
         out.wipe()
     elif spec.output.mode == "error" and not out.is_empty():

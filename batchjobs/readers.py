@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from batchjobs.errors import InputError
 from batchjobs.rowcheck import exception_text, python_rows, row_values, text
+from batchjobs.secrets import lift_url_credentials
 
 PARQUET_EXT = (".parquet", ".pq")
 JSONL_EXT = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")
@@ -94,7 +95,10 @@ class Shard:
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None):
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    """The fsspec filesystem of ``url`` and the path in it; an ``s3://KEY:SECRET@`` URL's
+    credentials become storage options (``secrets.lift_url_credentials``)."""
+    url, storage_options = lift_url_credentials(url, storage_options)
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
     return fs, path
 
 

@@ -25,6 +25,7 @@ from typing import Literal
 from batchjobs import compat
 from batchjobs.engines import warmstart
 from batchjobs.feeding import inflight_batches, pool_min
+from batchjobs.secrets import credential_env
 from batchjobs.spec import JobSpec
 
 log = logging.getLogger("batchjobs")
@@ -50,7 +51,9 @@ def engine_env(spec: JobSpec, device: str, engine_factory: Callable | None = Non
         # if the actor dies without closing, a warm-started engine core follows it
         # (warmstart.follow). tests/integration/test_teardown.py.
         "RAY_kill_child_processes_on_worker_exit": "false",
-        **spec.engine.env,
+        # Not the credentials: Ray writes a runtime_env, variables and all, to its own logs.
+        # The replica sets them in its process (actor.EngineReplica).
+        **{k: v for k, v in spec.engine.env.items() if k not in credential_env(spec.engine.env)},
     }
     if device == "cpu":
         # Ray sets OMP_NUM_THREADS=num_cpus for an actor; the CPU engine wants every core.

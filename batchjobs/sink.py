@@ -15,21 +15,28 @@ partial shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batchjobs import retries
 from batchjobs.errors import OutputError
 from batchjobs.layout import STAGING, SUCCESS
 from batchjobs.readers import ROW_ID, SHARD_ID, SHARD_ROWS, filesystem
 from batchjobs.records import BOOKKEEPING_COLUMNS, COUNT_TYPES, DEFAULT_ID_COLUMN
+from batchjobs.retries import RetryPolicy
 from batchjobs.safety import child
+from batchjobs.secrets import lift_url_credentials
 
+T = TypeVar("T")
 CACHED = "_cached_tokens"  # the engine stage's per-row prefix-cache hits (actor.CACHED)
 
 
@@ -57,6 +64,7 @@ def write_staged(
 
     batch, failed = split_failed(batch)  # shards that could not be read: summaries only
     fs, path = filesystem(root, storage_options)
+    policy = RetryPolicy.of(spec.output) if spec is not None else RetryPolicy()
     summaries = failed + [
         _write_part(
             fs,
@@ -66,6 +74,7 @@ def write_staged(
             id_column or DEFAULT_ID_COLUMN,
             metadata or {},
             summarize,
+            policy,
         )
         for shard_id in pc.unique(batch.column(SHARD_ID)).to_pylist()
     ]
@@ -93,18 +102,22 @@ def _write_part(
     id_column: str,
     metadata: dict[str, str],
     summarize=None,
+    policy: RetryPolicy | None = None,
 ) -> dict[str, Any]:
     out = output_table(part, id_column, metadata)
     name = f"{uuid.uuid4().hex}.parquet"
     path = child(root, STAGING, shard_id, name)
-    try:
+
+    def write() -> None:  # whole again on a retry: a failed upload leaves no object
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         with fs.open(path, "wb") as fh:
             pq.write_table(out, fh)
+
+    what = f"write {fs.unstrip_protocol(path)}"
+    try:
+        retries.call(write, policy=policy, what=what)
     except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
-        raise OutputError(
-            f"cannot write {fs.unstrip_protocol(path)}: {type(exc).__name__}: {exc}"
-        ) from None
+        raise retries.failure(what, exc) from None
     return {
         "shard_id": shard_id,
         "shard_rows": part.column(SHARD_ROWS)[0].as_py(),
@@ -155,12 +168,36 @@ SUMMARY_SCHEMA = pa.schema(
 
 
 class OutputRoot:
-    """The driver's handle on the output root: staging, commit, cleanup."""
+    """The driver's handle on the output root: staging, commit, cleanup. Every operation
+    on the store is retried where its error may pass (``retries``)."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
-        self.url = url
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+    ):
+        try:
+            url, storage_options = lift_url_credentials(url, storage_options, "the output path")
+        except ValueError as exc:
+            raise OutputError(str(exc)) from None
+        self.url = url  # without credentials: it is shown and recorded
         self.fs, self.root = filesystem(url, storage_options)
         self.local = "file" in _protocols(self.fs)
+        self.retry = retry or RetryPolicy()
+
+    def io(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` on the store, retried (``retries.call``); the last error
+        is raised as it came."""
+
+        def attempt() -> T:
+            return fn(*args, **kwargs)
+
+        def fresh(wait: float) -> None:
+            time.sleep(wait)
+            self.fs.invalidate_cache()  # listings cached before the failure may be stale
+
+        return retries.call(attempt, policy=self.retry, what=what, sleep=fresh)
 
     def path(self, *parts: str) -> str:
         return child(self.root, *parts)  # never outside the root (safety.child)
@@ -170,45 +207,77 @@ class OutputRoot:
 
     def clear_shard(self, shard_id: str) -> None:
         """Remove any staged or half-committed output of a shard before it is redone."""
-        for p in (self.path(STAGING, shard_id), self.shard_dir(shard_id)):
-            if self.fs.exists(p):
-                self.fs.rm(p, recursive=True)
+        what = f"remove earlier output of shard {shard_id} under {self.url}"
+        try:
+            for p in (self.path(STAGING, shard_id), self.shard_dir(shard_id)):
+                self.io(what, self._rm_tree, p)
+        except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
+            raise retries.failure(what, exc) from None
 
     def commit(self, shard_id: str, files: list[str]) -> list[str]:
-        """Make a shard's reported staged files visible at once; returns the final paths."""
+        """Make a shard's reported staged files visible at once; returns the final paths.
+
+        Each step is retried on its own and may run twice: a file an interrupted attempt
+        already moved is not moved again."""
         staging = self.path(STAGING, shard_id)
         final = self.shard_dir(shard_id)
         keep = set(files)
+        what = f"commit shard {shard_id} under {self.url}"
         try:
             if files:
-                for p in self.fs.ls(staging, detail=False):
+                self.fs.invalidate_cache(staging)  # written by the write tasks' processes
+                for p in self.io(what, self.fs.ls, staging, detail=False):
                     if posixpath.basename(p) not in keep:
-                        self.fs.rm(p)  # written by an attempt that never reported: not ours
-            if self.fs.exists(final):
-                self.fs.rm(final, recursive=True)
+                        # written by an attempt that never reported: not ours
+                        self.io(what, self._rm_tree, p)
+            self.io(what, self._rm_tree, final)
             if not files:
-                self.fs.makedirs(final, exist_ok=True)
+                self.io(what, self.fs.makedirs, final, exist_ok=True)
             elif self.local:
-                self.fs.mv(staging, final, recursive=True)  # one rename: atomic
+                self.io(what, self.fs.mv, staging, final, recursive=True)  # one rename: atomic
             else:
                 for name in files:
-                    self.fs.mv(posixpath.join(staging, name), posixpath.join(final, name))
+                    src, dst = posixpath.join(staging, name), posixpath.join(final, name)
+                    self.io(what, self._move, src, dst)
             if not self.local or not files:
-                with self.fs.open(posixpath.join(final, SUCCESS), "wb"):
-                    pass
-        except OSError as exc:
-            raise OutputError(f"cannot commit shard {shard_id} under {self.url}: {exc}") from None
+                self.io(what, self.fs.pipe_file, posixpath.join(final, SUCCESS), b"")
+        except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
+            raise retries.failure(what, exc) from None
         return [posixpath.join(final, name) for name in sorted(files)]
+
+    def _rm_tree(self, p: str) -> None:
+        """Remove a file or folder if it is there (also when an earlier try removed part)."""
+        if self.fs.exists(p):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(p, recursive=True)
+
+    def _move(self, src: str, dst: str) -> None:
+        """Move one file; done already if an earlier try moved it (source gone, target there)."""
+        try:
+            self.fs.mv(src, dst)
+        except FileNotFoundError:
+            self.fs.invalidate_cache()
+            if self.fs.exists(src) or not self.fs.exists(dst):
+                raise
 
     def remove_empty_staging(self) -> None:
         staging = self.path(STAGING)
-        if self.fs.exists(staging) and not self.fs.ls(staging, detail=False):
-            self.fs.rm(staging, recursive=True)
+        self.fs.invalidate_cache(staging)
+
+        def remove() -> None:
+            if self.fs.exists(staging) and not self.fs.ls(staging, detail=False):
+                self.fs.rm(staging, recursive=True)
+
+        try:
+            self.io(f"remove {self.url}/{STAGING}", remove)
+        except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
+            raise retries.failure(f"clean up {self.url}/{STAGING}", exc) from None
 
     def write_atomic(self, name: str, data: bytes) -> None:
         """Replace a small file at the root in one step (rename locally, one PUT on object stores)."""
         target = self.path(name)
-        try:
+
+        def write() -> None:
             self.fs.makedirs(self.root, exist_ok=True)
             if self.local:
                 tmp = self.path(f".{name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -216,24 +285,44 @@ class OutputRoot:
                     fh.write(data)
                 self.fs.mv(tmp, target)
             else:
-                with self.fs.open(target, "wb") as fh:
-                    fh.write(data)
-        except OSError as exc:
-            raise OutputError(f"cannot write {self.fs.unstrip_protocol(target)}: {exc}") from None
+                self.fs.pipe_file(target, data)
+
+        what = f"write {self.fs.unstrip_protocol(target)}"
+        try:
+            self.io(what, write)
+        except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
+            raise retries.failure(what, exc) from None
 
     def read(self, name: str) -> bytes | None:
         target = self.path(name)
-        if not self.fs.exists(target):
-            return None
-        with self.fs.open(target, "rb") as fh:
-            return fh.read()
+
+        def read() -> bytes | None:
+            try:
+                return self.fs.cat_file(target)
+            except (FileNotFoundError, NotADirectoryError):  # no such file
+                return None
+
+        what = f"read {self.fs.unstrip_protocol(target)}"
+        try:
+            return self.io(what, read)
+        except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
+            raise retries.failure(what, exc) from None
 
     def is_empty(self) -> bool:
-        return not self.fs.exists(self.root) or not self.fs.ls(self.root, detail=False)
+        def empty() -> bool:
+            return not self.fs.exists(self.root) or not self.fs.ls(self.root, detail=False)
+
+        self.fs.invalidate_cache(self.root)
+        try:
+            return self.io(f"list {self.url}", empty)
+        except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
+            raise retries.failure(f"list {self.url}", exc) from None
 
     def wipe(self) -> None:
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+        try:
+            self.io(f"delete {self.url}", self._rm_tree, self.root)
+        except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
+            raise retries.failure(f"delete {self.url}", exc) from None
 
 
 def _protocols(fs) -> tuple[str, ...]:

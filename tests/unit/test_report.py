@@ -216,12 +216,12 @@ def test_report_of_a_copied_root_and_of_no_root(tmp_path):
 
 
 def test_report_hides_secrets_the_spec_recorded(tmp_path, make_spec):
-    """The run record's spec (pipeline._public_spec) keeps no storage option or env value."""
-    from batchjobs.pipeline import _public_spec
+    """The run record's spec (secrets.public_spec) keeps no storage option or env value."""
+    from batchjobs.secrets import public_spec
 
     spec = make_spec(
         input={"storage_options": {"secret": SECRET}},
         engine={"env": {"HF_TOKEN": SECRET}, "args": {"note": f"x{SECRET}y"}},
     )
-    public = json.dumps(_public_spec(spec))
+    public = json.dumps(public_spec(spec))
     assert SECRET not in public and "***" in public
