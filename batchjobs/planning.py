@@ -30,7 +30,13 @@ class Plan:
 
 def preflight_shards(spec: JobSpec, shards: list[Shard]) -> None:
     """Check that the columns the task reads exist in each shard and have a type it can
-    use (footer or first line only)."""
+    use (footer or first line only). OpenAI Batch request files are read whole: every line
+    needs a custom_id, and no custom_id may repeat."""
+    if spec.input.format == "openai_batch":
+        from batchjobs.openai_batch.requests import preflight as preflight_requests
+
+        preflight_requests(shards, spec.input.storage_options)
+        return
     cols = task_for(spec).input_columns()
     for shard in shards:
         preflight(shard, cols, spec.input.storage_options)
@@ -67,6 +73,7 @@ def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
     committed = manifest.committed()
     todo = [s for s in shards if s.shard_id not in committed]
     skipped = [committed[s.shard_id] for s in shards if s.shard_id in committed]
+    task_for(spec).begin(out)
     return Plan(spec, shards, todo, skipped, out, manifest, fp)
 
 

@@ -58,6 +58,9 @@ class Columns:
     # Columns by role that a JSON Lines row may leave out (null), carried in the payload
     # and checked like ``fields`` (a LoRA adapter name, a row's own output constraint).
     optional: dict[str, str] = field(default_factory=dict)
+    # Also carry each row's file and line (row number for Parquet) in its payload, as
+    # "_source" and "_line", for a task that names them in what it writes per row.
+    locate: bool = False
 
     def spec_key(self, column: str) -> str:
         """The spec key that names ``column``, for the hint in an error."""
@@ -299,6 +302,9 @@ def _make_batch(shard, start, total, rows, errors, cols: Columns, unit, linenos=
         if problem:
             errors[i] = f"{where}: {problem}"
             continue
+        if cols.locate:
+            values["_source"] = shard.url
+            values["_line"] = linenos[i] if linenos else start + i + 1
         payloads[i] = json.dumps(values, ensure_ascii=False)
         overrides = {p: row[c] for p, c in cols.sampling.items() if row.get(c) is not None}
         params[i] = json.dumps(overrides) if overrides else None
