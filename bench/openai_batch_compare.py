@@ -118,7 +118,12 @@ def main() -> None:
         "body": {"model": name, "prompt": "Once", "max_tokens": 4},
     }
     with_cmpl.write_text(req.read_text() + json.dumps(cmpl) + "\n")
-    common = ["--model", args.model, "--max-model-len", args.max_model_len, "--enforce-eager"]
+    # vLLM serves the model under --model as written unless told a name: both get the
+    # name the lines give
+    common = [
+        *("--model", args.model, "--served-model-name", name),
+        *("--max-model-len", args.max_model_len, "--enforce-eager"),
+    ]
     py = sys.executable
     vllm = [py, "-m", "vllm.entrypoints.openai.run_batch"]
     bj = [py, "-m", "batchjobs.cli", "run-batch", "--quiet", "--fresh"]

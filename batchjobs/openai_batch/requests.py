@@ -20,43 +20,20 @@ from batchjobs.openai_batch import ENDPOINTS, SERVED_BY
 from batchjobs.tasks.base import CHAT_ROLES
 
 # Body fields each endpoint takes; "user" only labels the request (no effect on output).
+# fmt: off
 FIELDS = {
     "chat": {
-        "model",
-        "messages",
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "seed",
-        "stop",
-        "n",
-        "logprobs",
-        "top_logprobs",
-        "response_format",
-        "presence_penalty",
-        "frequency_penalty",
-        "stream",
-        "user",
+        "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+        "seed", "stop", "n", "logprobs", "top_logprobs", "response_format",
+        "presence_penalty", "frequency_penalty", "stream", "user",
     },
     "completion": {
-        "model",
-        "prompt",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "seed",
-        "stop",
-        "n",
-        "logprobs",
-        "presence_penalty",
-        "frequency_penalty",
-        "echo",
-        "stream",
-        "user",
+        "model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "n",
+        "logprobs", "presence_penalty", "frequency_penalty", "echo", "stream", "user",
     },
     "embedding": {"model", "input", "dimensions", "encoding_format", "user"},
 }
+# fmt: on
 COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
 MAX_INPUTS = 2048  # inputs in one /v1/embeddings request, as OpenAI allows
 

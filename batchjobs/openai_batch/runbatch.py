@@ -131,9 +131,16 @@ def run_batch(
         raise typer.Exit(exc.exit_code) from None
     for i, job in enumerate(specs, start=1):
         what = "chat and completions" if job.task == "generate" else "embeddings"
+        engine_kind = "generating" if job.task == "generate" else "pooling (embedding)"
+        others = sum(split.lines.values()) - split.lines[job.task]
         typer.echo(
             f"[run-batch] pass {i} of {len(specs)}: {split.lines[job.task]} {what} lines on a "
-            f"{job.task} engine ({len(split.chunks)} shards)",
+            f"{engine_kind} engine, {len(split.chunks)} shards"
+            + (
+                f"; its {others} other lines are error rows here, served by the other pass"
+                if others and len(specs) > 1
+                else ""
+            ),
             err=True,
         )
         _run_pass(job, quiet, verbose)
@@ -217,4 +224,11 @@ def _run_pass(job, quiet: bool, verbose: bool) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted: committed shards are kept; rerun to finish the rest", err=True)
         raise typer.Exit(130) from None
+    except Exception as exc:
+        if watch is None:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        typer.echo(f"error: {type(exc).__name__}: {first}", err=True)
+        typer.echo(f"the traceback is in the log: {watch.logs}", err=True)
+        raise typer.Exit(1) from None
     _print_summary(summary)

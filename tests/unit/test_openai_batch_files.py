@@ -321,3 +321,18 @@ def test_run_batch_command_line(tmp_path):
     assert f"{bad} line 2: not valid JSON" in result.output
     result = CliRunner().invoke(app, [*args, "--tp", "x"])
     assert result.exit_code == 2  # a usage error: the flags above were taken
+
+
+def test_split_reads_and_writes_fsspec_urls(memfs):
+    rows = [req(f"r{i}", CHAT, messages=MSGS) for i in range(3)]
+    memfs.pipe_file("/bucket/req.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    split = split_input("memory://bucket/req.jsonl", "memory://bucket/out.jsonl.batchjobs", 2)
+    assert [c["rows"] for c in split.chunks] == [2, 1]
+    names = sorted(
+        p.rsplit("/", 1)[1] for p in memfs.ls("/bucket/out.jsonl.batchjobs/input", detail=False)
+    )
+    assert names == [c["name"] for c in split.chunks]
+    assert (
+        memfs.cat("/bucket/out.jsonl.batchjobs/input/" + names[1])
+        == (json.dumps(rows[2]) + "\n").encode()
+    )

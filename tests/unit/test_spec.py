@@ -92,7 +92,7 @@ def test_unknown_top_level_key_suggests(spec_dict):
 def test_unknown_key_without_close_match_lists_allowed_keys(spec_dict):
     spec_dict["output"]["zzzz"] = 1
     msg = _spec_error(spec_dict)
-    assert "output.zzzz: unknown key (allowed keys: mode, path, storage_options)" in msg
+    assert "output.zzzz: unknown key (allowed keys: format, mode, path, storage_options)" in msg
 
 
 def test_wrong_type_names_key_and_value(spec_dict):
