@@ -142,9 +142,10 @@ def write_job_files(out, records) -> dict[str, Any]:
                 ok, line = batch_line(row, created, rec.source)
                 (good if ok else bad).write(dumps(line))
                 counts[ok] += 1
+    where = (lambda p: p) if out.local else out.fs.unstrip_protocol
     return {
-        "output": out.fs.unstrip_protocol(paths[True]),
-        "errors": out.fs.unstrip_protocol(paths[False]),
+        "output": where(paths[True]),
+        "errors": where(paths[False]),
         "lines": counts[True],
         "error_lines": counts[False],
     }
