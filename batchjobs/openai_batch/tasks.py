@@ -26,6 +26,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 
 from batchjobs.engines.base import Request, Result
@@ -345,9 +346,7 @@ class OpenAIEmbedTask(OpenAITask):
             row = self.status(result, extra)
             rows.append(row)
             ok = row[0] == 200
-            vectors.append(
-                [[float(x) for x in v] for v in result.vectors] if ok else None  # type: ignore[attr-defined]
-            )
+            vectors.append([np.asarray(v, np.float32) for v in result.vectors] if ok else None)
             body = {
                 "object": "list",
                 "model": self.served,
