@@ -14,6 +14,7 @@ import typer
 
 from batchjobs.errors import BatchJobError
 from batchjobs.layout import MANIFEST, PILOT_JSON
+from batchjobs.openai_batch.runbatch import run_batch
 from batchjobs.ops.cli import register as register_cluster_commands
 
 app = typer.Typer(
@@ -133,6 +134,7 @@ def run(
     a plain progress line every 5 s. Ray's and the engines' output goes to
     <output>/_logs/."""
     from batchjobs.display import watching
+    from batchjobs.openai_batch.spec import resolve as resolve_format
     from batchjobs.ops.checks import on_cluster
     from batchjobs.pipeline import run as run_job
     from batchjobs.spec import load_spec
@@ -142,6 +144,7 @@ def run(
     try:
         job = load_spec(spec, set_)
         job = on_cluster(job)  # where a Ray job runs it: paths the upload left out
+        job = resolve_format(job)  # input.format auto: OpenAI Batch requests or not
         _check_engines_installed(job)
         with watching(job, quiet=quiet, verbose=verbose) as watch:
             pilot = None
@@ -183,6 +186,10 @@ def run(
         from batchjobs.evalreport import summary_lines
 
         typer.echo("\n".join(summary_lines(summary.metrics)))
+    if summary.metrics.get("openai_batch"):
+        from batchjobs.openai_batch.files import summary_line
+
+        typer.echo(summary_line(summary.metrics["openai_batch"]))
     if summary.metrics.get("adapters"):
         from batchjobs.tasks.generated import adapter_lines
 
@@ -538,6 +545,7 @@ def _replica_line(replicas: dict) -> str:
 
 
 register_cluster_commands(app)  # submit, status, logs, stop, list
+app.command("run-batch")(run_batch)  # OpenAI Batch files, vLLM's run-batch flags
 
 if __name__ == "__main__":  # pragma: no cover
     app()

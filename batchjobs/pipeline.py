@@ -24,6 +24,7 @@ from batchjobs.feeding import (
 )
 from batchjobs.graph import build_dataset
 from batchjobs.layout import RUNS, run_record
+from batchjobs.openai_batch.spec import resolve as resolve_format
 from batchjobs.planning import Plan, plan_job, retire_superseded
 from batchjobs.records import ShardCounts
 from batchjobs.replicas import (
@@ -203,6 +204,7 @@ def run(
     plan: Plan | None = None
     summary: RunSummary | None = None
     try:
+        spec = resolve_format(spec)  # input.format auto: OpenAI Batch requests or not
         plan = plan_job(spec, fresh=fresh)
         summary = RunSummary(
             name=spec.name,

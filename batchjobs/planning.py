@@ -35,9 +35,15 @@ def preflight_shards(spec: JobSpec, shards: list[Shard], strict: bool = True) ->
     """Check that the columns the task reads exist in each shard and have a type it can
     use (footer or first lines only). Returns the shards that fail, with why; ``strict``
     raises for any, otherwise only when every shard checked fails
-    (``shard_errors.preflight_all``)."""
+    (``shard_errors.preflight_all``). OpenAI Batch request files are read whole: every line
+    needs a custom_id, and no custom_id may repeat (a preflight error otherwise)."""
     from batchjobs.shard_errors import preflight_all
 
+    if spec.input.format == "openai_batch":
+        from batchjobs.openai_batch.requests import preflight as preflight_requests
+
+        preflight_requests(shards, spec.input.storage_options)
+        return {}
     cols = task_for(spec).input_columns()
     return preflight_all(shards, cols, spec.input.storage_options, strict)
 
@@ -77,6 +83,7 @@ def plan_job(spec: JobSpec, fresh: bool = False) -> Plan:
     todo = [s for s in shards if s.shard_id not in committed and s.shard_id not in failed]
     skipped = [committed[s.shard_id] for s in shards if s.shard_id in committed]
     failed = {sid: why for sid, why in failed.items() if sid not in committed}
+    task_for(spec).begin(out)
     return Plan(spec, shards, todo, skipped, out, manifest, fp, failed)
 
 

@@ -66,6 +66,9 @@ class Columns:
     # Columns by role that a JSON Lines row may leave out (null), carried in the payload
     # and checked like ``fields`` (a LoRA adapter name, a row's own output constraint).
     optional: dict[str, str] = field(default_factory=dict)
+    # Also carry each row's file and line (row number for Parquet) in its payload, as
+    # "_source" and "_line", for a task that names them in what it writes per row.
+    locate: bool = False
 
     def spec_key(self, column: str) -> str:
         """The spec key that names ``column``, for the hint in an error."""
@@ -377,7 +380,12 @@ def _make_batch(shard, start, total, rows, errors, cols: Columns, unit, linenos=
     for i, row in enumerate(rows):
         try:
             payloads[i], params[i], ids[i], errors[i] = row_values(
-                row, errors[i], ids[i], wheres[i], cols
+                row,
+                errors[i],
+                ids[i],
+                wheres[i],
+                cols,
+                (shard.url, linenos[i] if linenos else start + i + 1),
             )
         except Exception as exc:  # noqa: BLE001 - whatever one row holds is its own error
             payloads[i] = params[i] = None

@@ -97,9 +97,18 @@ def python_rows(batch: Any, columns: list[str], url: str, start: int):
     return [{c: values[c][i] for c in columns} for i in range(n)], errors
 
 
-def row_values(row: dict, error: str | None, row_id: str, where: str, cols: Any):
+def row_values(
+    row: dict,
+    error: str | None,
+    row_id: str,
+    where: str,
+    cols: Any,
+    location: tuple[str, int] | None = None,
+):
     """(payload, params, id, error) of one read row: its task values as JSON, its sampling
-    overrides as JSON, its id, and why it cannot run (naming its place and column)."""
+    overrides as JSON, its id, and why it cannot run (naming its place and column). With
+    ``cols.locate``, the payload also carries ``location`` (file, line) as "_source" and
+    "_line"."""
     if cols.id_column and row.get(cols.id_column) is not None:
         row_id = text(row[cols.id_column])
     if error is not None:
@@ -113,6 +122,8 @@ def row_values(row: dict, error: str | None, row_id: str, where: str, cols: Any)
         problem = f"cannot be checked ({exception_text(exc)})"
     if problem:
         return None, None, row_id, located(where, problem)
+    if getattr(cols, "locate", False) and location is not None:
+        values["_source"], values["_line"] = location
     payload = json.dumps(values, ensure_ascii=False)
     problem = unicode_problem(payload)
     if problem:

@@ -39,8 +39,11 @@ class _Model(BaseModel):
 
 class InputSpec(_Model):
     path: str = Field(description="File, directory, glob or fsspec URL of the input shards.")
-    format: Literal["auto", "parquet", "jsonl"] = Field(
-        default="auto", description="auto: by file extension (.parquet/.pq, .jsonl/.ndjson/.json)."
+    format: Literal["auto", "parquet", "jsonl", "openai_batch"] = Field(
+        default="auto",
+        description="auto: by file extension (.parquet/.pq, .jsonl/.ndjson/.json), and "
+        "openai_batch where a JSON Lines file's lines carry custom_id and body. openai_batch: "
+        "OpenAI Batch API request lines (custom_id, method, url, body); custom_id is the id.",
     )
     prompt_column: str = Field(
         default="prompt",
@@ -95,6 +98,14 @@ class InputSpec(_Model):
         "at about the same time. 0: sort each shard alone.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_batch_id(cls, data: Any) -> Any:
+        # An OpenAI Batch file's rows are named by their custom_id.
+        if isinstance(data, dict) and data.get("format") == "openai_batch":
+            data = {"id_column": "custom_id", **{k: v for k, v in data.items() if v is not None}}
+        return data
+
     @field_validator("sampling_columns")
     @classmethod
     def _known_params(cls, cols: dict[str, str]) -> dict[str, str]:
@@ -115,6 +126,12 @@ class InputSpec(_Model):
 
 class OutputSpec(_Model):
     path: str = Field(description="Output root directory or fsspec URL.")
+    format: Literal["auto", "parquet", "openai_batch"] = Field(
+        default="auto",
+        description="parquet: the Parquet shards. openai_batch: also _openai/batch_output.jsonl "
+        "and _openai/batch_errors.jsonl in OpenAI's batch output format, assembled from the "
+        "committed shards. auto: openai_batch for OpenAI Batch input, else parquet.",
+    )
     mode: Literal["resume", "overwrite", "error"] = Field(
         default="resume",
         description="resume: skip committed shards; overwrite: delete the root first; "
@@ -194,6 +211,12 @@ class EngineSpec(_Model):
     )
     tokenizer: str | None = Field(
         default=None, description="Tokenizer directory, if not the model's own."
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        description="OpenAI Batch input: the model name a request's body.model must give "
+        "(another is an error line) and responses carry. Default: the model directory's name "
+        "(engine.model as written is accepted too).",
     )
     device: Literal["auto", "cuda", "cpu"] = Field(
         default="auto", description="auto: cuda when the cluster has GPUs, else cpu."
@@ -836,6 +859,10 @@ class JobSpec(_Model):
             )
         if self.task == "eval":
             _check_eval(self)
+        if self.input.format == "openai_batch" or self.output.format == "openai_batch":
+            from batchjobs.openai_batch.spec import check_spec
+
+            check_spec(self)
         if self.prompt_task() == "chat" and self.input.token_ids_column:
             raise ValueError(
                 "input.token_ids_column does not apply to task chat (its prompt is rendered "
@@ -895,6 +922,9 @@ class JobSpec(_Model):
         # fingerprint stays what it was before chat and embed existed.
         if self.input.token_ids_column:
             payload["token_ids_column"] = self.input.token_ids_column
+        if self.input.format == "openai_batch":  # each line's body decides its request
+            payload["input_format"] = "openai_batch"
+            engine["served_model_name"] = self.engine.served_model_name
         if self.prompt_task() == "chat":
             payload["messages_column"] = self.input.messages_column
             payload["chat"] = self.chat.model_dump()

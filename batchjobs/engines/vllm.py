@@ -249,7 +249,9 @@ class VLLMEngine(Engine):
 
             accepted = set(getattr(PoolingParams, "__struct_fields__", ()))
             accepted |= set(getattr(PoolingParams, "__dataclass_fields__", ()))
-            self.pooling = PoolingParams(**pooling_kwargs(spec, accepted))
+            self._pooling_params = PoolingParams
+            self._pooling_kwargs = pooling_kwargs(spec, accepted)
+            self.pooling = PoolingParams(**self._pooling_kwargs)
         with warmstart.engine_core_start(warm):
             self.engine = AsyncLLM.from_engine_args(
                 AsyncEngineArgs(**engine_args(spec, cpu)), **_offline_defaults()
@@ -304,8 +306,14 @@ class VLLMEngine(Engine):
     async def embed(self, request: Request) -> Result:
         t0 = time.perf_counter()
         final = None
+        pooling = self.pooling
+        if request.params:  # per-row pooling parameters (an OpenAI Batch line's dimensions)
+            try:
+                pooling = self._pooling_params(**{**self._pooling_kwargs, **request.params})
+            except Exception as exc:  # noqa: BLE001 - vLLM validates in the constructor
+                return Result.failed(f"invalid per-row pooling parameters {request.params}: {exc}")
         try:
-            async for out in self.engine.encode(_prompt(request), self.pooling, request.request_id):
+            async for out in self.engine.encode(_prompt(request), pooling, request.request_id):
                 final = out
         except self._dead_errors as exc:
             raise EngineDead(f"vLLM engine died: {exc}") from exc

@@ -78,6 +78,9 @@ def check_here(
         # A relative path travels with the working directory, so it must be here: the full
         # check gives the usual error (a hub name such as org/model passes).
         load_spec(path, overrides)
+    from batchjobs.openai_batch.spec import resolve
+
+    job = resolve(job)  # input.format auto: OpenAI Batch requests or not
     return LocalCheck(job, _check_input(job, notes, for_cluster), notes)
 
 

@@ -17,6 +17,10 @@ TASKS: dict[str, type[Task]] = {t.name: t for t in (GenerateTask, ChatTask, Embe
 
 
 def task_for(spec: JobSpec) -> Task:
+    if spec.input.format == "openai_batch":  # each line's url says what it asks for
+        from batchjobs.openai_batch.tasks import openai_task
+
+        return openai_task(spec)
     return TASKS[spec.task](spec)
 
 

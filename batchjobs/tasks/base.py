@@ -219,6 +219,10 @@ class Task:
         """A shard's ``metrics`` in the manifest, from its summed ``summarize`` figures."""
         return sums
 
+    def begin(self, out) -> None:
+        """Once a run has planned, before any engine starts: a task may note what its
+        output root needs to keep across runs (``out``, an ``OutputRoot``)."""
+
     def report(self, out, records) -> dict | None:
         """The job's figures over its committed shards (``records``), at the end of a run;
         a task may write them beside the results under ``out``. None: nothing to report."""
