@@ -74,12 +74,12 @@ def shard_rows(out, records) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
 
 
 def batch_line(
-    row: dict[str, Any], created: int, source: str, locate: Locate | None = None
+    row: dict[str, Any], created: int, source: str, origin: Locate | None = None
 ) -> tuple[bool, dict[str, Any]]:
     """A row as a batch output line; and whether it succeeded."""
     cid = row[ID_COLUMN]
     line = row.get("line")
-    where, at = locate(source, line) if locate and line is not None else (source, line)
+    where, at = origin(source, line) if origin and line is not None else (source, line)
     key = f"{created}\0{cid}\0{at}"
     head = {"id": "batch_req_" + _hash(key, "line"), "custom_id": cid}
     request_id = "req_" + _hash(key, "request")

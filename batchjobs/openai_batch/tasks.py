@@ -105,7 +105,11 @@ class OpenAITask(Task):
         self.tokenizer = load_tokenizer(self.spec)
         self.max_len = engine.max_model_len() or self.spec.engine.max_model_len
 
-    def prepare_batch(self, ids, payloads, input_errors, params) -> list[Prepared | str]:
+    def prepare_batch(self, ids, payloads, input_errors, params, wheres=None):
+        """Each line prepared, or refused as an OpenAI error line (its file and line come in
+        the payload, so ``wheres`` is not needed)."""
+        from batchjobs.rowcheck import exception_text
+
         out: list[Prepared | str] = []
         for row_id, payload, error in zip(ids, payloads, input_errors):
             rid = request_id(row_id)
@@ -122,6 +126,9 @@ class OpenAITask(Task):
                 out.append(self.prepare_line(rid, line, extra))
             except Refusal as refusal:
                 out.append(self._refused(rid, refusal, extra))
+            except Exception as exc:  # noqa: BLE001 - one line's failure is that line's error
+                why = f"cannot be prepared ({exception_text(exc)})"
+                out.append(self._refused(rid, Refusal(400, "invalid_request", why), extra))
         return out
 
     def prepare_line(self, rid: str, line: Line, extra: dict) -> Prepared:
