@@ -7,7 +7,7 @@ import logging
 import os
 import time
 
-from batchjobs import compat
+from batchjobs import compat, stopping
 from batchjobs.errors import BatchJobError, SpecError
 from batchjobs.feeding import pool_min
 from batchjobs.spec import JobSpec
@@ -49,6 +49,8 @@ def connect_ray(local_cpus: int | None = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = os.environ.get("RAY_ADDRESS") or "a new local Ray"
         raise BatchJobError(f"cannot start or join Ray ({where}): {exc}") from None
+    finally:
+        stopping.rearm()  # ray.init replaced the driver's SIGTERM handler with its own
 
 
 def resolve_device(spec: JobSpec) -> str:

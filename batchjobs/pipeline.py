@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchjobs import stopping
 from batchjobs.cluster import check_resources, connect_ray, resolve_device, wait_for_exit
 from batchjobs.errors import BatchJobError, unwrap
 from batchjobs.feeding import (
@@ -196,6 +197,7 @@ def run(
     started = time.time()
     plan: Plan | None = None
     summary: RunSummary | None = None
+    stopped: EarlyReplicas | None = None  # the replicas left to stop after a stop's record
     try:
         plan = plan_job(spec, fresh=fresh)
         summary = RunSummary(
@@ -237,8 +239,11 @@ def run(
                         on_progress,
                         started,
                     )
-                except BaseException:
-                    stop_replicas(replicas, timeout_s=ERROR_STOP_TIMEOUT_S)
+                except BaseException as exc:
+                    if isinstance(stopping.classify(exc), stopping.Stopped):
+                        stopped = replicas  # stopped once the run is recorded
+                    else:
+                        stop_replicas(replicas, timeout_s=ERROR_STOP_TIMEOUT_S)
                     raise
             plan.manifest.compact()  # one complete _manifest.jsonl, no _manifest.d/ left
             summary.metrics = task_for(spec).report(plan.out, plan.manifest.committed()) or {}
@@ -261,7 +266,13 @@ def run(
                 )
             summary.teardown_s = _stop_engines(replicas)
     except BaseException as exc:
-        _append_run(spec, plan, summary, started, failure=exc)
+        # On a stop (SIGTERM, Ctrl-C) the record comes first: ``ray job stop`` allows the
+        # driver 3 s before it kills it.
+        _append_run(spec, plan, summary, started, failure=stopping.classify(exc))
+        try:
+            stop_replicas(stopped, timeout_s=stopping.remaining(ERROR_STOP_TIMEOUT_S))
+        except Exception as why:  # noqa: BLE001 - the stop is what the caller must see
+            log.warning("cannot stop the engine replicas: %s", why)
         raise
     _append_run(spec, plan, summary, started)
     return summary
