@@ -53,10 +53,13 @@ def test_a_stop_inside_a_commit_takes_effect_when_the_commit_is_done():
 
 
 def test_a_failure_inside_a_commit_is_not_replaced_by_a_pending_stop():
-    with pytest.raises(OSError, match="disk full"), stopping.handling(5.0, lambda line: None):
-        with stopping.critical():
-            _signal_self(signal.SIGTERM)
-            raise OSError("disk full")
+    with (
+        pytest.raises(OSError, match="disk full"),
+        stopping.handling(5.0, lambda line: None),
+        stopping.critical(),
+    ):
+        _signal_self(signal.SIGTERM)
+        raise OSError("disk full")
 
 
 def test_rearm_puts_the_handler_back_after_ray_init_replaced_it():
@@ -136,7 +139,9 @@ def two_shards(spec_dict, tmp_path):
     return parse_spec(spec_dict)
 
 
-def test_a_stopped_run_is_recorded_before_its_engines_are_stopped(two_shards, monkeypatch, tmp_path):
+def test_a_stopped_run_is_recorded_before_its_engines_are_stopped(
+    two_shards, monkeypatch, tmp_path
+):
     runs = tmp_path / "out" / RUNS
     events = []
     for name in ("connect_ray", "check_resources", "start_board"):
