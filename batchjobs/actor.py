@@ -16,6 +16,8 @@ replica holds more rows than the gate admits.
 The job's task (``batchjobs.tasks``) turns each row into an engine request and the
 results into its output columns; the replica itself knows nothing of tasks.
 
+An engine that hangs is treated as dead, as one that died (``watchdog.py``).
+
 The replica keeps the clock of its devices (``BusyClock``: start-up, then busy or idle)
 and records its work window by window (``cost.Windows``); from those the driver fits what
 a prefill and a decode token cost and charges each shard by its rows' tokens (cost.py).
@@ -48,6 +50,7 @@ from batchjobs.readers import INPUT_ERROR, PARAMS, PAYLOAD, ROW_ID, ROW_INDEX, S
 from batchjobs.replicas import claim_replica
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import Prepared, task_for
+from batchjobs.watchdog import watch_replica
 
 log = logging.getLogger("batchjobs.actor")
 
@@ -158,6 +161,7 @@ class EngineReplica:
         self.windows = Windows(self.clock)
         self.reported = 0  # windows sent to the board so far
         self.gate = self._on_loop(_make_gate(self.limit))
+        self.watchdog = watch_replica(self)  # a hung engine is a dead one
         log.info(
             "replica %s ready in %.1fs; at most %s requests in its engine",
             self.replica,
@@ -225,6 +229,8 @@ class EngineReplica:
     def close(self) -> None:
         """Shut the engine down and stop the loop thread. Safe to call twice."""
         engine, self.engine = getattr(self, "engine", None), None
+        if getattr(self, "watchdog", None) is not None:
+            self.watchdog.stop()
         if engine is not None:
             try:
                 self._on_loop(_close(engine))
@@ -375,6 +381,7 @@ class BusyClock:
     def __init__(self, t0: float):
         self.t = t0
         self.n = 0
+        self.done = 0  # requests finished so far
         self.idle = 0.0
         self.busy = 0.0
         self.inflight_s = 0.0
@@ -395,6 +402,7 @@ class BusyClock:
     def stop(self, now: float) -> None:
         self._advance(now)
         self.n -= 1
+        self.done += 1
 
 
 async def _close(engine: Engine) -> None:
