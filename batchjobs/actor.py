@@ -45,6 +45,7 @@ import pyarrow as pa
 from batchjobs.cost import Windows
 from batchjobs.engines import make_engine
 from batchjobs.engines.base import Engine, EngineDead, Result
+from batchjobs.engines.causes import OutputTail, start_cause
 from batchjobs.errors import BatchJobError, EngineError
 from batchjobs.readers import INPUT_ERROR, PARAMS, PAYLOAD, ROW_ID, ROW_INDEX, SHARD_ID, SHARD_ROWS
 from batchjobs.replicas import claim_replica
@@ -135,6 +136,7 @@ class EngineReplica:
             target=self.loop.run_forever, name="engine-loop", daemon=True
         )
         self.thread.start()
+        output = OutputTail()  # where the engine's processes print why they failed
         try:
             self.engine = self._on_loop(_construct(engine_factory or make_engine, self.spec))
         except BatchJobError:
@@ -142,7 +144,7 @@ class EngineReplica:
         except Exception as exc:
             raise EngineError(
                 f"replica {self.replica}: engine {self.spec.engine.kind} for model "
-                f"{self.spec.engine.model!r} failed to start: {type(exc).__name__}: {exc}"
+                f"{self.spec.engine.model!r} failed to start: {start_cause(exc, output)}"
             ) from exc
         try:
             self._on_loop(self.task.setup(self.engine))
