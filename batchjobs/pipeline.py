@@ -19,7 +19,7 @@ from typing import Any
 
 from batchjobs import stopping
 from batchjobs.cluster import check_resources, connect_ray, resolve_device, wait_for_exit
-from batchjobs.errors import BatchJobError, unwrap
+from batchjobs.errors import BatchJobError, dead_engine, unwrap
 from batchjobs.feeding import (
     start_gate_s,
 )
@@ -377,6 +377,9 @@ def _translate(exc: BaseException) -> BatchJobError:
     root = unwrap(exc)
     if isinstance(root, BatchJobError):
         return root
+    dead = dead_engine(exc)
+    if dead is not None:
+        return dead
     cur: BaseException = exc
     while getattr(cur, "cause", None) is not None or cur.__cause__ is not None:
         nxt = getattr(cur, "cause", None) or cur.__cause__

@@ -212,6 +212,51 @@ def test_hung_engine_is_restarted_and_every_row_comes_out_once(tmp_path, tiny_mo
     assert summary.rows == len(ids) and summary.error_rows == 0
 
 
+class StuckEngine(Engine):
+    """Every engine started hangs on its first request."""
+
+    kind = "stuck"
+
+    def __init__(self, spec):
+        pass
+
+    async def generate(self, request):
+        time.sleep(3600)
+
+    def close(self):
+        pass
+
+
+def _stuck(spec):
+    return StuckEngine(spec)
+
+
+def test_an_engine_that_keeps_hanging_fails_the_job_as_an_engine_failure(
+    tmp_path, tiny_model, ray_session
+):
+    """Past resources.max_restarts the job fails with exit 4 and says why, not with Ray
+    Data's empty SystemException."""
+    import ray
+
+    from batchjobs.errors import EngineError
+    from batchjobs.pipeline import run
+    from batchjobs.spec import parse_spec
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    _write_shards(tmp_path / "in", shards=1, rows=4)
+    spec = parse_spec(
+        spec_dict(
+            tiny_model,
+            str(tmp_path / "in"),
+            str(tmp_path / "out"),
+            resources={"max_restarts": 1, "stall_timeout_s": 1},
+        )
+    )
+    with pytest.raises(EngineError, match="died and Ray did not restart it"):
+        run(spec, engine_factory=_stuck)
+    assert not list((tmp_path / "out").glob("*/*.parquet"))
+
+
 _KILL_MID_COMMIT = textwrap.dedent(
     """
     import asyncio, os, sys
