@@ -16,6 +16,8 @@ replica holds more rows than the gate admits.
 The job's task (``batchjobs.tasks``) turns each row into an engine request and the
 results into its output columns; the replica itself knows nothing of tasks.
 
+An engine that hangs is treated as dead, as one that died (``watchdog.py``).
+
 The replica keeps the clock of its devices (``BusyClock``: start-up, then busy or idle)
 and records its work window by window (``cost.Windows``); from those the driver fits what
 a prefill and a decode token cost and charges each shard by its rows' tokens (cost.py).
@@ -43,6 +45,7 @@ import pyarrow as pa
 from batchjobs.cost import Windows
 from batchjobs.engines import make_engine
 from batchjobs.engines.base import Engine, EngineDead, Result
+from batchjobs.engines.causes import OutputTail, start_cause
 from batchjobs.errors import BatchJobError, EngineError
 from batchjobs.readers import (
     INPUT_ERROR,
@@ -59,6 +62,7 @@ from batchjobs.rowcheck import safe_columns
 from batchjobs.secrets import credential_env
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import Prepared, task_for
+from batchjobs.watchdog import watch_replica
 
 log = logging.getLogger("batchjobs.actor")
 
@@ -146,6 +150,7 @@ class EngineReplica:
             target=self.loop.run_forever, name="engine-loop", daemon=True
         )
         self.thread.start()
+        output = OutputTail()  # where the engine's processes print why they failed
         try:
             self.engine = self._on_loop(_construct(engine_factory or make_engine, self.spec))
         except BatchJobError:
@@ -153,7 +158,7 @@ class EngineReplica:
         except Exception as exc:
             raise EngineError(
                 f"replica {self.replica}: engine {self.spec.engine.kind} for model "
-                f"{self.spec.engine.model!r} failed to start: {type(exc).__name__}: {exc}"
+                f"{self.spec.engine.model!r} failed to start: {start_cause(exc, output)}"
             ) from exc
         try:
             self._on_loop(self.task.setup(self.engine))
@@ -172,6 +177,7 @@ class EngineReplica:
         self.windows = Windows(self.clock)
         self.reported = 0  # windows sent to the board so far
         self.gate = self._on_loop(_make_gate(self.limit))
+        self.watchdog = watch_replica(self)  # a hung engine is a dead one
         log.info(
             "replica %s ready in %.1fs; at most %s requests in its engine",
             self.replica,
@@ -242,6 +248,8 @@ class EngineReplica:
     def close(self) -> None:
         """Shut the engine down and stop the loop thread. Safe to call twice."""
         engine, self.engine = getattr(self, "engine", None), None
+        if getattr(self, "watchdog", None) is not None:
+            self.watchdog.stop()
         if engine is not None:
             try:
                 self._on_loop(_close(engine))
@@ -392,6 +400,7 @@ class BusyClock:
     def __init__(self, t0: float):
         self.t = t0
         self.n = 0
+        self.done = 0  # requests finished so far
         self.idle = 0.0
         self.busy = 0.0
         self.inflight_s = 0.0
@@ -412,6 +421,7 @@ class BusyClock:
     def stop(self, now: float) -> None:
         self._advance(now)
         self.n -= 1
+        self.done += 1
 
 
 async def _close(engine: Engine) -> None:

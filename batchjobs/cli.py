@@ -1,6 +1,6 @@
 """The ``batchjobs`` command. Exit codes: 0 success; 2 bad spec; 3 bad input; 4 engine;
-5 output; 7 more error rows than output.max_error_rate; 1 anything else. The reason goes
-to stderr, without a traceback."""
+5 output; 7 more error rows than output.max_error_rate; 130 / 143 stopped by SIGINT /
+SIGTERM; 1 anything else. The reason goes to stderr, without a traceback."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from batchjobs.errors import BatchJobError
 from batchjobs.layout import MANIFEST, PILOT_JSON
 from batchjobs.openai_batch.runbatch import run_batch
 from batchjobs.ops.cli import register as register_cluster_commands
+from batchjobs.stopping import DEFAULT_GRACE_S
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Offline batch LLM inference jobs."
@@ -127,12 +128,42 @@ def run(
         Path | None,
         typer.Option(help="Also write the summary here as JSON ('-': one line on stdout)."),
     ] = None,  # noqa: UP045
+    stop_grace: Annotated[
+        float,
+        typer.Option(
+            "--stop-grace",
+            envvar="BATCHJOBS_STOP_GRACE_S",
+            min=1.0,
+            help="On SIGTERM or Ctrl-C: seconds to record the run and stop the engines "
+            "before exiting anyway (exit 143 or 130).",
+        ),
+    ] = DEFAULT_GRACE_S,
 ) -> None:
     """Run a job: read shards, generate with the engine, write Parquet and the manifest.
 
     On a terminal a live panel shows the job; elsewhere (ray job submit, Airflow, a pipe)
     a plain progress line every 5 s. Ray's and the engines' output goes to
-    <output>/_logs/."""
+    <output>/_logs/. SIGTERM or Ctrl-C stops it: committed shards are kept, the run is
+    recorded, and a rerun finishes the rest."""
+    from batchjobs import stopping
+
+    live: list = []  # the Watch while its panel owns the terminal
+
+    def say(line: str) -> None:
+        (live[0].message if live else _progress)(line)
+
+    with stopping.handling(stop_grace, say):
+        try:
+            _run(spec, set_, fresh, quiet, verbose, skip_report, summary_json, live)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            stop = stopping.classify(exc)
+            if not isinstance(stop, stopping.Stopped):
+                raise
+            typer.echo(f"{stop}", err=True)
+            raise typer.Exit(stop.exit_code) from None
+
+
+def _run(spec, set_, fresh, quiet, verbose, skip_report, summary_json, live: list) -> None:
     from batchjobs.display import watching
     from batchjobs.openai_batch.spec import resolve as resolve_format
     from batchjobs.ops.checks import on_cluster
@@ -147,6 +178,7 @@ def run(
         job = resolve_format(job)  # input.format auto: OpenAI Batch requests or not
         _check_engines_installed(job)
         with watching(job, quiet=quiet, verbose=verbose) as watch:
+            live.append(watch)
             pilot = None
             if job.pilot is not None:
                 from batchjobs.pilot import prepare
@@ -178,9 +210,8 @@ def run(
         typer.echo(f"error: {_masked(f'{type(exc).__name__}: {first}', job)}", err=True)
         typer.echo(f"the traceback is in the log: {watch.logs}", err=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: committed shards are kept; rerun to finish the rest", err=True)
-        raise typer.Exit(130) from None
+    finally:
+        live.clear()
     _print_summary(summary)
     if summary.task == "eval" and summary.metrics:
         from batchjobs.evalreport import summary_lines

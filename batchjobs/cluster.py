@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable
 
-from batchjobs import compat
+from batchjobs import compat, stopping
 from batchjobs.errors import BatchJobError, SpecError
 from batchjobs.feeding import pool_min
 from batchjobs.spec import JobSpec
@@ -55,6 +55,8 @@ def connect_ray(local_cpus: int | None = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = os.environ.get("RAY_ADDRESS") or "a new local Ray"
         raise BatchJobError(f"cannot start or join Ray ({where}): {exc}") from None
+    finally:
+        stopping.rearm()  # ray.init replaced the driver's SIGTERM handler with its own
 
 
 def _on_local_cluster() -> bool:

@@ -93,3 +93,25 @@ def unwrap(exc: BaseException) -> BaseException:
 
 _REMOTE = re.compile(r"batchjobs\.errors\.(\w+): (.+)")
 _BY_NAME = {c.__name__: c for c in (BatchJobError, SpecError, InputError, EngineError, OutputError)}
+
+
+def dead_engine(exc: BaseException) -> EngineError | None:
+    """An engine replica's actor that died for good (Ray Data's actor holding the engine,
+    past ``resources.max_restarts``: its engine kept dying or hanging) as the engine
+    failure it is, not Ray's empty ``SystemException`` under it."""
+    from ray.exceptions import RayActorError  # only the driver calls this: Ray is loaded
+
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = str(cur)
+        if isinstance(cur, RayActorError) and ("EngineStage" in text or "EarlyReplica" in text):
+            first = (text.strip().splitlines() or [""])[0]
+            return EngineError(
+                "an engine replica died and Ray did not restart it (resources.max_restarts "
+                f"used up: its engine kept dying or hanging; or its node is gone): {first}"
+            )
+        cause = getattr(cur, "cause", None)
+        cur = cause if isinstance(cause, BaseException) else cur.__cause__ or cur.__context__
+    return None

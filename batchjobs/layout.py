@@ -60,6 +60,7 @@ VERSIONS = {
 
 SUCCEEDED = "succeeded"
 FAILED = "failed"
+STOPPED = "stopped"  # by a signal or Ctrl-C (stopping.py)
 INTERRUPTED_EXIT = 130  # what a shell reports for Ctrl-C
 MAX_REASON = 500  # characters of a failure's reason kept in the run record
 
@@ -108,8 +109,9 @@ def run_record(
 ) -> dict[str, Any]:
     """One line of ``_runs.jsonl``: the run's counters, how it ended and why.
 
-    ``status`` is ``succeeded`` or ``failed``; ``exit_code`` is what the CLI exits with
-    (``BatchJobError.exit_code``, 130 for an interrupt, 1 for anything else); ``reason`` is
+    ``status`` is ``succeeded``, ``failed``, or ``stopped`` (SIGTERM, SIGINT or Ctrl-C);
+    ``exit_code`` is what the CLI exits with (``BatchJobError.exit_code``, 128 + the signal
+    for a stop: 143, 130; 1 for anything else); ``reason`` is
     the error's one-line message (null on success) with every string in ``secrets`` (storage
     options, engine env values) masked, in case an error quoted one.
     """
@@ -118,7 +120,7 @@ def run_record(
         RUNS,
         {
             **summary,
-            "status": SUCCEEDED if failure is None else FAILED,
+            "status": _status(failure),
             "exit_code": code,
             "reason": reason,
             "started_at": started_at,
@@ -127,10 +129,16 @@ def run_record(
     )
 
 
+def _status(failure: BaseException | None) -> str:
+    if failure is None:
+        return SUCCEEDED
+    return STOPPED if isinstance(failure, KeyboardInterrupt) else FAILED
+
+
 def exit_status(exc: BaseException, secrets: list[str] | tuple[str, ...] = ()) -> tuple[int, str]:
     """The exit code and one-line reason of a failure, as the CLI reports it."""
-    if isinstance(exc, KeyboardInterrupt):
-        return INTERRUPTED_EXIT, "interrupted"
+    if isinstance(exc, KeyboardInterrupt):  # stopping.Stopped carries its own code
+        return getattr(exc, "exit_code", INTERRUPTED_EXIT), str(exc) or "interrupted"
     if isinstance(exc, BatchJobError):
         code, text = exc.exit_code, str(exc)
     else:

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchjobs import stopping
 from batchjobs.cluster import check_resources, connect_ray, resolve_device, wait_for_exit
-from batchjobs.errors import BatchJobError, unwrap
+from batchjobs.errors import BatchJobError, dead_engine, unwrap
 from batchjobs.feeding import (
     start_gate_s,
 )
@@ -203,6 +204,7 @@ def run(
     started = time.time()
     plan: Plan | None = None
     summary: RunSummary | None = None
+    stopped: EarlyReplicas | None = None  # the replicas left to stop after a stop's record
     try:
         spec = resolve_format(spec)  # input.format auto: OpenAI Batch requests or not
         plan = plan_job(spec, fresh=fresh)
@@ -247,8 +249,11 @@ def run(
                         on_progress,
                         started,
                     )
-                except BaseException:
-                    stop_replicas(replicas, timeout_s=ERROR_STOP_TIMEOUT_S)
+                except BaseException as exc:
+                    if isinstance(stopping.classify(exc), stopping.Stopped):
+                        stopped = replicas  # stopped once the run is recorded
+                    else:
+                        stop_replicas(replicas, timeout_s=ERROR_STOP_TIMEOUT_S)
                     raise
             plan.manifest.compact()  # one complete _manifest.jsonl, no _manifest.d/ left
             summary.metrics = task_for(spec).report(plan.out, plan.manifest.committed()) or {}
@@ -276,7 +281,13 @@ def run(
             spec, summary.failed_shards, list(plan.manifest.committed().values()), summary
         )
     except BaseException as exc:
-        _append_run(spec, plan, summary, started, failure=exc)
+        # On a stop (SIGTERM, Ctrl-C) the record comes first: ``ray job stop`` allows the
+        # driver 3 s before it kills it.
+        _append_run(spec, plan, summary, started, failure=stopping.classify(exc))
+        try:
+            stop_replicas(stopped, timeout_s=stopping.remaining(ERROR_STOP_TIMEOUT_S))
+        except Exception as why:  # noqa: BLE001 - the stop is what the caller must see
+            log.warning("cannot stop the engine replicas: %s", why)
         raise
     _append_run(spec, plan, summary, started)
     return summary
@@ -366,6 +377,9 @@ def _translate(exc: BaseException) -> BatchJobError:
     root = unwrap(exc)
     if isinstance(root, BatchJobError):
         return root
+    dead = dead_engine(exc)
+    if dead is not None:
+        return dead
     cur: BaseException = exc
     while getattr(cur, "cause", None) is not None or cur.__cause__ is not None:
         nxt = getattr(cur, "cause", None) or cur.__cause__

@@ -685,6 +685,14 @@ class ResourcesSpec(_Model):
         ge=0,
         description="Times Ray may restart a dead engine actor (its batch is retried).",
     )
+    stall_timeout_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="A replica whose engine holds requests but makes no progress for this "
+        "many seconds (finishes no request and, with vLLM, runs no step) is treated as dead: "
+        "its engine's processes are killed, Ray restarts the replica (counted in "
+        "`max_restarts`) and its rows run again. 0: never.",
+    )
     rows_per_file: int = Field(default=1000, ge=1, description="Rows per staged output file.")
     scale_up_timeout_s: int = Field(
         default=900,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from batchjobs import compat
+from batchjobs import compat, stopping
 from batchjobs.cost import Weights, fit_for_job
 from batchjobs.engineconfig import configuration
 from batchjobs.engines import engine_kind
@@ -203,6 +203,10 @@ class Tracker:
             self.plan.manifest.commit(rec)
 
     def _commit(self, sid: str) -> None:
+        with stopping.critical():  # a stop signal waits until the shard is recorded
+            self._commit_now(sid)
+
+    def _commit_now(self, sid: str) -> None:
         rec = self.pending.pop(sid)
         rec.files = self.plan.out.commit(sid, self.files.pop(sid))
         rec.status = COMMITTED

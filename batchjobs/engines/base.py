@@ -142,6 +142,13 @@ class Engine(abc.ABC):
         the engine's scheduler always has the next request waiting when one finishes."""
         return None
 
+    def progress(self) -> int | None:
+        """A count that grows whenever the engine does work (vLLM: its steps), or None if
+        the engine does not tell. With requests in the engine and neither this count nor
+        the finished requests moving for ``resources.stall_timeout_s``, the replica treats
+        the engine as hung (``batchjobs.watchdog``)."""
+        return None
+
     def max_model_len(self) -> int | None:
         """The longest prompt (plus output) the engine accepts, as it resolved it, or None."""
         return None

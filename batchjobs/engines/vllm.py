@@ -257,6 +257,10 @@ class VLLMEngine(Engine):
                 AsyncEngineArgs(**engine_args(spec, cpu)), **_offline_defaults()
             )
         self._closed = False
+        self._steps = _count_steps(self.engine)
+
+    def progress(self) -> int | None:
+        return self._steps[0] if self._steps is not None else None
 
     async def generate(self, request: Request) -> Result:
         t0 = time.perf_counter()
@@ -356,6 +360,29 @@ class VLLMEngine(Engine):
             getattr(self.engine, "vllm_config", None), "model_config", None
         )
         return getattr(config, "max_model_len", None)
+
+
+def _count_steps(engine: Any) -> list[int] | None:
+    """Count the engine's steps: ``AsyncLLM``'s output handler passes every step's outputs
+    from the engine core through ``output_processor.process_outputs`` (vLLM 0.11 on, the
+    GPU's 0.24 and the CPU engine's 0.32), once per step whatever the requests' output
+    kind. A one-element list the wrapper increments; None where this vLLM has no such
+    method (the watchdog then counts finished requests only)."""
+    processor = getattr(engine, "output_processor", None)
+    process = getattr(processor, "process_outputs", None)
+    if process is None:
+        return None
+    steps = [0]
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        steps[0] += 1
+        return process(*args, **kwargs)
+
+    try:
+        processor.process_outputs = counted
+    except (AttributeError, TypeError):  # a class with slots: no per-instance method
+        return None
+    return steps
 
 
 def _structured_class() -> tuple[type, str]:

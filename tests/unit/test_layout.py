@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from batchjobs import layout
 from batchjobs.errors import EngineError, OutputError, SpecError
+from batchjobs.stopping import Stopped
 
 
 def test_every_name_at_the_root_is_hidden_from_readers_and_distinct():
@@ -63,7 +66,6 @@ def test_run_record_of_a_success():
     [
         (EngineError("replica r: out of memory\nmore detail"), 4, "replica r: out of memory"),
         (SpecError("bad key"), 2, "bad key"),
-        (KeyboardInterrupt(), 130, "interrupted"),
         (RuntimeError("boom"), 1, "RuntimeError: boom"),
         (ValueError(), 1, "ValueError:"),
     ],
@@ -71,6 +73,20 @@ def test_run_record_of_a_success():
 def test_run_record_of_a_failure(exc, code, reason):
     rec = layout.run_record({}, started_at=1.0, ended_at=2.0, failure=exc)
     assert (rec["status"], rec["exit_code"], rec["reason"]) == ("failed", code, reason)
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "reason"),
+    [
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (Stopped(signal.SIGTERM), 143, "stopped by SIGTERM: committed shards are kept; rerun"),
+        (Stopped(signal.SIGINT), 130, "stopped by SIGINT: committed shards are kept; rerun"),
+    ],
+)
+def test_run_record_of_a_stop(exc, code, reason):
+    rec = layout.run_record({}, started_at=1.0, ended_at=2.0, failure=exc)
+    assert (rec["status"], rec["exit_code"]) == ("stopped", code)
+    assert rec["reason"].startswith(reason)
 
 
 def test_reason_masks_secrets_and_stays_short():

@@ -100,7 +100,6 @@ def test_a_failure_mid_run_records_exit_code_reason_and_what_was_committed(
 @pytest.mark.parametrize(
     ("exc", "code", "reason"),
     [
-        (KeyboardInterrupt(), 130, "interrupted"),
         (RuntimeError("a bug\nwith a traceback"), 1, "RuntimeError: a bug"),
         (OutputError("cannot write /o/x: disk full"), 5, "cannot write /o/x: disk full"),
     ],
