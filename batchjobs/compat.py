@@ -3,8 +3,10 @@
 A few things batchjobs needs have no public API: a key-value store all actors share (to
 claim an engine replica), the table of a job's actors with their process ids (to wait for
 the engines to exit), the variable that runs a hook when Ray starts a worker process (to
-start the warm fork server early), and the start method vLLM picks for its engine core
-(to fork it from that server). Each is reached here and nowhere else, so an upgrade of
+start the warm fork server early), the per-block statistics a running Ray Data dataset
+keeps in the driver (dropped, so that the driver does not grow with the job), the start
+method vLLM picks for its engine core (to fork it from that server), and the step of
+vLLM's output handler (counted, so that a hung engine is told from a slow one). Each is reached here and nowhere else, so an upgrade of
 Ray or vLLM breaks in this module, with a message that names the function, the versions
 it was written for and the version installed.
 
@@ -221,6 +223,33 @@ def ray_kv_del_prefix(prefix: str) -> None:
         raise _broken("ray_kv_del_prefix", "ray", "_internal_kv_del failed", exc) from None
 
 
+def ray_data_drop_block_stats(dataset: Any) -> int:
+    """Drop the per-block statistics that the operators of a running Ray Data dataset keep
+    in the driver; how many were dropped (0 before its execution has started).
+
+    Each operator appends one ``BlockStats`` per output block for the whole execution (for
+    ``Dataset.stats()``, which batchjobs never reads): about 1 KiB of driver memory per
+    block and operator, so a job of blocks of ``batch_size`` rows grew the driver with its
+    rows (bench/load.py: +16 MiB per 100,000 rows of 32-row blocks with a stand-in engine).
+    Reached through the dataset's ``_current_executor`` and its ``_topology``; an operator
+    without the list is left alone."""
+    check_version("ray_data_drop_block_stats", "ray")
+    if not hasattr(dataset, "_current_executor"):
+        raise _broken("ray_data_drop_block_stats", "ray", "Dataset has no _current_executor")
+    executor = dataset._current_executor
+    if executor is None:
+        return 0
+    if not hasattr(executor, "_topology"):
+        raise _broken("ray_data_drop_block_stats", "ray", "the executor has no _topology")
+    dropped = 0
+    for op in list(executor._topology or ()):
+        stats = getattr(op, "_output_blocks_stats", None)
+        if isinstance(stats, list) and stats:
+            dropped += len(stats)
+            stats.clear()  # atomic under the GIL; the executor's thread only appends
+    return dropped
+
+
 # vLLM --------------------------------------------------------------------------------
 
 
@@ -256,3 +285,27 @@ def vllm_engine_core_context(choose: Callable[[Callable[[], Any]], Any]) -> Iter
         yield
     finally:
         engine_utils.get_mp_context = original
+
+
+def vllm_count_steps(engine: Any) -> list[int] | None:
+    """Count the steps of a vLLM ``AsyncLLM``: its output handler passes every step's
+    outputs from the engine core through ``output_processor.process_outputs`` once per
+    step, whatever the requests' output kind. Returns a one-element list that the wrapper
+    increments, or None where this vLLM has no such method (callers then count finished
+    requests only)."""
+    check_version("vllm_count_steps", "vllm")
+    processor = getattr(engine, "output_processor", None)
+    process = getattr(processor, "process_outputs", None)
+    if process is None:
+        return None
+    steps = [0]
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        steps[0] += 1
+        return process(*args, **kwargs)
+
+    try:
+        processor.process_outputs = counted
+    except (AttributeError, TypeError):  # a class with slots: no per-instance method
+        return None
+    return steps

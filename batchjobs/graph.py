@@ -5,11 +5,13 @@ one), and staged writes that return one small summary per file."""
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Callable
 
 import pyarrow as pa
 
+from batchjobs import compat
 from batchjobs.feeding import inflight_batches, io_concurrency, tasks_per_replica
 from batchjobs.ordering import group_by_prefix, read_groups
 from batchjobs.planning import Plan
@@ -19,6 +21,8 @@ from batchjobs.shard_errors import read_or_mark
 from batchjobs.sink import write_staged
 from batchjobs.spec import JobSpec
 from batchjobs.tasks import task_for
+
+log = logging.getLogger("batchjobs")
 
 
 def _read_fn(batch: pa.Table, spec: JobSpec, batch_rows: int):
@@ -130,3 +134,19 @@ def _engine_stage(ds, plan: Plan, device: str, engine_factory, replicas, board):
         max_restarts=res.max_restarts,
         **held,
     )
+
+
+_stats_broken: list[BaseException] = []  # the compat error, once: then no more tries
+
+
+def drop_block_stats(dataset) -> None:
+    """Drop the statistics Ray Data keeps per block of a running dataset
+    (``compat.ray_data_drop_block_stats``), so that the driver's memory does not grow with
+    the job's rows. Called as the driver takes each batch of write summaries."""
+    if _stats_broken:
+        return
+    try:
+        compat.ray_data_drop_block_stats(dataset)
+    except compat.CompatError as exc:
+        _stats_broken.append(exc)
+        log.warning("%s; the driver's memory grows with the job's blocks", exc)

@@ -23,7 +23,7 @@ from batchjobs.errors import BatchJobError, dead_engine, unwrap
 from batchjobs.feeding import (
     start_gate_s,
 )
-from batchjobs.graph import build_dataset
+from batchjobs.graph import build_dataset, drop_block_stats
 from batchjobs.layout import RUNS, run_record
 from batchjobs.openai_batch.spec import resolve as resolve_format
 from batchjobs.planning import Plan, plan_job, retire_superseded
@@ -152,6 +152,7 @@ def _execute(
             dataset = build_dataset(plan, device, engine_factory, replicas, board)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 tracker.add(batch)
+                drop_block_stats(dataset)  # the driver does not grow with the rows
     except Exception as exc:  # noqa: BLE001
         raise _translate(exc) from None
     finally:

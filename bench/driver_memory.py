@@ -21,9 +21,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from batchjobs.engines.base import Engine  # noqa: E402
 
 
-class InstantEngine:
+class InstantEngine(Engine):
     """Answers at once: what is measured is the pipeline around the engine."""
 
     kind = "instant"

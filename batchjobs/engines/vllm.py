@@ -7,6 +7,7 @@ import gc
 import time
 from typing import Any
 
+from batchjobs import compat
 from batchjobs.engines import warmstart
 from batchjobs.engines.base import Engine, EngineDead, Request, Result, Sample, TokenLogprob
 from batchjobs.spec import JobSpec, SamplingSpec
@@ -257,7 +258,7 @@ class VLLMEngine(Engine):
                 AsyncEngineArgs(**engine_args(spec, cpu)), **_offline_defaults()
             )
         self._closed = False
-        self._steps = _count_steps(self.engine)
+        self._steps = compat.vllm_count_steps(self.engine)  # progress, for the watchdog
 
     def progress(self) -> int | None:
         return self._steps[0] if self._steps is not None else None
@@ -360,29 +361,6 @@ class VLLMEngine(Engine):
             getattr(self.engine, "vllm_config", None), "model_config", None
         )
         return getattr(config, "max_model_len", None)
-
-
-def _count_steps(engine: Any) -> list[int] | None:
-    """Count the engine's steps: ``AsyncLLM``'s output handler passes every step's outputs
-    from the engine core through ``output_processor.process_outputs`` (vLLM 0.11 on, the
-    GPU's 0.24 and the CPU engine's 0.32), once per step whatever the requests' output
-    kind. A one-element list the wrapper increments; None where this vLLM has no such
-    method (the watchdog then counts finished requests only)."""
-    processor = getattr(engine, "output_processor", None)
-    process = getattr(processor, "process_outputs", None)
-    if process is None:
-        return None
-    steps = [0]
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        steps[0] += 1
-        return process(*args, **kwargs)
-
-    try:
-        processor.process_outputs = counted
-    except (AttributeError, TypeError):  # a class with slots: no per-instance method
-        return None
-    return steps
 
 
 def _structured_class() -> tuple[type, str]:

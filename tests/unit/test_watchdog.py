@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from batchjobs.engines.vllm import _count_steps
+from batchjobs.compat import vllm_count_steps
 from batchjobs.spec import parse_spec
 from batchjobs.watchdog import Watchdog, watch_replica
 
@@ -95,12 +95,12 @@ def test_vllm_steps_are_counted_through_its_output_processor():
             return "processed"
 
     engine = types.SimpleNamespace(output_processor=Processor())
-    steps = _count_steps(engine)
+    steps = vllm_count_steps(engine)
     assert steps == [0]
     assert engine.output_processor.process_outputs(["a"], 1.0, None) == "processed"
     engine.output_processor.process_outputs(["b"])
     assert steps == [2] and calls == [["a"], ["b"]]
-    assert _count_steps(types.SimpleNamespace()) is None  # another vLLM: finished requests only
+    assert vllm_count_steps(types.SimpleNamespace()) is None  # another vLLM: finished requests only
 
 
 def test_a_stalled_replica_kills_its_engine_processes_and_exits():
