@@ -58,7 +58,9 @@ def build_dataset(
 
     spec = plan.spec
     res = spec.resources
-    groups = read_groups(plan.todo, spec.input.order, spec.input.prefix_group_mb)
+    groups = read_groups(
+        plan.todo, spec.input.order, spec.input.prefix_group_mb, spec.input.prefix_group_shards
+    )
     ds = ray.data.from_items(
         [{"shards": json.dumps([s.to_dict() for s in group])} for group in groups],
         override_num_blocks=len(groups),

@@ -11,20 +11,26 @@ import pyarrow as pa
 from batchjobs.readers import PAYLOAD, Shard
 
 
-def read_groups(shards: list[Shard], order: str, group_mb: int) -> list[list[Shard]]:
+def read_groups(
+    shards: list[Shard], order: str, group_mb: int, group_shards: int = 8
+) -> list[list[Shard]]:
     """Consecutive shards that one read task reads and (``order: prefix``) sorts as one.
 
     A group closes before the shard that would take it past ``group_mb`` MB of input as
     stored (a shard larger than that is a group of its own), so a read task holds a bounded
-    amount. With ``order: input`` or ``group_mb`` 0 every shard is its own group.
+    amount, and at ``group_shards`` shards: sorting mixes the rows of a group's shards, so
+    each write batch holds some rows of every shard of the group and each shard comes out
+    as about as many files as its group has shards; its shards also commit only when the
+    whole group is done. With ``order: input``, ``group_mb`` 0 or ``group_shards`` 1 every
+    shard is its own group.
     """
-    if order != "prefix" or group_mb <= 0:
+    if order != "prefix" or group_mb <= 0 or group_shards <= 1:
         return [[s] for s in shards]
     limit = group_mb << 20
     groups: list[list[Shard]] = []
     size = 0
     for shard in shards:
-        if groups and groups[-1] and size + shard.size <= limit:
+        if groups and len(groups[-1]) < group_shards and size + shard.size <= limit:
             groups[-1].append(shard)
             size += shard.size
         else:

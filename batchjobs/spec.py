@@ -97,6 +97,13 @@ class InputSpec(_Model):
         "when the input spreads them over shards. The shards of a group finish (and commit) "
         "at about the same time. 0: sort each shard alone.",
     )
+    prefix_group_shards: int = Field(
+        default=8,
+        ge=1,
+        description="With order: prefix, at most this many shards in one read group. "
+        "Sorting mixes a group's rows, so each shard is written as about this many files, "
+        "and a group's shards commit together. 1: sort each shard alone.",
+    )
 
     @model_validator(mode="before")
     @classmethod

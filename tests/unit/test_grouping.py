@@ -78,6 +78,18 @@ def test_read_groups_bound_the_input_one_task_sorts():
     assert read_groups([], "prefix", 64) == []
 
 
+def test_read_groups_hold_at_most_group_shards_shards():
+    """Many small shards: the MB limit alone would make one group of all of them (each
+    shard then written as one tiny file per write batch); the shard cap closes groups."""
+    shards = [_sized(f"s{k:02d}", 0.1) for k in range(20)]
+    sizes = lambda groups: [len(g) for g in groups]  # noqa: E731
+    assert sizes(read_groups(shards, "prefix", 64)) == [8, 8, 4]  # the default cap
+    assert sizes(read_groups(shards, "prefix", 64, 5)) == [5, 5, 5, 5]
+    assert sizes(read_groups(shards, "prefix", 64, 100)) == [20]
+    assert sizes(read_groups(shards, "prefix", 64, 1)) == [1] * 20
+    assert [s for g in read_groups(shards, "prefix", 64, 3) for s in g] == shards  # in order
+
+
 def test_a_read_group_sorts_rows_of_all_its_shards_as_one(tmp_path):
     """Three shards each hold questions about the same three documents: read as one group,
     every batch holds one document's rows, whichever shard they came from."""
