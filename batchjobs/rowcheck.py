@@ -110,7 +110,13 @@ def row_values(
     ``cols.locate``, the payload also carries ``location`` (file, line) as "_source" and
     "_line"."""
     if cols.id_column and row.get(cols.id_column) is not None:
-        row_id = text(row[cols.id_column])
+        if isinstance(row[cols.id_column], (dict, list, tuple)):
+            kind = "an object" if isinstance(row[cols.id_column], dict) else "a list"
+            error = error or (
+                f"{where}: id column {cols.id_column!r} holds {kind}; an id is a string or a number"
+            )
+        else:
+            row_id = text(row[cols.id_column])
     if error is not None:
         return None, None, row_id, error
     if cols.id_column and row.get(cols.id_column) is None:

@@ -116,6 +116,7 @@ READ_ERRORS = {  # (file, row index) -> (place, what the error says)
     ("weird.jsonl", 5): ("line 6", "not valid JSON (Unexpected UTF-8 BOM"),
     ("weird.jsonl", 6): ("line 7", "'prompt' is float, expected string"),
     ("weird.jsonl", 7): ("line 8", "not valid JSON (Exceeds the limit (4300 digits)"),
+    ("weird.jsonl", 8): ("line 9", "id column 'id' holds an object; an id is a string or"),
     ("sampling.jsonl", 1): ("line 2", "column 'budget' (sampling.max_tokens) is -1: "),
     ("sampling.jsonl", 2): ("line 3", "column 'budget' (sampling.max_tokens) is 0: "),
     ("sampling.jsonl", 3): ("line 4", "column 'budget' (sampling.max_tokens) is 'ten': "),

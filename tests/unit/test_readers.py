@@ -327,6 +327,26 @@ def test_jsonl_row_level_problems_become_input_errors(tmp_path, generate):
     assert _prompt(rows[11]) == "fine" and rows[11]["row_id"] == "14"
 
 
+def test_an_id_that_is_an_object_or_a_list_is_the_rows_error(tmp_path, generate):
+    path = tmp_path / "ids.jsonl"
+    path.write_text(
+        '{"prompt": "a", "id": {"k": 1}}\n{"prompt": "b", "id": [1, 2]}\n'
+        '{"prompt": "c", "id": 7}\n{"prompt": "d", "id": "x"}\n'
+    )
+    (shard,) = list_shards(str(path))
+    rows = _rows(_read_all(shard, generate(id_column="id"), batch_rows=5))
+    errors = [r["input_error"] for r in rows]
+    assert (
+        errors[0]
+        == f"{shard.url} line 1: id column 'id' holds an object; an id is a string or a number"
+    )
+    assert (
+        errors[1]
+        == f"{shard.url} line 2: id column 'id' holds a list; an id is a string or a number"
+    )
+    assert errors[2:] == [None, None] and [r["row_id"] for r in rows[2:]] == ["7", "x"]
+
+
 def test_jsonl_without_id_column_keeps_generated_ids_for_bad_rows(tmp_path, generate):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"prompt": "a"}\nnot json\n{"prompt": "c"}\n')
