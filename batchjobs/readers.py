@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import re
 from collections.abc import Callable, Iterator
@@ -161,11 +162,15 @@ def _files_under(fs, root: str) -> list[str]:
     named by its own path, inside the tree); one that leads to a directory is not followed,
     so a link back up the tree cannot loop, and a broken one is not a file."""
     found = fs.find(root, detail=True)
-    return [
-        p
-        for p, info in found.items()
-        if info.get("type") == "file" or (info.get("islink") and fs.isfile(p))
-    ]
+    files = []
+    for p, info in found.items():
+        if info.get("type") == "file" or (info.get("islink") and fs.isfile(p)):
+            files.append(p)
+        elif info.get("islink") and not fs.exists(p) and _format_of(p, "auto"):
+            logging.getLogger("batchjobs").warning(
+                "%s is a broken link (what it leads to does not exist): not read", p
+            )
+    return files
 
 
 def _rel(path: str, base: str) -> str:

@@ -247,6 +247,16 @@ def test_directory_symlinks_are_not_followed_and_file_symlinks_are_named_by_link
     assert all(s.shard_id.startswith(("a.jsonl-", "link.jsonl-")) for s in shards)
 
 
+def test_a_broken_link_is_named_in_a_warning_not_silently_dropped(tmp_path, write_jsonl, caplog):
+    inp = tmp_path / "in"
+    write_jsonl(inp / "a.jsonl", [{"prompt": "a"}])
+    (inp / "gone.jsonl").symlink_to(tmp_path / "unmounted" / "gone.jsonl")
+    with caplog.at_level("WARNING", logger="batchjobs"):
+        shards = list_shards(str(inp))
+    assert [s.rel for s in shards] == ["a.jsonl"]
+    assert f"{inp}/gone.jsonl is a broken link" in caplog.text
+
+
 # ------------------------------------------------------------------ in the engine replica
 
 
