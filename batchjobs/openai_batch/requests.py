@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchjobs.openai_batch import ENDPOINTS, SERVED_BY
-from batchjobs.tasks.base import CHAT_ROLES
+from batchjobs.tasks.base import CHAT_ROLES, NotTextPart, joined_text
 
 # Body fields each endpoint takes; "user" only labels the request (no effect on output).
 # fmt: off
@@ -245,19 +245,16 @@ def messages(value: Any) -> list[dict[str, Any]]:
 
 
 def _text_parts(parts: list, where: str) -> str:
-    texts = []
-    for j, part in enumerate(parts):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(part.get("text"), str):
-            param = f"{where}.content[{j}]"
-            raise Refusal(
-                400,
-                "unsupported_parameter",
-                f"{param}: content of type {kind!r} is not supported (text parts only)",
-                param,
-            )
-        texts.append(part["text"])
-    return "\n".join(texts)
+    try:
+        return joined_text(parts)
+    except NotTextPart as exc:
+        param = f"{where}.content[{exc.index}]"
+        raise Refusal(
+            400,
+            "unsupported_parameter",
+            f"{param}: content of type {exc.kind!r} is not supported (text parts only)",
+            param,
+        ) from None
 
 
 def _prompt(value: Any) -> str | list[int]:

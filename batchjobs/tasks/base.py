@@ -275,10 +275,37 @@ def check_messages(value: Any) -> str | None:
         if role not in CHAT_ROLES:
             return f"message {i} has role {role!r} (allowed: {', '.join(CHAT_ROLES)})"
         content = msg.get("content")
-        if not isinstance(content, str):
+        if isinstance(content, list):
+            try:
+                joined_text(content)
+            except NotTextPart as exc:
+                return (
+                    f"message {i} ({role}) content part {exc.index} is {exc.kind!r}; "
+                    "only text parts ({type: text, text}) are supported"
+                )
+        elif not isinstance(content, str):
             what = "no content" if content is None else f"content of type {type(content).__name__}"
-            return f"message {i} ({role}) has {what}, expected a string"
+            return f"message {i} ({role}) has {what}, expected a string or a list of text parts"
     return None
+
+
+class NotTextPart(ValueError):
+    def __init__(self, index: int, kind: Any):
+        super().__init__(f"content part {index} is {kind!r}, not text")
+        self.index, self.kind = index, kind
+
+
+def joined_text(parts: list) -> str:
+    """The text of OpenAI-style content parts (``[{"type": "text", "text": ...}]``), joined
+    by newlines as vLLM's OpenAI server joins them; ``NotTextPart`` names the first part
+    that is not text (an image, say)."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise NotTextPart(j, kind)
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 CHECKS = {"prompt": check_text, "token_ids": check_token_ids, "messages": check_messages}

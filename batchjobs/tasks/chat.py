@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchjobs.tasks.base import Prepared, RowError
+from batchjobs.tasks.base import Prepared, RowError, joined_text
 from batchjobs.tasks.generate import GenerateTask
 
 
@@ -46,7 +46,14 @@ class ChatTask(GenerateTask):
     def render(self, messages: list[dict[str, Any]]) -> list[int]:
         """The token ids of the rendered conversation, as the tokenizer renders them."""
         chat = self.spec.chat
-        conversation = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        conversation = [
+            {
+                k: joined_text(v) if k == "content" and isinstance(v, list) else v
+                for k, v in m.items()
+                if v is not None
+            }
+            for m in messages
+        ]
         if chat.system_prompt is not None and conversation[0]["role"] != "system":
             conversation.insert(0, {"role": "system", "content": chat.system_prompt})
         with self.lock:

@@ -141,7 +141,7 @@ def test_chat_messages_with_unknown_roles_are_error_rows(read_columns, tiny_toke
         "c-4": "line 4: 'messages' message 0 (user) has no content, expected a string",
         "c-5": "line 5: 'messages' is str, expected a list of {role, content} messages",
         "c-6": "line 6: 'messages' is an empty list of messages",
-        "c-7": "line 7: 'messages' message 0 (user) has content of type list",
+        "c-7": "line 7: 'messages' message 0 (user) content part 0 is 'str'; only text parts",
     }
     for row_id, fragment in expected.items():
         assert errors[row_id].startswith(f"{shard.url} {fragment}"), errors[row_id]

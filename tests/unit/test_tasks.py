@@ -76,7 +76,7 @@ JSONL_MESSAGES = [
     (None, "'conversation' is null"),
     (
         [{"role": "system", "content": "s"}, {"role": "user", "content": ["a", "b"]}],
-        "'conversation' message 1 (user) has content of type list, expected a string",
+        "'conversation' message 1 (user) content part 0 is 'str'; only text parts",
     ),
 ]
 
@@ -130,7 +130,7 @@ def test_malformed_parquet_messages_are_error_rows_naming_row_and_column(tmp_pat
         f"{url} row 1: 'conversation' is an empty list of messages",
         f"{url} row 2: 'conversation' message 0 has role 'robot' (allowed: system, user, "
         "assistant, tool, developer)",
-        f"{url} row 3: 'conversation' message 0 (user) has no content, expected a string",
+        f"{url} row 3: 'conversation' message 0 (user) has no content, expected a string or a list of text parts",
         f"{url} row 4: 'conversation' is null",
         f"{url} row 5: 'conversation' message 0 is NoneType, expected {{role, content}}",
     ]
@@ -145,7 +145,7 @@ def test_parquet_messages_with_non_string_content_are_error_rows(tmp_path, task_
     cols = task_for(task_spec("chat")).input_columns()
     (row,) = _rows(shard, cols)
     assert row["input_error"] == (
-        f"{shard.url} row 0: 'messages' message 0 (user) has content of type int, expected a string"
+        f"{shard.url} row 0: 'messages' message 0 (user) has content of type int, expected a string or a list of text parts"
     )
 
 
@@ -190,6 +190,23 @@ def test_chat_renders_the_token_ids_of_the_tokenizers_own_template(chat_task, to
     prepared = task.prepare("r-1", {"messages": CONVERSATION}, {"max_tokens": 3})
     assert prepared.request.token_ids == expected and prepared.request.prompt is None
     assert prepared.request.params == {"max_tokens": 3}
+
+
+def test_chat_content_as_text_parts_renders_as_the_joined_text(chat_task, tokenizer):
+    """OpenAI-style content parts: the text parts joined by newlines, as vLLM's server
+    joins them; a part that is not text is the row's error when the row is read."""
+    from batchjobs.tasks.base import check_messages
+
+    parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
+    as_parts = [{"role": "user", "content": parts}]
+    assert check_messages(as_parts) is None
+    joined = [{"role": "user", "content": "first\nsecond"}]
+    assert chat_task().render(as_parts) == chat_task().render(joined)
+    image = [{"role": "user", "content": [parts[0], {"type": "image_url", "image_url": {}}]}]
+    assert check_messages(image) == (
+        "message 0 (user) content part 1 is 'image_url'; "
+        "only text parts ({type: text, text}) are supported"
+    )
 
 
 def test_chat_without_generation_prompt_ends_with_the_last_message(chat_task, tokenizer):
