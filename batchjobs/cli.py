@@ -12,8 +12,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from batchjobs.cli_print import TRUST_REMOTE_CODE, _fail, _masked, _print_summary
+from batchjobs.cli_tools import register as register_tool_commands
 from batchjobs.errors import BatchJobError
-from batchjobs.layout import MANIFEST, PILOT_JSON
 from batchjobs.openai_batch.runbatch import run_batch
 from batchjobs.ops.cli import register as register_cluster_commands
 from batchjobs.stopping import DEFAULT_GRACE_S
@@ -31,19 +32,6 @@ SetOpt = Annotated[
 
 
 SpecArg = Annotated[Path, typer.Argument(help="The job spec, a YAML file.", show_default=False)]
-
-
-def _fail(exc: BatchJobError, job=None) -> None:
-    typer.echo(f"error: {_masked(str(exc), job)}", err=True)
-    raise typer.Exit(exc.exit_code)
-
-
-def _masked(text: str, job=None) -> str:
-    """``text`` with the job's credentials (or, without a job, those of the environment)
-    and anything shaped like one masked (``secrets.redact``)."""
-    from batchjobs.secrets import redact, secrets_of, spec_secrets
-
-    return redact(text, spec_secrets(job) if job is not None else secrets_of(()))
 
 
 @app.command()
@@ -248,163 +236,6 @@ def _write_summary_json(summary_json: Path | None, result: dict) -> None:
         summary_json.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
-@app.command()
-def manifest(
-    output: Annotated[str, typer.Argument(help="A job's output root (directory or fsspec URL).")],
-    wide: Annotated[
-        bool, typer.Option("--wide", help="All columns (status, $/1M output, source, ...).")
-    ] = False,
-) -> None:
-    """Print the per-shard table of an output root's manifest."""
-    from rich.console import Console
-
-    from batchjobs.display import manifest_tables
-    from batchjobs.manifest import Manifest
-    from batchjobs.report import read_runs
-    from batchjobs.sink import OutputRoot
-
-    try:
-        root = OutputRoot(output)
-        records = Manifest(root).records.values()
-        runs = read_runs(root)
-    except BatchJobError as exc:
-        _fail(exc)
-    if not records:
-        typer.echo(f"no manifest records under {output}", err=True)
-        raise typer.Exit(1)
-    tty = sys.stdout.isatty()
-    console = Console(width=None if tty else (250 if wide else 100), highlight=False)
-    for part in manifest_tables(records, runs, output, wide=wide):
-        console.print(part)
-    from batchjobs.pilot import load_decision
-    from batchjobs.projection import format_table
-
-    try:
-        decision = load_decision(OutputRoot(output))
-    except (BatchJobError, OSError):
-        decision = None
-    if decision is not None:
-        typer.echo(f"engine chosen by pilot ({output.rstrip('/')}/{PILOT_JSON}):")
-        for line in format_table(decision):
-            typer.echo(line)
-        from batchjobs.pilotview import shards_by_config
-
-        by = shards_by_config(list(records))
-        typer.echo(
-            "shards by engine configuration: " + ", ".join(f"{k} {n}" for k, n in by.items())
-        )
-
-
-@app.command()
-def report(
-    output: Annotated[str, typer.Argument(help="A job's output root (directory or fsspec URL).")],
-) -> None:
-    """Write <output>/_report.html: the job's spec, runs, cost and plots, in one file.
-
-    Reads only the output root (manifest, run records, progress samples, _eval.json,
-    _pilot.json, a sample of the output rows), so it works on a copy of the root too."""
-    from batchjobs.report import write_report
-
-    try:
-        where = write_report(output)
-    except BatchJobError as exc:
-        _fail(exc)
-    typer.echo(f"report: {where}")
-
-
-@app.command()
-def compare(
-    output_a: Annotated[str, typer.Argument(help="The first eval output root (the baseline).")],
-    output_b: Annotated[str, typer.Argument(help="The second eval output root.")],
-    metric: Annotated[
-        Optional[str],  # noqa: UP045 - typer needs Optional here on 3.10
-        typer.Option(help="Compare this metric only (default: every metric both have)."),
-    ] = None,
-    show: Annotated[int, typer.Option(help="Flipped rows to print per metric.")] = 20,
-    json_out: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option("--json", help="Also write the comparison, every flipped row, here."),
-    ] = None,
-    fail_if_worse: Annotated[
-        bool,
-        typer.Option(
-            "--fail-if-worse",
-            help="Exit 6 when B is worse than A on a metric: the 95% interval of B - A is "
-            "below zero.",
-        ),
-    ] = False,
-) -> None:
-    """Compare two eval outputs row by row: accuracy of each, the paired difference B - A
-    with its 95% interval and McNemar's test, and the rows that flipped."""
-    from batchjobs.evalreport import compare as compare_outputs
-    from batchjobs.evalreport import compare_lines, worse
-
-    try:
-        result = compare_outputs(output_a, output_b, metric)
-    except BatchJobError as exc:
-        _fail(exc)
-    typer.echo("\n".join(compare_lines(result, show)))
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    regressed = worse(result)
-    if fail_if_worse and regressed:
-        typer.echo(f"B is worse than A on: {', '.join(regressed)}", err=True)
-        raise typer.Exit(6)
-
-
-@app.command()
-def schema(
-    markdown: Annotated[
-        bool, typer.Option("--markdown", help="Print the markdown reference (docs/spec.md).")
-    ] = False,
-) -> None:
-    """Print the JSON Schema of a job spec, for editor completion and checks."""
-    from batchjobs.specdoc import json_schema, render_markdown
-
-    if markdown:
-        typer.echo(render_markdown(), nl=False)
-    else:
-        typer.echo(json.dumps(json_schema(), indent=2))
-
-
-@app.command("make-model")
-def make_model(
-    out: Annotated[Path, typer.Argument(help="Directory to write the model to.")],
-    shape: Annotated[
-        str,
-        typer.Option(
-            help="tiny (real random weights), or config only for load_format: dummy: "
-            "llama-7b, llama3-8b, llama3-70b, qwen3-0.6b."
-        ),
-    ] = "tiny",
-    lora: Annotated[
-        Path | None,
-        typer.Option(
-            help="Write a random LoRA adapter (PEFT format) for this local model instead "
-            "of a model, e.g. --lora models/tiny-llama."
-        ),
-    ] = None,
-    rank: Annotated[int, typer.Option(help="--lora: the adapter's rank.")] = 8,
-    seed: Annotated[int, typer.Option(help="--lora: seeds the weights; one per adapter.")] = 1,
-) -> None:
-    """Build a local model (tokenizer with a chat template + config, weights for tiny) that
-    needs no hub access, or with --lora a random LoRA adapter for one."""
-    from batchjobs.tools.models import build_model
-
-    try:
-        if lora is not None:
-            from batchjobs.tools.lora import build_lora
-
-            build_lora(out, lora, rank=rank, seed=seed)
-            typer.echo(f"wrote rank-{rank} LoRA adapter for {lora} to {out}")
-            return
-        build_model(out, shape)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"wrote {shape} model to {out}")
-
-
 # URL schemes whose first path segment names a bucket, container or host.
 _LOCAL_SCHEMES = {"file", "local", "memory"}
 
@@ -465,16 +296,6 @@ def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _num(v: float | None, fmt: str = ".4f") -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def usd(v: float | None) -> str:
-    from batchjobs.display import usd as fmt
-
-    return fmt(v)
-
-
 def _write_report(output: str, storage_options: dict | None = None) -> None:
     """Write the report at the end of a run; a report that fails is a warning, not a
     failed job."""
@@ -488,93 +309,7 @@ def _write_report(output: str, storage_options: dict | None = None) -> None:
     typer.echo(f"report: {where}")
 
 
-def _print_summary(s) -> None:
-    typer.echo(
-        f"done: {s.name}: {s.rows} rows ({s.error_rows} errors) in {s.wall_s:.1f}s "
-        f"(start-up included); "
-        f"shards: {s.shards_run} run, {s.shards_skipped} skipped (already committed)\n"
-        + _tokens_line(s)
-        + _cost_line(s)
-        + _replica_line(s.replicas)
-        + (f"{TRUST_REMOTE_CODE}\n" if getattr(s, "trust_remote_code", False) else "")
-        + f"output: {s.output} (manifest: {s.output.rstrip('/')}/{MANIFEST})"
-    )
-
-
-TRUST_REMOTE_CODE = (
-    "trust_remote_code: on: the model directory's own Python code runs in the engine "
-    "processes (engine.trust_remote_code)"
-)
-
-
-def _tokens_line(s) -> str:
-    """Tokens and the rates, each saying what time it covers: the whole run (Ray and the
-    engines' start-up included), and from the first engine ready to the last result."""
-    line = (
-        f"tokens: {s.prompt_tokens:,} in, {s.completion_tokens:,} out; over the whole run "
-        f"{s.tokens_per_s:,.0f} tok/s in+out, {s.output_tokens_per_s:,.0f} output tok/s"
-    )
-    reps = [r for r in (s.replicas or {}).values() if r.get("ready_at")]
-    if reps:
-        first = min(r["ready_at"] for r in reps)
-        last = max(r["ready_at"] + r.get("busy_s", 0.0) + r.get("idle_s", 0.0) for r in reps)
-        span = last - first
-        if span > 0:
-            line += (
-                f"; engines ready to last result ({span:.1f}s): "
-                f"{(s.prompt_tokens + s.completion_tokens) / span:,.0f} tok/s in+out, "
-                f"{s.completion_tokens / span:,.0f} output tok/s"
-            )
-    return line + "\n"
-
-
-def _unit(s) -> str:
-    """What the run's device-seconds are: GPU-seconds, or CPU-seconds on a CPU run."""
-    return "CPU-s" if getattr(s, "device", "") == "cpu" else "GPU-s"
-
-
-def _cost_line(s) -> str:
-    """GPU-seconds and $, split into the rows' work, start-up and idle, and under-fill; and
-    how the rows' work was weighed (cost.py)."""
-    w = s.cost_weights or {}
-    unit = _unit(s)
-    gpus = s.gpu_s - s.overhead_s  # the rows' work, in GPU-seconds
-    weighed = (
-        f"; rows charged {w['prefill_s'] * 1e3:.3g} ms per prefill token, "
-        f"{w['decode_s'] * 1e3:.3g} ms per decode token ({w['method']})"
-        if w
-        else ""
-    )
-    return (
-        f"cost of this run: {s.gpu_s:.1f} {unit} = {usd(s.cost_usd)}: rows' work {gpus:.1f}, "
-        f"start-up and idle {s.overhead_s - s.underfill_s:.1f}, under-fill "
-        f"{s.underfill_s:.1f}{weighed}\n"
-    )
-
-
-def _replica_line(replicas: dict) -> str:
-    """Start-up and how full the engines were kept: the first things to look at when a job
-    runs slower than expected."""
-    from batchjobs.tracker import busy_share
-
-    if not replicas:
-        return ""
-    reps = list(replicas.values())
-    start = max(r["startup_s"] for r in reps)
-    mean = sum(r.get("mean_inflight", 0.0) for r in reps) / len(reps)
-    caps = sorted({r.get("inflight_limit", 0) for r in reps})
-    cap = "no cap" if caps == [0] else "cap " + "/".join(str(c) for c in caps)
-    prompt = sum(r.get("prompt_tokens", 0) for r in reps)
-    cached = sum(r.get("cached_tokens", 0) for r in reps)
-    hits = f"; prefix cache served {cached / prompt:.0%} of prompt tokens" if prompt else ""
-    share = busy_share(reps)
-    busy = f"engines had work {share:.0%} of the time after start-up; " if share is not None else ""
-    return (
-        f"replicas: {len(reps)}, ready after {start:.1f}s; {busy}"
-        f"{mean:.0f} requests in each engine on average ({cap}){hits}\n"
-    )
-
-
+register_tool_commands(app)  # manifest, report, compare, schema, make-model
 register_cluster_commands(app)  # submit, status, logs, stop, list
 app.command("run-batch")(run_batch)  # OpenAI Batch files, vLLM's run-batch flags
 

@@ -11,7 +11,7 @@ import pytest
 from cli_text import cli_text
 from typer.testing import CliRunner
 
-from batchjobs import cli
+from batchjobs import cli, cli_print
 from batchjobs.cli import app
 from batchjobs.cost import Weights
 from batchjobs.layout import MANIFEST
@@ -182,14 +182,14 @@ def test_replica_line_says_how_much_of_the_time_the_engines_had_work():
             "inflight_limit": 512,
         },
     }
-    line = cli._replica_line(reps)
+    line = cli_print._replica_line(reps)
     assert line.startswith(
         "replicas: 2, ready after 40.0s; engines had work 75% of the time after start-up; "
     )
     assert "75 requests in each engine on average (cap 512)" in line
     # A replica that never got a row has no share to show, rather than a made-up 0 % or 100 %.
     idle = {"a": {"startup_s": 5.0, "busy_s": 0.0, "idle_s": 0.0, "inflight_limit": 0}}
-    assert "had work" not in cli._replica_line(idle)
+    assert "had work" not in cli_print._replica_line(idle)
 
 
 def _help(*args: str) -> str:
