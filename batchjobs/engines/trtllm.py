@@ -25,15 +25,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from batchjobs.engines.base import (
-    Engine,
-    Request,
-    Result,
-    Sample,
-    TokenLogprob,
-    invalid_params,
-    lora_for,
-)
+from batchjobs.engines import base
+from batchjobs.engines.base import Engine, Request, Result, Sample, TokenLogprob
 from batchjobs.spec import OUTPUT_SHAPING, JobSpec
 from batchjobs.structured import trtllm_fields
 
@@ -201,8 +194,8 @@ class TRTLLMEngine(Engine):
                     **sampling_kwargs(self.spec, request.params), guided_decoding=guided
                 )
             except Exception as exc:  # noqa: BLE001
-                return invalid_params(request, exc)
-        lora, unknown = lora_for(self._loras, request)
+                return base.invalid_params(request, exc)
+        lora, unknown = base.lora_for(self._loras, request)
         if unknown is not None:
             return unknown
         try:

@@ -8,17 +8,8 @@ import time
 from typing import Any
 
 from batchjobs import compat
-from batchjobs.engines import warmstart
-from batchjobs.engines.base import (
-    Engine,
-    EngineDead,
-    Request,
-    Result,
-    Sample,
-    TokenLogprob,
-    invalid_params,
-    lora_for,
-)
+from batchjobs.engines import base, warmstart
+from batchjobs.engines.base import Engine, EngineDead, Request, Result, Sample, TokenLogprob
 from batchjobs.spec import JobSpec, SamplingSpec
 from batchjobs.structured import vllm_fields
 
@@ -290,8 +281,8 @@ class VLLMEngine(Engine):
                     kw[self._structured_key] = self._structured(**vllm_fields(request.structured))
                 params = self._sampling_params(**kw)
             except Exception as exc:  # noqa: BLE001 - vLLM validates in the constructor
-                return invalid_params(request, exc)
-        lora, unknown = lora_for(self._loras, request)
+                return base.invalid_params(request, exc)
+        lora, unknown = base.lora_for(self._loras, request)
         if unknown is not None:
             return unknown
         try:
