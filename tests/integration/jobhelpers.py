@@ -60,22 +60,25 @@ def written_ids(out: Path) -> list[str]:
     return pds.dataset(str(out), format="parquet").to_table().column("id").to_pylist()
 
 
-def kill_after_commits(cmd: list[str], env: dict, out: OutputRoot, commits: int) -> bytes:
-    """Start the job ``cmd`` in a session of its own, wait until ``out`` holds ``commits``
-    committed shards, then SIGKILL the driver and everything it started. What it printed."""
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+def start_job(
+    cmd: list[str], env: dict, out: OutputRoot, commits: int, **pipes
+) -> subprocess.Popen:
+    """Start the job ``cmd`` in a session of its own (``pipes``: Popen's stdout, stderr,
+    text) and return once ``out`` holds ``commits`` committed shards, the job ended, or
+    400 s passed."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, **pipes)
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
         if len(Manifest(out).committed()) >= commits:
             break
         time.sleep(0.2)
+    return proc
+
+
+def kill_after_commits(cmd: list[str], env: dict, out: OutputRoot, commits: int) -> bytes:
+    """Start the job ``cmd``, wait until ``out`` holds ``commits`` committed shards, then
+    SIGKILL the driver and everything it started. What it printed."""
+    proc = start_job(cmd, env, out, commits, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.poll() is None, (
         "the job finished before it could be killed: " + proc.communicate()[0].decode()[-3000:]
     )

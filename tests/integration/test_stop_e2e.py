@@ -21,10 +21,11 @@ import psutil
 import pytest
 import yaml
 from conftest import REPO, spec_dict
-from jobhelpers import cli_job, committed, write_shards, written_ids
+from jobhelpers import cli_job, committed, start_job, write_shards, written_ids
 
 from batchjobs.engines.base import Engine, Result
 from batchjobs.layout import MANIFEST_DELTAS, RUNS
+from batchjobs.sink import OutputRoot
 
 pytestmark = pytest.mark.integration
 
@@ -49,18 +50,8 @@ def test_sigterm_stops_records_and_a_rerun_finishes(tmp_path, tiny_model):
     ids = write_shards(tmp_path / "in", shards=6, rows=60)
     out = tmp_path / "out"
     cmd, env = cli_job(tmp_path, tiny_model, out, "--stop-grace", "60")
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and not committed(out):
-        time.sleep(0.2)
+    pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+    proc = start_job(cmd, env, OutputRoot(str(out)), 1, **pipes)
     assert proc.poll() is None, "the job ended before it could be stopped"
     engines = _session(proc.pid)
     assert any("EngineStage" in p for p in engines), engines  # the engine is up
