@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, spec_dict
-from jobhelpers import cli_job, committed, kill_after_commits, write_shards, written_ids
+from conftest import REPO
+from jobhelpers import cli_job, committed, kill_after_commits, tmp_spec, write_shards, written_ids
 
 from batchjobs.sink import OutputRoot
 
@@ -41,27 +41,23 @@ def _engine_actor_pids(title: str = REPLICA) -> list[int]:
 
 def test_engine_actor_killed_three_times(tmp_path, tiny_model, ray_session):
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     # The engine in a replica the driver starts (the default on GPUs; on CPU when asked
     # for), fed by Ray Data's actor: both processes are killed below.
     # One batch of 2 rows at a time and 64 tokens each: slow enough that three kills land
     # while work remains (a restarted replica finishes queued work in a burst).
     ids = write_shards(tmp_path / "in", shards=3, rows=100)
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            input={"id_column": "id"},
-            sampling={"max_tokens": 64, "ignore_eos": True},
-            resources={
-                "batch_size": 2,
-                "max_inflight_batches": 1,
-                "rows_per_file": 2,
-                "max_restarts": 8,
-            },
-        )
+    spec = tmp_spec(
+        tiny_model,
+        tmp_path,
+        input={"id_column": "id"},
+        sampling={"max_tokens": 64, "ignore_eos": True},
+        resources={
+            "batch_size": 2,
+            "max_inflight_batches": 1,
+            "rows_per_file": 2,
+            "max_restarts": 8,
+        },
     )
     out_root = tmp_path / "out"
     kills: list[tuple[int, int | None]] = []
@@ -174,12 +170,11 @@ def test_engine_start_failure_fails_fast_with_one_clear_error(tmp_path, tiny_mod
 
     from batchjobs.errors import EngineError
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "in" / "p.parquet")
-    spec = parse_spec(spec_dict(tiny_model, str(tmp_path / "in"), str(tmp_path / "out")))
+    spec = tmp_spec(tiny_model, tmp_path)
     with pytest.raises(EngineError) as err:
         run(spec, engine_factory=_broken_factory)
     msg = str(err.value)
@@ -222,19 +217,11 @@ def test_replica_dead_for_good_fails_the_job_with_one_clear_error(
 
     from batchjobs.errors import EngineError
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "in" / "p.parquet")
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            resources={"max_restarts": 0},
-        )
-    )
+    spec = tmp_spec(tiny_model, tmp_path, resources={"max_restarts": 0})
     with pytest.raises(EngineError) as err:
         run(spec, engine_factory=_dying_factory, placement="replicas")  # the driver's replica
     msg = str(err.value)

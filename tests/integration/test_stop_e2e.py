@@ -21,7 +21,7 @@ import psutil
 import pytest
 import yaml
 from conftest import REPO, spec_dict
-from jobhelpers import cli_job, committed, start_job, write_shards, written_ids
+from jobhelpers import cli_job, committed, start_job, tmp_spec, write_shards, written_ids
 
 from batchjobs.engines.base import Engine, Result
 from batchjobs.layout import MANIFEST_DELTAS, RUNS
@@ -89,17 +89,9 @@ def test_engine_that_cannot_start_fails_the_job_with_the_cause(tmp_path, tiny_mo
     reason, in one line."""
     from batchjobs.errors import EngineError
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     write_shards(tmp_path / "in", shards=1, rows=4)
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            engine={"env": {"VLLM_CPU_KVCACHE_SPACE": "100000"}},
-        )
-    )
+    spec = tmp_spec(tiny_model, tmp_path, engine={"env": {"VLLM_CPU_KVCACHE_SPACE": "100000"}})
     with pytest.raises(EngineError) as err:
         run(spec)
     msg = str(err.value)
@@ -144,20 +136,16 @@ def test_hung_engine_is_restarted_and_every_row_comes_out_once(tmp_path, tiny_mo
     import ray
 
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     ids = write_shards(tmp_path / "in", shards=2, rows=20)
     probe = tmp_path / "probe"
     probe.mkdir()
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            input={"id_column": "id"},
-            resources={"batch_size": 4, "stall_timeout_s": 2},
-        )
+    spec = tmp_spec(
+        tiny_model,
+        tmp_path,
+        input={"id_column": "id"},
+        resources={"batch_size": 4, "stall_timeout_s": 2},
     )
     summary = run(spec, engine_factory=functools.partial(_hanging, str(probe)))
     starts = sorted(probe.glob("start-*"))
@@ -197,18 +185,10 @@ def test_an_engine_that_keeps_hanging_fails_the_job_as_an_engine_failure(
 
     from batchjobs.errors import EngineError
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     write_shards(tmp_path / "in", shards=1, rows=4)
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            resources={"max_restarts": 1, "stall_timeout_s": 1},
-        )
-    )
+    spec = tmp_spec(tiny_model, tmp_path, resources={"max_restarts": 1, "stall_timeout_s": 1})
     with pytest.raises(EngineError, match="died and Ray did not restart it"):
         run(spec, engine_factory=_stuck)
     assert not list((tmp_path / "out").glob("*/*.parquet"))
