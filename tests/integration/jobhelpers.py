@@ -1,5 +1,5 @@
 """Helpers the fault and stop tests share: input shards with known ids, a `batchjobs run`
-command or a parsed spec over them, what a job committed and wrote, and a driver killed mid-job."""
+command over them, what a job committed and wrote, and a driver killed mid-job."""
 
 from __future__ import annotations
 
@@ -48,14 +48,6 @@ def cli_job(tmp_path: Path, model: Path, out: Path, *options: str) -> tuple[list
     path.write_text(yaml.safe_dump(spec))
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     return [sys.executable, "-m", "batchjobs.cli", "run", str(path), *options], env
-
-
-def tmp_spec(model: Path, tmp_path: Path, **over):
-    """The parsed spec of a job over tmp_path/in into tmp_path/out (``over`` as for
-    conftest.spec_dict)."""
-    from batchjobs.spec import parse_spec
-
-    return parse_spec(spec_dict(model, str(tmp_path / "in"), str(tmp_path / "out"), **over))
 
 
 def committed(out: Path) -> dict:

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
-from jobhelpers import cli_job, committed, kill_after_commits, tmp_spec, write_shards, written_ids
+from conftest import REPO, tmp_spec
+from jobhelpers import cli_job, committed, kill_after_commits, write_shards, written_ids
 
 from batchjobs.sink import OutputRoot
 

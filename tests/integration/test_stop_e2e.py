@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import REPO, spec_dict
-from jobhelpers import cli_job, committed, start_job, tmp_spec, write_shards, written_ids
+from conftest import REPO, spec_dict, tmp_spec
+from jobhelpers import cli_job, committed, start_job, write_shards, written_ids
 
 from batchjobs.engines.base import Engine, Result
 from batchjobs.layout import MANIFEST_DELTAS, RUNS
