@@ -22,6 +22,7 @@ import logging
 import posixpath
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -203,11 +204,18 @@ def preflight(shard: Shard, cols: Columns, storage_options=None) -> None:
     """Check a shard's columns before any engine starts (cheap: the Parquet footer, or the
     first JSON Lines rows); raise ``InputError`` naming the file and the column."""
     fs, path = filesystem(shard.url, storage_options)
-    try:
+    with _shard_error(shard):
         if shard.format == "parquet":
             _preflight_parquet(shard, fs, path, cols)
         else:
             _preflight_jsonl(shard, fs, path, cols)
+
+
+@contextmanager
+def _shard_error(shard: Shard) -> Iterator[None]:
+    """A shard that cannot be read, in any way, as one ``InputError`` naming its file."""
+    try:
+        yield
     except InputError:
         raise
     except FileNotFoundError:
@@ -286,17 +294,11 @@ def read_shard(
     params and where. A shard that cannot be read raises ``InputError``; a row that cannot
     be used is an error row."""
     fs, path = filesystem(shard.url, storage_options)
-    try:
+    with _shard_error(shard):
         if shard.format == "parquet":
             yield from _read_parquet(shard, fs, path, cols, batch_rows)
         else:
             yield from _read_jsonl(shard, fs, path, cols, batch_rows)
-    except InputError:
-        raise
-    except FileNotFoundError:
-        raise InputError(f"{shard.url}: file vanished after planning") from None
-    except Exception as exc:  # noqa: BLE001 - unreadable in any way: this shard's error
-        raise InputError(f"{shard.url}: cannot be read ({exception_text(exc)})") from None
 
 
 def _read_parquet(shard, fs, path, cols: Columns, batch_rows):

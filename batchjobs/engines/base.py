@@ -118,6 +118,23 @@ class Result:
         )
 
 
+def invalid_params(request: Request, exc: Exception) -> Result:
+    """The error row of a request whose per-row sampling parameters the engine rejected."""
+    what = request.params or request.structured
+    return Result.failed(f"invalid per-row sampling parameters {what}: {exc}")
+
+
+def lora_for(loras: dict[str, Any], request: Request) -> tuple[Any, Result | None]:
+    """The engine's LoRA request for ``request.adapter`` out of ``loras`` (by adapter name;
+    None: the base model), and the error row of an adapter the engine does not serve."""
+    if request.adapter is None:
+        return None, None
+    lora = loras.get(request.adapter)
+    if lora is None:
+        return None, Result.failed(f"unknown LoRA adapter {request.adapter!r}")
+    return lora, None
+
+
 class Engine(abc.ABC):
     """One started engine. Construct it to start it; ``close`` to release its devices."""
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from batchjobs.engines import base
 from batchjobs.engines.base import Engine, Request, Result, Sample, TokenLogprob
 from batchjobs.spec import OUTPUT_SHAPING, JobSpec
 from batchjobs.structured import trtllm_fields
@@ -193,13 +194,10 @@ class TRTLLMEngine(Engine):
                     **sampling_kwargs(self.spec, request.params), guided_decoding=guided
                 )
             except Exception as exc:  # noqa: BLE001
-                what = request.params or request.structured
-                return Result.failed(f"invalid per-row sampling parameters {what}: {exc}")
-        lora = None
-        if request.adapter is not None:
-            lora = self._loras.get(request.adapter)
-            if lora is None:
-                return Result.failed(f"unknown LoRA adapter {request.adapter!r}")
+                return base.invalid_params(request, exc)
+        lora, unknown = base.lora_for(self._loras, request)
+        if unknown is not None:
+            return unknown
         try:
             # The LLM API takes a prompt as text or as a list of token ids.
             prompt = list(request.token_ids) if request.token_ids is not None else request.prompt

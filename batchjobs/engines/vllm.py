@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from batchjobs import compat
-from batchjobs.engines import warmstart
+from batchjobs.engines import base, warmstart
 from batchjobs.engines.base import Engine, EngineDead, Request, Result, Sample, TokenLogprob
 from batchjobs.spec import JobSpec, SamplingSpec
 from batchjobs.structured import vllm_fields
@@ -281,13 +281,10 @@ class VLLMEngine(Engine):
                     kw[self._structured_key] = self._structured(**vllm_fields(request.structured))
                 params = self._sampling_params(**kw)
             except Exception as exc:  # noqa: BLE001 - vLLM validates in the constructor
-                what = request.params or request.structured
-                return Result.failed(f"invalid per-row sampling parameters {what}: {exc}")
-        lora = None
-        if request.adapter is not None:
-            lora = self._loras.get(request.adapter)
-            if lora is None:
-                return Result.failed(f"unknown LoRA adapter {request.adapter!r}")
+                return base.invalid_params(request, exc)
+        lora, unknown = base.lora_for(self._loras, request)
+        if unknown is not None:
+            return unknown
         try:
             async for out in self.engine.generate(
                 _prompt(request), params, request.request_id, lora_request=lora

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,35 +47,40 @@ def samples(result: Result) -> list[Sample]:
 
 
 def chat_body(result: Result, model: str, logprobs: int | None) -> dict[str, Any]:
-    choices = [
-        {
-            "index": i,
+    return _generation_body(
+        "chat.completion",
+        result,
+        model,
+        lambda s: {
             "message": {"role": "assistant", "content": s.text, "refusal": None},
             "logprobs": None if logprobs is None else {"content": _chat_logprobs(s.logprobs)},
-            "finish_reason": s.finish_reason,
-        }
-        for i, s in enumerate(samples(result))
-    ]
-    return {
-        "object": "chat.completion",
-        "model": model,
-        "choices": choices,
-        "usage": usage(result.prompt_tokens, result.completion_tokens),
-    }
+        },
+    )
 
 
 def completion_body(result: Result, model: str, logprobs: int | None) -> dict[str, Any]:
-    choices = [
-        {
-            "index": i,
+    return _generation_body(
+        "text_completion",
+        result,
+        model,
+        lambda s: {
             "text": s.text,
             "logprobs": None if logprobs is None else _completion_logprobs(s.logprobs),
-            "finish_reason": s.finish_reason,
-        }
+        },
+    )
+
+
+def _generation_body(
+    kind: str, result: Result, model: str, choice: Callable[[Sample], dict[str, Any]]
+) -> dict[str, Any]:
+    """A generation's body: one choice per sample, ``choice`` giving its output and
+    log-probabilities between its index and its finish reason."""
+    choices = [
+        {"index": i, **choice(s), "finish_reason": s.finish_reason}
         for i, s in enumerate(samples(result))
     ]
     return {
-        "object": "text_completion",
+        "object": kind,
         "model": model,
         "choices": choices,
         "usage": usage(result.prompt_tokens, result.completion_tokens),

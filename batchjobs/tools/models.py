@@ -13,47 +13,32 @@ import random
 from pathlib import Path
 from typing import Any
 
+
+def _llama(
+    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int
+) -> dict[str, Any]:
+    """A Llama shape: model_type and architectures, then its dimensions."""
+    return dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+    )
+
+
 # Each shape is a transformers config: model_type picks the class, the rest are its keys.
 # Shapes without weights set the published models' dimensions and dtype.
-_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"])
 SHAPES: dict[str, dict[str, Any]] = {
+    # _llama(hidden, intermediate, layers, attention heads, key/value heads, vocabulary)
     # head_dim 64: vLLM's CPU attention rejects 16.
-    "tiny": dict(
-        **_LLAMA,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=512,
-    ),
-    "llama-7b": dict(
-        **_LLAMA,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-    ),
-    "llama3-8b": dict(
-        **_LLAMA,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32000,
-    ),
-    "llama3-70b": dict(
-        **_LLAMA,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_hidden_layers=80,
-        num_attention_heads=64,
-        num_key_value_heads=8,
-        vocab_size=32000,
-    ),
+    "tiny": _llama(128, 256, 2, 2, 2, 512),
+    "llama-7b": _llama(4096, 11008, 32, 32, 32, 32000),
+    "llama3-8b": _llama(4096, 14336, 32, 32, 8, 32000),
+    "llama3-70b": _llama(8192, 28672, 80, 64, 8, 32000),
     # Qwen3-0.6B and Qwen3-Embedding-0.6B (the same network; vLLM embeds with it in pooling
     # mode). vocab_size is the embedding model's.
     "qwen3-0.6b": dict(

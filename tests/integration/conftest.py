@@ -72,6 +72,14 @@ def spec_dict(model: Path, inp: str, out: str, **over) -> dict:
     return spec
 
 
+def tmp_spec(model: Path, tmp_path: Path, **over):
+    """The parsed spec of a job over tmp_path/in into tmp_path/out (``over`` as for
+    ``spec_dict``)."""
+    from batchjobs.spec import parse_spec
+
+    return parse_spec(spec_dict(model, str(tmp_path / "in"), str(tmp_path / "out"), **over))
+
+
 def prompt_shards(inp: Path, shards: int, rows: int) -> None:
     """``shards`` Parquet files in ``inp`` of ``rows`` prompts each, "p<shard>-<row>"."""
     import pyarrow as pa

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -134,3 +135,13 @@ class RayHead:
                 p.kill()
         psutil.wait_procs(self._ours(), timeout=10)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_head() -> Iterator[RayHead]:
+    """A started head, stopped on leaving (also when it failed to start)."""
+    head = RayHead()
+    try:
+        yield head.start()
+    finally:
+        head.stop()

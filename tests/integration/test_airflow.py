@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pds
 import pytest
-from ray_head import REPO, RayHead
+from ray_head import REPO, RayHead, running_head
 
 from batchjobs.spec import load_spec
 
@@ -52,12 +52,8 @@ def airflow_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def head():
-    h = RayHead()
-    try:
-        h.start()
+    with running_head() as h:
         yield h
-    finally:
-        h.stop()
 
 
 def airflow_side(env: dict, *args: str, timeout: float = 900) -> tuple[dict, str]:

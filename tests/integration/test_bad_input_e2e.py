@@ -17,36 +17,15 @@ from pathlib import Path
 import pyarrow.dataset as pds
 import pytest
 import yaml
+from bad_corpus import ROWS as CORPUS_ROWS
+from bad_corpus import UNREADABLE
 from conftest import REPO, spec_dict
 
 pytestmark = pytest.mark.integration
 
 CORPUS = REPO / "tests" / "data" / "bad" / "generate"
-ODD = 'odd name "quoted" $(touch pwned) ünïcödé.jsonl'
-FAILING = {  # shard file -> what its error says
-    "truncated.parquet": "not a readable Parquet file",
-    "no_prompt.parquet": "no column 'prompt' (columns: id, question, budget, temp)",
-    "prompt_int.parquet": "column 'prompt' has type int64, expected string",
-    "prompt_list.parquet": "column 'prompt' has type list<element: string>, expected string",
-    "prompt_struct.parquet": "column 'prompt' has type struct<text: string>, expected string",
-    "deleted.jsonl": "file vanished after planning",
-}
-# rows per readable shard (non-blank lines, Parquet rows)
-ROWS = {
-    "good.jsonl": 6,
-    "dups.jsonl": 1,
-    "malformed.jsonl": 5,
-    "latin1.jsonl": 3,
-    "nulls.jsonl": 8,
-    "weird.jsonl": 9,
-    "too_long.jsonl": 2,
-    "sampling.jsonl": 8,
-    ODD: 1,
-    "empty.jsonl": 0,
-    "empty.parquet": 0,
-    "nulls.parquet": 4,
-    "huge.jsonl": 2,
-}
+FAILING = {**UNREADABLE, "deleted.jsonl": "file vanished after planning"}
+ROWS = {**CORPUS_ROWS, "huge.jsonl": 2}  # the corpus's and the 10 MB prompt's file
 # id -> (file, place, what the error says); a generated id is "<shard>:<row_index>"
 ERRORS = {
     "n-1": ("nulls.jsonl", "line 1", "'prompt' is null"),

@@ -18,7 +18,7 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import prompt_shards, spec_dict
+from conftest import prompt_shards, tmp_spec
 
 from batchjobs.engines.base import Engine, Result
 
@@ -69,24 +69,20 @@ def _run_job(tmp_path, tiny_model, first_start_s=0.0, **resources) -> dict[str, 
     """2000 rows in 8 shards (32 batches of 64) over 4 late-starting replicas; each
     replica's peak of requests held at once, by replica."""
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     prompt_shards(tmp_path / "in", shards=8, rows=250)
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            engine={"args": {"first_start_s": first_start_s}},
-            resources={
-                "replicas": 4,
-                "batch_size": 64,
-                "max_inflight_batches": 16,
-                "num_cpus_per_replica": 0.25,
-                **resources,
-            },
-        )
+    spec = tmp_spec(
+        tiny_model,
+        tmp_path,
+        engine={"args": {"first_start_s": first_start_s}},
+        resources={
+            "replicas": 4,
+            "batch_size": 64,
+            "max_inflight_batches": 16,
+            "num_cpus_per_replica": 0.25,
+            **resources,
+        },
     )
     summary = run(spec, engine_factory=late_factory)
     assert summary.rows == 2000

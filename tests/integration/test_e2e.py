@@ -13,7 +13,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, spec_dict
+from conftest import REPO, spec_dict, tmp_spec
 from report_checks import check_run_outputs
 
 pytestmark = pytest.mark.integration
@@ -124,7 +124,6 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
     a prompt longer than the model takes is one error row; the engine's prefix cache serves
     the prompts' shared first block (and the replica says so)."""
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     inp = tmp_path / "in"
     inp.mkdir()
@@ -140,14 +139,11 @@ def test_parquet_generated_ids_and_per_row_max_tokens(tmp_path, tiny_model, ray_
         inp / "p.parquet",
     )
     out = tmp_path / "out"
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(inp),
-            str(out),
-            input={"sampling_columns": {"max_tokens": "budget"}},
-            sampling={"max_tokens": 6, "ignore_eos": True},
-        )
+    spec = tmp_spec(
+        tiny_model,
+        tmp_path,
+        input={"sampling_columns": {"max_tokens": "budget"}},
+        sampling={"max_tokens": 6, "ignore_eos": True},
     )
     summary = run(spec)
     assert (summary.rows, summary.error_rows, summary.shards_run) == (n + 1, 1, 1)

@@ -2,10 +2,11 @@
 
 Every job of this module runs the whole pipeline (Ray Data read, engine stage, staged
 writes, commits, manifest, ``_eval.json``) through batchjobs' vLLM adapter on one real
-engine: the engine is started once, in a Ray actor of its own (``EngineHost``), and each
-job's replica forwards its requests to it, so the module pays one engine start instead of
-one per job. The same engine also answers the raw vLLM calls the loglikelihood test checks
-against (``AsyncLLM.generate`` with vLLM's own ``SamplingParams(prompt_logprobs=0)``).
+engine: the engine is started once, in a Ray actor of its own (``EngineHost``,
+shared_engine.py), and each job's replica forwards its requests to it, so the module pays
+one engine start instead of one per job. The same engine also answers the raw vLLM calls
+the loglikelihood test checks against (``AsyncLLM.generate`` with vLLM's own
+``SamplingParams(prompt_logprobs=0)``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,31 +21,15 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import pytest
 from conftest import spec_dict
-
-from batchjobs.engines.base import Engine, Request, Result
+from shared_engine import EngineHost, attach, register, started_host
 
 pytestmark = pytest.mark.integration
 
 HOST = "batchjobs-eval-test-engine"
 
 
-class EngineHost:
-    """The module's one vLLM engine (batchjobs' adapter over AsyncLLM), as a Ray actor."""
-
-    def __init__(self, spec):
-        self.spec = spec
-        self.engine = None
-
-    async def start(self) -> None:
-        from batchjobs.engines.vllm import VLLMEngine
-
-        self.engine = VLLMEngine(self.spec)  # on the actor's event loop, as in a replica
-
-    def sampling(self) -> dict:
-        return self.spec.sampling.model_dump()
-
-    async def generate(self, request: Request) -> Result:
-        return await self.engine.generate(request)
+class EvalHost(EngineHost):
+    """The module's engine, which also answers raw vLLM calls."""
 
     async def raw_prompt_logprobs(self, token_ids: list[int], rid: str) -> list:
         """vLLM's own prompt log-probabilities of ``token_ids``: its SamplingParams and
@@ -60,59 +44,21 @@ class EngineHost:
             None if d is None else d[t].logprob for d, t in zip(final.prompt_logprobs, token_ids)
         ]
 
-    def close(self) -> None:
-        self.engine.close()
-
-
-class HostedEngine(Engine):
-    """A replica's engine that forwards each request to the module's ``EngineHost``."""
-
-    kind = "vllm"
-
-    def __init__(self, host):
-        self.host = host
-
-    async def generate(self, request: Request) -> Result:
-        return await self.host.generate.remote(request)
-
-    def close(self) -> None:
-        pass  # the module's fixture closes the host
-
 
 def hosted_engine(spec):
     """engine_factory: the module's engine; refuses a job whose sampling it would not honour."""
-    import ray
-
-    host = ray.get_actor(HOST)
-    if ray.get(host.sampling.remote()) != spec.sampling.model_dump():
-        raise AssertionError("this job's sampling differs from the shared engine's")
-    return HostedEngine(host)
+    return attach(HOST, spec, same_sampling=True)
 
 
 @pytest.fixture(scope="module")
 def engine_host(tiny_model, ray_session, tmp_path_factory):
-    import ray
-
     from batchjobs.spec import parse_spec
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+    register(__name__)  # workers cannot import tests
     tmp = tmp_path_factory.mktemp("host")
     spec = parse_spec(_spec(tiny_model, str(tmp / "in"), str(tmp / "out")))
-
-    host = (
-        ray.remote(EngineHost)
-        .options(
-            name=HOST,
-            num_cpus=0,
-            max_concurrency=1000,
-            runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
-        )
-        .remote(spec)
-    )
-    ray.get(host.start.remote())
-    yield host
-    ray.get(host.close.remote())
-    ray.kill(host)
+    with started_host(HOST, spec, max_concurrency=1000, cls=EvalHost) as host:
+        yield host
 
 
 def _spec(model, inp: str, out: str, **over) -> dict:

@@ -10,47 +10,18 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import pytest
-import yaml
-from conftest import REPO, spec_dict
+from conftest import REPO, tmp_spec
+from jobhelpers import cli_job, committed, kill_after_commits, write_shards, written_ids
 
-from batchjobs.manifest import Manifest
 from batchjobs.sink import OutputRoot
 
 pytestmark = pytest.mark.integration
-
-
-def _write_shards(inp: Path, shards: int, rows: int) -> set[str]:
-    inp.mkdir()
-    ids = set()
-    for s in range(shards):
-        keys = [f"s{s}-r{i}" for i in range(rows)]
-        ids |= set(keys)
-        prompts = [f"list every number of the river {k}" for k in keys]
-        pq.write_table(pa.table({"id": keys, "prompt": prompts}), inp / f"part-{s}.parquet")
-    return ids
-
-
-def _cli_job(tmp_path: Path, model: Path, out: Path) -> tuple[list[str], dict]:
-    """A `batchjobs run` command over tmp_path/in (6 shards of 60 rows) into ``out``."""
-    spec = spec_dict(
-        model,
-        str(tmp_path / "in"),
-        str(out),
-        input={"id_column": "id"},
-        sampling={"max_tokens": 24, "ignore_eos": True},
-        resources={"batch_size": 4, "max_inflight_batches": 2, "rows_per_file": 20},
-    )
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    return [sys.executable, "-m", "batchjobs.cli", "run", str(path)], env
 
 
 # The engine replica (its own actor: the driver starts it before Ray Data's plan) and Ray
@@ -70,27 +41,23 @@ def _engine_actor_pids(title: str = REPLICA) -> list[int]:
 
 def test_engine_actor_killed_three_times(tmp_path, tiny_model, ray_session):
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     # The engine in a replica the driver starts (the default on GPUs; on CPU when asked
     # for), fed by Ray Data's actor: both processes are killed below.
     # One batch of 2 rows at a time and 64 tokens each: slow enough that three kills land
     # while work remains (a restarted replica finishes queued work in a burst).
-    ids = _write_shards(tmp_path / "in", shards=3, rows=100)
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            input={"id_column": "id"},
-            sampling={"max_tokens": 64, "ignore_eos": True},
-            resources={
-                "batch_size": 2,
-                "max_inflight_batches": 1,
-                "rows_per_file": 2,
-                "max_restarts": 8,
-            },
-        )
+    ids = write_shards(tmp_path / "in", shards=3, rows=100)
+    spec = tmp_spec(
+        tiny_model,
+        tmp_path,
+        input={"id_column": "id"},
+        sampling={"max_tokens": 64, "ignore_eos": True},
+        resources={
+            "batch_size": 2,
+            "max_inflight_batches": 1,
+            "rows_per_file": 2,
+            "max_restarts": 8,
+        },
     )
     out_root = tmp_path / "out"
     kills: list[tuple[int, int | None]] = []
@@ -136,45 +103,24 @@ def test_engine_actor_killed_three_times(tmp_path, tiny_model, ray_session):
 
 
 def test_driver_killed_then_rerun_skips_committed_shards(tmp_path, tiny_model):
-    ids = _write_shards(tmp_path / "in", shards=6, rows=60)
+    ids = write_shards(tmp_path / "in", shards=6, rows=60)
     out = tmp_path / "out"
-    cmd, env = _cli_job(tmp_path, tiny_model, out)
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    manifest = out / "_manifest.jsonl"
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        if len(_committed(out)) >= 2:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the job finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.wait()
-    first = {sid: r.committed_at for sid, r in _committed(out).items()}
+    cmd, env = cli_job(tmp_path, tiny_model, out)
+    kill_after_commits(cmd, env, OutputRoot(str(out)), commits=2)
+    first = {sid: r.committed_at for sid, r in committed(out).items()}
     assert 2 <= len(first) < 6
     time.sleep(2)
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"shards: {6 - len(first)} run, {len(first)} skipped" in rerun.stdout
-    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "_manifest.jsonl").read_text().splitlines()]
     assert len(records) == 6 and all(r["status"] == "committed" for r in records)
     # the shards committed before the kill were not redone: same commit time as before
     assert {r["shard_id"]: r["committed_at"] for r in records if r["shard_id"] in first} == first
-    got = pds.dataset(str(out), format="parquet").to_table().column("id").to_pylist()
+    got = written_ids(out)
     assert len(got) == 360 and set(got) == ids
     assert not (out / "_staging").exists()
-
-
-def _committed(out: Path) -> dict:
-    """The committed shards' records: _manifest.jsonl and the commits since its compaction."""
-    return Manifest(OutputRoot(str(out))).committed()
 
 
 @pytest.fixture
@@ -191,19 +137,19 @@ def small_fs(tmp_path):
 
 
 def test_output_filesystem_failing_midway(tmp_path, tiny_model, small_fs):
-    ids = _write_shards(tmp_path / "in", shards=6, rows=60)
+    ids = write_shards(tmp_path / "in", shards=6, rows=60)
     out = small_fs / "out"
-    cmd, env = _cli_job(tmp_path, tiny_model, out)
+    cmd, env = cli_job(tmp_path, tiny_model, out)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 5, proc.stderr[-3000:]
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert err and "No space left on device" in err[-1] and str(out) in err[-1]
     # whatever was committed is whole; nothing else is visible to readers
-    committed = {sid: r.rows for sid, r in _committed(out).items()}
-    assert len(committed) < 6
+    done = {sid: r.rows for sid, r in committed(out).items()}
+    assert len(done) < 6
     visible = [p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("_")]
-    assert sorted(visible) == sorted(committed)
-    for sid, rows in committed.items():
+    assert sorted(visible) == sorted(done)
+    for sid, rows in done.items():
         assert pq.read_table(out / sid).num_rows == rows == 60
     assert len(ids) == 360
 
@@ -224,12 +170,11 @@ def test_engine_start_failure_fails_fast_with_one_clear_error(tmp_path, tiny_mod
 
     from batchjobs.errors import EngineError
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "in" / "p.parquet")
-    spec = parse_spec(spec_dict(tiny_model, str(tmp_path / "in"), str(tmp_path / "out")))
+    spec = tmp_spec(tiny_model, tmp_path)
     with pytest.raises(EngineError) as err:
         run(spec, engine_factory=_broken_factory)
     msg = str(err.value)
@@ -272,19 +217,11 @@ def test_replica_dead_for_good_fails_the_job_with_one_clear_error(
 
     from batchjobs.errors import EngineError
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "in" / "p.parquet")
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            resources={"max_restarts": 0},
-        )
-    )
+    spec = tmp_spec(tiny_model, tmp_path, resources={"max_restarts": 0})
     with pytest.raises(EngineError) as err:
         run(spec, engine_factory=_dying_factory, placement="replicas")  # the driver's replica
     msg = str(err.value)

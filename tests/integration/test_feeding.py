@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import prompt_shards, spec_dict
+from conftest import prompt_shards, spec_dict, tmp_spec
 
 from batchjobs.engines.base import Engine, Result
 
@@ -52,18 +52,14 @@ def test_engine_sees_every_in_flight_batch(tmp_path, tiny_model, ray_session, pl
     """Either way the engine is placed: in a replica the driver starts (the default on
     GPUs), which Ray Data's actor forwards to, or in Ray Data's actor (the CPU default)."""
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     # two big shards: each read task yields one 160-row block
     prompt_shards(tmp_path / "in", shards=2, rows=160)
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            resources={"replicas": 1, "batch_size": 8, "max_inflight_batches": 6},
-        )
+    spec = tmp_spec(
+        tiny_model,
+        tmp_path,
+        resources={"replicas": 1, "batch_size": 8, "max_inflight_batches": 6},
     )
     summary = run(spec, engine_factory=counting_factory, placement=placement)
     assert summary.rows == 320
@@ -79,14 +75,13 @@ def test_empty_shards_are_committed_with_zero_rows(tmp_path, tiny_model, ray_ses
     its footer (Parquet) or its non-empty lines (JSON Lines)."""
     from batchjobs.manifest import COMMITTED
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "in" / "full.parquet")
     pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "in" / "e.parquet")
     (tmp_path / "in" / "blank.jsonl").write_text("\n  \n")
-    spec = parse_spec(spec_dict(tiny_model, str(tmp_path / "in"), str(tmp_path / "out")))
+    spec = tmp_spec(tiny_model, tmp_path)
     summary = run(spec, engine_factory=counting_factory)
     assert (summary.rows, summary.shards_run) == (2, 3)
     manifest = [json.loads(line) for line in (tmp_path / "out" / "_manifest.jsonl").open()]
@@ -150,20 +145,16 @@ def test_rows_behind_a_slow_request_do_not_hold_engine_slots(tmp_path, tiny_mode
     the 6 fast rows of the first two batches could finish: every slow request would time out.
     """
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     (tmp_path / "in").mkdir()
     prompts = [("slow" if i % 4 == 0 else "fast") + f"-{i}" for i in range(64)]
     pq.write_table(pa.table({"prompt": prompts}), tmp_path / "in" / "s.parquet")
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            input={"order": "input"},  # keep one slow row at the head of every batch
-            resources={"replicas": 1, "batch_size": 4, "max_inflight_batches": 16},
-        )
+    spec = tmp_spec(
+        tiny_model,
+        tmp_path,
+        input={"order": "input"},  # keep one slow row at the head of every batch
+        resources={"replicas": 1, "batch_size": 4, "max_inflight_batches": 16},
     )
     summary = run(spec, engine_factory=straggler_factory)
     assert summary.rows == 64 and summary.error_rows == 0

@@ -4,8 +4,9 @@
 (and bad ones) as a subprocess, exactly as a user types it: a pass on a generating engine,
 a pass on a pooling engine of the same model, one output file. ``batchjobs run`` on a
 directory of request files (``input.format: auto``) writes ``_openai/batch_output.jsonl``
-and ``batch_errors.jsonl``; its two runs share one engine (``EngineHost``), as the eval
-tests do. Every output line is parsed with the ``openai`` package's own types.
+and ``batch_errors.jsonl``; its two runs share one engine (``EngineHost``,
+shared_engine.py), as the eval tests do. Every output line is parsed with the ``openai``
+package's own types.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ import pytest
 from conftest import REPO, spec_dict
 from openai.types import BatchError, Completion, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
-
-from batchjobs.engines.base import Engine, Request, Result
+from shared_engine import attach, register, started_host
 
 pytestmark = pytest.mark.integration
 
@@ -226,50 +226,9 @@ def test_run_batch_on_a_mixed_file_matches_the_openai_types_and_the_parquet(run_
 HOST = "batchjobs-openai-test-engine"
 
 
-class EngineHost:
-    """The module's engine for `batchjobs run` jobs (batchjobs' vLLM adapter), a Ray actor."""
-
-    def __init__(self, spec):
-        self.spec = spec
-
-    async def start(self) -> None:
-        from batchjobs.engines.vllm import VLLMEngine
-
-        self.engine = VLLMEngine(self.spec)
-
-    async def generate(self, request: Request) -> Result:
-        return await self.engine.generate(request)
-
-    def max_model_len(self) -> int | None:
-        return self.engine.max_model_len()
-
-    def close(self) -> None:
-        self.engine.close()
-
-
-class HostedEngine(Engine):
-    kind = "vllm"
-
-    def __init__(self, host):
-        import ray
-
-        self.host = host
-        self.context = ray.get(host.max_model_len.remote())
-
-    async def generate(self, request: Request) -> Result:
-        return await self.host.generate.remote(request)
-
-    def max_model_len(self) -> int | None:
-        return self.context
-
-    def close(self) -> None:
-        pass
-
-
 def hosted_engine(spec):
-    import ray
-
-    return HostedEngine(ray.get_actor(HOST))
+    """engine_factory: the module's engine, stating its max_model_len."""
+    return attach(HOST, spec, context=True)
 
 
 def job_spec(model: Path, inp: Path, out: Path) -> dict:
@@ -287,30 +246,16 @@ def job_spec(model: Path, inp: Path, out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def engine_host(tiny_model, ray_session, tmp_path_factory):
-    import ray
-
     from batchjobs.spec import parse_spec
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
+    register(__name__)  # workers cannot import tests
     tmp = tmp_path_factory.mktemp("host")
     (tmp / "in").mkdir()
     (tmp / "in" / "r.jsonl").write_text(json.dumps(req("x", messages=chat("x"))) + "\n")
     raw = job_spec(tiny_model, tmp / "in", tmp / "out")
     raw["input"]["format"] = "openai_batch"
-    host = (
-        ray.remote(EngineHost)
-        .options(
-            name=HOST,
-            num_cpus=0,
-            max_concurrency=100,
-            runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
-        )
-        .remote(parse_spec(raw))
-    )
-    ray.get(host.start.remote())
-    yield host
-    ray.get(host.close.remote())
-    ray.kill(host)
+    with started_host(HOST, parse_spec(raw), max_concurrency=100) as host:
+        yield host
 
 
 def test_run_writes_batch_files_and_a_resumed_job_writes_the_same(

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import spec_dict
+from conftest import spec_dict, tmp_spec
 from ray.cluster_utils import Cluster
 
 from batchjobs.engines.base import Engine, Result
@@ -103,25 +103,21 @@ def h100_like(clusters):
 
 def test_tp2_times_four_replicas_each_on_one_node(tmp_path, tiny_model, two_nodes_four_gpus):
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     (tmp_path / "in").mkdir()
     pq.write_table(
         pa.table({"prompt": [f"p{i}" for i in range(400)]}), tmp_path / "in" / "p.parquet"
     )
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            engine={"tensor_parallel_size": 2, "device": "cuda"},
-            resources={
-                "replicas": 4,
-                "batch_size": 10,
-                "max_inflight_batches": 2,
-                "num_cpus_per_replica": 0.5,
-            },
-        )
+    spec = tmp_spec(
+        tiny_model,
+        tmp_path,
+        engine={"tensor_parallel_size": 2, "device": "cuda"},
+        resources={
+            "replicas": 4,
+            "batch_size": 10,
+            "max_inflight_batches": 2,
+            "num_cpus_per_replica": 0.5,
+        },
     )
     summary = run(spec, engine_factory=probe_factory)
     assert summary.rows == 400 and len(summary.replicas) == 4
@@ -139,29 +135,22 @@ def test_tp2_times_four_replicas_each_on_one_node(tmp_path, tiny_model, two_node
 def test_replica_larger_than_any_node_is_refused(tmp_path, tiny_model, two_nodes_four_gpus):
     from batchjobs.errors import SpecError
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"prompt": ["p"]}), tmp_path / "in" / "p.parquet")
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            engine={"tensor_parallel_size": 8},
-            resources={"scale_up_timeout_s": 0},
-        )
+    spec = tmp_spec(
+        tiny_model,
+        tmp_path,
+        engine={"tensor_parallel_size": 8},
+        resources={"scale_up_timeout_s": 0},
     )
     with pytest.raises(SpecError, match="8 GPUs per replica, but the largest node has 4"):
         run(spec, engine_factory=probe_factory)
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            engine={"tensor_parallel_size": 4},
-            resources={"replicas": 3, "scale_up_timeout_s": 1},
-        )
+    spec = tmp_spec(
+        tiny_model,
+        tmp_path,
+        engine={"tensor_parallel_size": 4},
+        resources={"replicas": 3, "scale_up_timeout_s": 1},
     )
     # A joined cluster may have an autoscaler: asked, waited for, then refused.
     with pytest.raises(SpecError, match=r"needs 12 GPUs; the cluster has 8.*Waited \d+ s"):
@@ -175,26 +164,22 @@ def test_autoscaling_starts_on_the_minimum_and_grows_to_what_fits(
     minimum must fit now); the pool grows past one replica and the job ends with every row,
     each replica's 4 GPUs on one node."""
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     (tmp_path / "in").mkdir()
     pq.write_table(
         pa.table({"prompt": [f"p{i}" for i in range(600)]}), tmp_path / "in" / "p.parquet"
     )
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            engine={"tensor_parallel_size": 4, "device": "cuda"},
-            resources={
-                "replicas": 3,
-                "min_replicas": 1,
-                "batch_size": 5,
-                "max_inflight_batches": 1,
-                "num_cpus_per_replica": 0.5,
-            },
-        )
+    spec = tmp_spec(
+        tiny_model,
+        tmp_path,
+        engine={"tensor_parallel_size": 4, "device": "cuda"},
+        resources={
+            "replicas": 3,
+            "min_replicas": 1,
+            "batch_size": 5,
+            "max_inflight_batches": 1,
+            "num_cpus_per_replica": 0.5,
+        },
     )
     summary = run(spec, engine_factory=probe_factory)
     assert summary.rows == 600

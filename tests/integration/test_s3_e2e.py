@@ -20,11 +20,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from urllib.parse import quote
@@ -35,6 +33,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import REPO, spec_dict
+from jobhelpers import kill_after_commits
 from s3_server import REGION, Fault, S3Server
 
 from batchjobs.engines.base import Engine, Result
@@ -168,22 +167,7 @@ def test_cli_on_s3_kill_resume_changed_shard_store_faults_and_no_secret_anywhere
             s3.options(),
             {"BATCHJOBS_TEST_SECRET": engine_secret},
         )
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None:
-            if Manifest(out).committed():
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-        printed["run 1 output"] = proc.communicate()[0]
+        printed["run 1 output"] = kill_after_commits(cmd, env, out, commits=1)
         first = {sid: r for sid, r in Manifest(out).committed().items()}
         assert 1 <= len(first) < 4, first
         for sid in first:

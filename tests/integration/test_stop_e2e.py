@@ -18,38 +18,16 @@ import time
 from pathlib import Path
 
 import psutil
-import pyarrow as pa
-import pyarrow.dataset as pds
-import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, spec_dict
+from conftest import REPO, spec_dict, tmp_spec
+from jobhelpers import cli_job, committed, start_job, write_shards, written_ids
 
 from batchjobs.engines.base import Engine, Result
 from batchjobs.layout import MANIFEST_DELTAS, RUNS
-from batchjobs.manifest import Manifest
 from batchjobs.sink import OutputRoot
 
 pytestmark = pytest.mark.integration
-
-
-def _write_shards(inp: Path, shards: int, rows: int) -> set[str]:
-    inp.mkdir()
-    ids = set()
-    for s in range(shards):
-        keys = [f"s{s}-r{i}" for i in range(rows)]
-        ids |= set(keys)
-        prompts = [f"list every number of the river {k}" for k in keys]
-        pq.write_table(pa.table({"id": keys, "prompt": prompts}), inp / f"part-{s}.parquet")
-    return ids
-
-
-def _ids(out: Path) -> list[str]:
-    return pds.dataset(str(out), format="parquet").to_table().column("id").to_pylist()
-
-
-def _committed(out: Path) -> dict:
-    return Manifest(OutputRoot(str(out))).committed()
 
 
 def _runs(out: Path) -> list[dict]:
@@ -69,32 +47,11 @@ def _session(sid: int) -> list[str]:
 
 
 def test_sigterm_stops_records_and_a_rerun_finishes(tmp_path, tiny_model):
-    ids = _write_shards(tmp_path / "in", shards=6, rows=60)
+    ids = write_shards(tmp_path / "in", shards=6, rows=60)
     out = tmp_path / "out"
-    spec = spec_dict(
-        tiny_model,
-        str(tmp_path / "in"),
-        str(out),
-        input={"id_column": "id"},
-        sampling={"max_tokens": 24, "ignore_eos": True},
-        resources={"batch_size": 4, "max_inflight_batches": 2, "rows_per_file": 20},
-    )
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(spec))
-    cmd = [sys.executable, "-m", "batchjobs.cli", "run", str(job), "--stop-grace", "60"]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None and not _committed(out):
-        time.sleep(0.2)
+    cmd, env = cli_job(tmp_path, tiny_model, out, "--stop-grace", "60")
+    pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+    proc = start_job(cmd, env, OutputRoot(str(out)), 1, **pipes)
     assert proc.poll() is None, "the job ended before it could be stopped"
     engines = _session(proc.pid)
     assert any("EngineStage" in p for p in engines), engines  # the engine is up
@@ -104,13 +61,13 @@ def test_sigterm_stops_records_and_a_rerun_finishes(tmp_path, tiny_model):
     assert "stopping on SIGTERM" in err and "stopped by SIGTERM" in err
     assert "Traceback" not in err and "SIGTERM received" not in err  # nor Ray's stack dump
     # The run is recorded, with the shards it committed, in a compacted manifest.
-    committed = _committed(out)
-    assert 1 <= len(committed) < 6
+    done = committed(out)
+    assert 1 <= len(done) < 6
     assert not (out / MANIFEST_DELTAS).exists()
     run = _runs(out)[-1]
     assert (run["status"], run["exit_code"]) == ("stopped", 143)
     assert run["reason"].startswith("stopped by SIGTERM")
-    assert run["shards_committed"] == len(committed)
+    assert run["shards_committed"] == len(done)
     # Nothing left behind: Ray, its workers, vLLM's engine core and workers end with it.
     deadline = time.time() + 60
     while _session(proc.pid) and time.time() < deadline:
@@ -119,8 +76,8 @@ def test_sigterm_stops_records_and_a_rerun_finishes(tmp_path, tiny_model):
     # The rerun does the rest; every row once.
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"shards: {6 - len(committed)} run, {len(committed)} skipped" in rerun.stdout
-    got = _ids(out)
+    assert f"shards: {6 - len(done)} run, {len(done)} skipped" in rerun.stdout
+    got = written_ids(out)
     assert len(got) == len(ids) and set(got) == ids
     assert not (out / "_staging").exists()
     assert [r["status"] for r in _runs(out)] == ["stopped", "succeeded"]
@@ -132,17 +89,9 @@ def test_engine_that_cannot_start_fails_the_job_with_the_cause(tmp_path, tiny_mo
     reason, in one line."""
     from batchjobs.errors import EngineError
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
-    _write_shards(tmp_path / "in", shards=1, rows=4)
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            engine={"env": {"VLLM_CPU_KVCACHE_SPACE": "100000"}},
-        )
-    )
+    write_shards(tmp_path / "in", shards=1, rows=4)
+    spec = tmp_spec(tiny_model, tmp_path, engine={"env": {"VLLM_CPU_KVCACHE_SPACE": "100000"}})
     with pytest.raises(EngineError) as err:
         run(spec)
     msg = str(err.value)
@@ -187,27 +136,23 @@ def test_hung_engine_is_restarted_and_every_row_comes_out_once(tmp_path, tiny_mo
     import ray
 
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
-    ids = _write_shards(tmp_path / "in", shards=2, rows=20)
+    ids = write_shards(tmp_path / "in", shards=2, rows=20)
     probe = tmp_path / "probe"
     probe.mkdir()
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            input={"id_column": "id"},
-            resources={"batch_size": 4, "stall_timeout_s": 2},
-        )
+    spec = tmp_spec(
+        tiny_model,
+        tmp_path,
+        input={"id_column": "id"},
+        resources={"batch_size": 4, "stall_timeout_s": 2},
     )
     summary = run(spec, engine_factory=functools.partial(_hanging, str(probe)))
     starts = sorted(probe.glob("start-*"))
     assert len(starts) == 2  # the hung engine, then the one Ray restarted
     hung = int(starts[0].read_text())
     assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == "zombie"
-    got = _ids(tmp_path / "out")
+    got = written_ids(tmp_path / "out")
     assert len(got) == len(ids) and set(got) == ids
     assert summary.rows == len(ids) and summary.error_rows == 0
 
@@ -240,18 +185,10 @@ def test_an_engine_that_keeps_hanging_fails_the_job_as_an_engine_failure(
 
     from batchjobs.errors import EngineError
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    _write_shards(tmp_path / "in", shards=1, rows=4)
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(tmp_path / "in"),
-            str(tmp_path / "out"),
-            resources={"max_restarts": 1, "stall_timeout_s": 1},
-        )
-    )
+    write_shards(tmp_path / "in", shards=1, rows=4)
+    spec = tmp_spec(tiny_model, tmp_path, resources={"max_restarts": 1, "stall_timeout_s": 1})
     with pytest.raises(EngineError, match="died and Ray did not restart it"):
         run(spec, engine_factory=_stuck)
     assert not list((tmp_path / "out").glob("*/*.parquet"))
@@ -299,7 +236,7 @@ def test_driver_killed_mid_commit_then_rerun(tmp_path, tiny_model):
     """The driver dies after a shard's files were moved into place and before its manifest
     record: the rerun redoes that shard (its orphaned folder replaced, not kept beside the
     new one) and every id comes out once."""
-    ids = _write_shards(tmp_path / "in", shards=4, rows=30)
+    ids = write_shards(tmp_path / "in", shards=4, rows=30)
     out = tmp_path / "out"
     job = tmp_path / "job.yaml"
     job.write_text(
@@ -322,12 +259,12 @@ def test_driver_killed_mid_commit_then_rerun(tmp_path, tiny_model):
     first = driver(kill_at=2)
     assert first.returncode == 9, first.stderr[-3000:]
     killed = first.stdout.split("KILLED ")[1].split()[0]
-    assert len(_committed(out)) == 1 and killed not in _committed(out)
+    assert len(committed(out)) == 1 and killed not in committed(out)
     orphan = {p.name for p in (out / killed).glob("*.parquet")}
     assert orphan  # in place for readers, but not recorded
     second = driver(kill_at=0)
     assert second.returncode == 0 and "DONE" in second.stdout, second.stderr[-3000:]
-    assert len(_committed(out)) == 4
+    assert len(committed(out)) == 4
     assert not orphan & {p.name for p in (out / killed).glob("*.parquet")}  # redone
-    got = _ids(out)
+    got = written_ids(out)
     assert len(got) == len(ids) and set(got) == ids

@@ -20,7 +20,7 @@ import uuid
 
 import pyarrow.dataset as pds
 import pytest
-from ray_head import REPO, VENV_BIN, RayHead
+from ray_head import REPO, VENV_BIN, RayHead, running_head
 
 from batchjobs.layout import RUNS
 
@@ -33,12 +33,8 @@ SHIPPED_MODEL = REPO / "models" / "tiny-llama"
 def head():
     if not (SHIPPED_MODEL / "model.safetensors").exists():
         pytest.fail("models/tiny-llama is missing: bash scripts/setup.sh builds it")
-    h = RayHead()
-    try:
-        h.start()
+    with running_head() as h:
         yield h
-    finally:
-        h.stop()
 
 
 @pytest.fixture

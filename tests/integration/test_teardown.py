@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import prompt_shards, spec_dict
+from conftest import prompt_shards, tmp_spec
 
 from batchjobs.engines.base import Engine, Result
 
@@ -65,14 +65,13 @@ def test_engine_closes_with_its_processes_and_the_driver_waits_for_it(
     from batchjobs.actor import EarlyReplica, EngineStage
     from batchjobs.cluster import wait_pids
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     holder = (EarlyReplica if placement == "replicas" else EngineStage).__name__
     prompt_shards(tmp_path / "in", shards=2, rows=20)
     probe = tmp_path / "probe"
     probe.mkdir()
-    spec = parse_spec(spec_dict(tiny_model, str(tmp_path / "in"), str(tmp_path / "out")))
+    spec = tmp_spec(tiny_model, tmp_path)
     summary = run(spec, engine_factory=functools.partial(_factory, str(probe)), placement=placement)
     assert summary.rows == 40
     # Ray did not kill the engine's child before the engine's own close ran ...

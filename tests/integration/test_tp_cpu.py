@@ -22,7 +22,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import spec_dict
+from conftest import tmp_spec
 
 pytestmark = [
     pytest.mark.integration,
@@ -94,7 +94,6 @@ def _kill(pids: list[int]) -> None:
 
 def test_tensor_parallel_2_on_cpu(tmp_path, tiny_model, ray_session):
     from batchjobs.pipeline import run
-    from batchjobs.spec import parse_spec
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
     inp = tmp_path / "in"
@@ -104,18 +103,15 @@ def test_tensor_parallel_2_on_cpu(tmp_path, tiny_model, ray_session):
         pa.table({"id": list(prompts), "prompt": list(prompts.values())}), inp / "p.parquet"
     )
     out = tmp_path / "out"
-    spec = parse_spec(
-        spec_dict(
-            tiny_model,
-            str(inp),
-            str(out),
-            input={"id_column": "id"},
-            engine={
-                "tensor_parallel_size": 2,
-                "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
-            },
-            sampling={"max_tokens": 4, "temperature": 0.0, "ignore_eos": True},
-        )
+    spec = tmp_spec(
+        tiny_model,
+        tmp_path,
+        input={"id_column": "id"},
+        engine={
+            "tensor_parallel_size": 2,
+            "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+        },
+        sampling={"max_tokens": 4, "temperature": 0.0, "ignore_eos": True},
     )
     probe = tmp_path / "probe.json"
     summary = run(spec, engine_factory=functools.partial(_probing_factory, str(probe)))

@@ -177,3 +177,32 @@ def task_spec(make_spec, tiny_tokenizer_dir, offline):
         return make_spec(task=task, engine=engine, **sections)
 
     return _spec
+
+
+@pytest.fixture
+def fake_pipeline_run(monkeypatch):
+    """Install a pipeline.run stand-in (and a CPU device) for pilot tests: ``install(rows_of)``
+    has each run call ``rows_of(spec)`` for its row count (it may write outputs or raise),
+    then report 10 prompt and 5 completion tokens a row, n * 8 / max_num_seqs s of engine
+    time and one replica 30 s in starting. ``install`` returns the specs run, in order."""
+    import batchjobs.cluster as cluster
+    import batchjobs.pipeline as pipeline
+
+    def install(rows_of):
+        calls = []
+
+        def fake_run(spec, **kwargs):
+            calls.append(spec)
+            n = rows_of(spec)
+            s = pipeline.RunSummary(spec.name, spec.output.path, spec.fingerprint(), 1, 0, 1)
+            s.rows, s.prompt_tokens, s.completion_tokens = n, 10 * n, 5 * n
+            s.engine_s = n * 8.0 / (spec.engine.max_num_seqs or 8)
+            s.replicas = {"r": {"startup_s": 30.0, "engine_s": s.engine_s, "idle_s": 0.0}}
+            s.gpu_s = s.engine_s + 30.0
+            return s
+
+        monkeypatch.setattr(pipeline, "run", fake_run)
+        monkeypatch.setattr(cluster, "resolve_device", lambda spec: "cpu")
+        return calls
+
+    return install

@@ -15,7 +15,6 @@ from batchjobs import agreement, engineconfig, pilotview, projection
 from batchjobs import pilot as pl
 from batchjobs.errors import EngineError, SpecError
 from batchjobs.manifest import Manifest, ShardRecord
-from batchjobs.pipeline import RunSummary
 from batchjobs.sink import OutputRoot
 from batchjobs.spec import parse_spec
 
@@ -79,17 +78,12 @@ def guard_dict(spec_dict, tmp_path, write_jsonl):
 
 
 @pytest.fixture
-def writing_engine(monkeypatch):
+def writing_engine(monkeypatch, fake_pipeline_run):
     """pipeline.run stand-in that writes each pilot row's text to a real output root: six
     words per row; ``engine.args.drift: k`` replaces every word from the k-th on, and a
     prompt ending in 3 is an error row for ``args.fail_3``. Faster with more max_num_seqs."""
-    import batchjobs.cluster as cluster
-    import batchjobs.pipeline as pipeline
 
-    calls = []
-
-    def fake_run(spec, **kwargs):
-        calls.append(spec)
+    def write_rows(spec) -> int:
         inp = pq.read_table(f"{spec.input.path}/pilot.parquet").to_pylist()
         drift = spec.engine.args.get("drift")
         texts, errors = [], []
@@ -106,18 +100,10 @@ def writing_engine(monkeypatch):
         Manifest(out).commit(
             ShardRecord(shard_id="s0", source="x", status="committed", files=["part-0.parquet"])
         )
-        n = len(inp)
-        s = RunSummary(spec.name, spec.output.path, spec.fingerprint(), 1, 0, 1)
-        s.rows, s.prompt_tokens, s.completion_tokens = n, 10 * n, 5 * n
-        s.engine_s = n * 8.0 / (spec.engine.max_num_seqs or 8)
-        s.replicas = {"r": {"startup_s": 30.0, "engine_s": s.engine_s, "idle_s": 0.0}}
-        s.gpu_s = s.engine_s + 30.0
-        return s
+        return len(inp)
 
-    monkeypatch.setattr(pipeline, "run", fake_run)
-    monkeypatch.setattr(cluster, "resolve_device", lambda spec: "cpu")
     monkeypatch.setattr(pl, "load_encoder", lambda *a: lambda texts: [words(t) for t in texts])
-    return calls
+    return fake_pipeline_run(write_rows)
 
 
 def test_min_agreement_rules_out_the_cheapest_candidate_that_answers_differently(

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from bad_corpus import ROWS, UNREADABLE
 
 from batchjobs.engines.base import Engine, Request, Result
 from batchjobs.errors import InputError, RowErrorRateError, ShardsFailedError
@@ -78,26 +79,8 @@ def test_the_corpus_as_a_generate_job_reads_it(corpus, read_columns):
 
 
 FAILING = {
-    "truncated.parquet": "not a readable Parquet file",
-    "no_prompt.parquet": "no column 'prompt' (columns: id, question, budget, temp); set "
-    "input.prompt_column",
-    "prompt_int.parquet": "column 'prompt' has type int64, expected string",
-    "prompt_list.parquet": "column 'prompt' has type list<element: string>, expected string",
-    "prompt_struct.parquet": "column 'prompt' has type struct<text: string>, expected string",
-}
-ROWS = {
-    "good.jsonl": 6,
-    "dups.jsonl": 1,
-    "malformed.jsonl": 5,
-    "latin1.jsonl": 3,
-    "nulls.jsonl": 8,
-    "weird.jsonl": 9,
-    "too_long.jsonl": 2,
-    "sampling.jsonl": 8,
-    'odd name "quoted" $(touch pwned) ünïcödé.jsonl': 1,
-    "empty.jsonl": 0,
-    "empty.parquet": 0,
-    "nulls.parquet": 4,
+    **UNREADABLE,
+    "no_prompt.parquet": UNREADABLE["no_prompt.parquet"] + "; set input.prompt_column",
 }
 READ_ERRORS = {  # (file, row index) -> (place, what the error says)
     ("malformed.jsonl", 2): ("line 3", "not valid JSON (Unterminated string"),

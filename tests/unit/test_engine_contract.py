@@ -202,3 +202,24 @@ def test_trtllm_kwargs_map_the_spec(spec_dict):
         and sk["seed"] == 3
         and "min_tokens" not in sk
     )
+
+
+def test_a_rows_lora_adapter_is_looked_up_by_name_or_is_an_error_row():
+    from batchjobs.engines.base import Request, lora_for
+
+    loras = {"sql": "sql-request"}
+    assert lora_for(loras, Request("r", prompt="p")) == (None, None)  # the base model
+    assert lora_for(loras, Request("r", prompt="p", adapter="sql")) == ("sql-request", None)
+    lora, unknown = lora_for(loras, Request("r", prompt="p", adapter="chat"))
+    assert lora is None and unknown.finish_reason == "error"
+    assert unknown.error == "unknown LoRA adapter 'chat'"
+
+
+def test_rejected_per_row_sampling_is_an_error_row_naming_the_values():
+    from batchjobs.engines.base import Request, invalid_params
+
+    row = invalid_params(Request("r", params={"top_p": 7}), ValueError("top_p > 1"))
+    assert row.finish_reason == "error"
+    assert row.error == "invalid per-row sampling parameters {'top_p': 7}: top_p > 1"
+    shape = invalid_params(Request("r", structured={"regex": "["}), ValueError("bad regex"))
+    assert shape.error == "invalid per-row sampling parameters {'regex': '['}: bad regex"

@@ -18,25 +18,13 @@ MESSAGES = [
 ]
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tok")
-    build_tokenizer(out, SHAPES["tiny"]["vocab_size"])
-    return out
-
-
 def _ids(encoded) -> list[int]:
     """apply_chat_template's token ids, whether this transformers returns a list or a dict."""
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
-def test_chat_template_renders_chatml_with_a_generation_prompt(tokenizer_dir, offline):
-    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+def test_chat_template_renders_chatml_with_a_generation_prompt(tiny_tokenizer_dir, offline):
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     text = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     assert text == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
@@ -49,8 +37,8 @@ def test_chat_template_renders_chatml_with_a_generation_prompt(tokenizer_dir, of
     assert closed.endswith("the model of the city?<|im_end|>\n")
 
 
-def test_chat_markers_are_single_tokens_the_model_can_embed(tokenizer_dir, offline):
-    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+def test_chat_markers_are_single_tokens_the_model_can_embed(tiny_tokenizer_dir, offline):
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
     ids = _ids(tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True))
     start, end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert start != tok.unk_token_id and end != tok.unk_token_id
@@ -60,7 +48,7 @@ def test_chat_markers_are_single_tokens_the_model_can_embed(tokenizer_dir, offli
     )
     assert max(ids) < len(tok) <= SHAPES["tiny"]["vocab_size"]
     # where every transformers version reads it
-    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    config = json.loads((tiny_tokenizer_dir / "tokenizer_config.json").read_text())
     assert config["chat_template"] == tok.chat_template
 
 

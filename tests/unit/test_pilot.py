@@ -14,7 +14,6 @@ from batchjobs import pilot as pl
 from batchjobs import projection, readers
 from batchjobs.cli import app
 from batchjobs.errors import EngineError, OutputError, SpecError
-from batchjobs.pipeline import RunSummary
 from batchjobs.readers import count_rows, list_shards, read_shard
 from batchjobs.spec import parse_spec
 from batchjobs.tasks import task_for
@@ -281,28 +280,15 @@ def test_chat_pilot_input_of_bad_rows_only_is_still_chat_input(pilot_dict, tmp_p
 
 
 @pytest.fixture
-def fake_engine(monkeypatch):
+def fake_engine(fake_pipeline_run):
     """pipeline.run stand-in: engine time per row falls with max_num_seqs; 'boom' fails."""
-    import batchjobs.cluster as cluster
-    import batchjobs.pipeline as pipeline
 
-    calls = []
-
-    def fake_run(spec, **kwargs):
-        calls.append(spec)
+    def rows_of(spec) -> int:
         if spec.engine.args.get("boom"):
             raise EngineError("replica r: engine vllm failed to start: out of memory")
-        n = 5 if ".pilot." in spec.name else 7
-        s = RunSummary(spec.name, spec.output.path, spec.fingerprint(), 1, 0, 1)
-        s.rows, s.prompt_tokens, s.completion_tokens = n, 10 * n, 5 * n
-        s.engine_s = n * 8.0 / (spec.engine.max_num_seqs or 8)
-        s.replicas = {"r": {"startup_s": 30.0, "engine_s": s.engine_s, "idle_s": 0.0}}
-        s.gpu_s = s.engine_s + 30.0
-        return s
+        return 5 if ".pilot." in spec.name else 7
 
-    monkeypatch.setattr(pipeline, "run", fake_run)
-    monkeypatch.setattr(cluster, "resolve_device", lambda spec: "cpu")
-    return calls
+    return fake_pipeline_run(rows_of)
 
 
 def test_prepare_pilots_records_and_then_reuses(pilot_dict, jsonl_input, fake_engine, tmp_path):
