@@ -51,7 +51,12 @@ def preflight_shards(spec: JobSpec, shards: list[Shard], strict: bool = True) ->
 def open_output(spec: JobSpec, fresh: bool = False) -> OutputRoot:
     """The output root, emptied first for --fresh or mode overwrite; mode error refuses a
     non-empty one."""
-    out = OutputRoot(spec.output.path, spec.output.storage_options, RetryPolicy.of(spec.output))
+    out = OutputRoot(
+        spec.output.path,
+        spec.output.storage_options,
+        RetryPolicy.of(spec.output),
+        compact_bytes=spec.output.compact_mb << 20,
+    )
     if fresh or spec.output.mode == "overwrite":
         out.wipe()
     elif spec.output.mode == "error" and not out.is_empty():

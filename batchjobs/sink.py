@@ -176,6 +176,7 @@ class OutputRoot:
         url: str,
         storage_options: dict[str, Any] | None = None,
         retry: RetryPolicy | None = None,
+        compact_bytes: int = 0,
     ):
         try:
             url, storage_options = lift_url_credentials(url, storage_options, "the output path")
@@ -185,6 +186,7 @@ class OutputRoot:
         self.fs, self.root = filesystem(url, storage_options)
         self.local = "file" in _protocols(self.fs)
         self.retry = retry or RetryPolicy()
+        self.compact_bytes = compact_bytes  # commit staged files up to this total as one
 
     def io(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` on the store, retried (``retries.call``); the last error
@@ -230,6 +232,8 @@ class OutputRoot:
                     if posixpath.basename(p) not in keep:
                         # written by an attempt that never reported: not ours
                         self.io(what, self._rm_tree, p)
+            if len(files) > 1 and self.compact_bytes:
+                files = self._compact(staging, files, what)
             self.io(what, self._rm_tree, final)
             if not files:
                 self.io(what, self.fs.makedirs, final, exist_ok=True)
@@ -244,6 +248,34 @@ class OutputRoot:
         except Exception as exc:  # noqa: BLE001 - any filesystem failure is an output error
             raise retries.failure(what, exc) from None
         return [posixpath.join(final, name) for name in sorted(files)]
+
+    def _compact(self, staging: str, files: list[str], what: str) -> list[str]:
+        """A shard's staged files as one staged file, its rows in input order, when they
+        total at most ``compact_bytes``; the names to commit. The new file is written
+        before the old ones are removed: a failure in between leaves the shard uncommitted,
+        and a rerun redoes it."""
+        paths = [posixpath.join(staging, name) for name in files]
+        if sum(self.io(what, self.fs.size, p) for p in paths) > self.compact_bytes:
+            return files
+
+        def read(p: str) -> pa.Table:
+            with self.fs.open(p, "rb") as fh:
+                return pq.read_table(fh)
+
+        tables = [self.io(what, read, p) for p in paths]
+        meta = tables[0].schema.metadata
+        table = pa.concat_tables(tables, promote_options="permissive").sort_by("row_index")
+        table = table.replace_schema_metadata(meta)
+        name = f"{uuid.uuid4().hex}.parquet"
+
+        def write() -> None:
+            with self.fs.open(posixpath.join(staging, name), "wb") as fh:
+                pq.write_table(table, fh)
+
+        self.io(what, write)
+        for p in paths:
+            self.io(what, self._rm_tree, p)
+        return [name]
 
     def _rm_tree(self, p: str) -> None:
         """Remove a file or folder if it is there (also when an earlier try removed part)."""

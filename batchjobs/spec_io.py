@@ -148,6 +148,14 @@ class OutputSpec(_Model):
     retry_wait_s: float = Field(
         default=RETRY_WAIT_S, gt=0, le=60, description="The wait before the first retry."
     )
+    compact_mb: int = Field(
+        default=16,
+        ge=0,
+        description="A shard whose staged files total at most this many MB is committed as "
+        "one file, its rows in input order (rows reach the writer interleaved with other "
+        "shards' rows, so a shard is staged as many small files). Larger shards keep their "
+        "files of up to resources.rows_per_file rows. 0: never.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -478,7 +478,9 @@ def run_local(spec, engine, batch_rows: int = 3, rows_per_file: int = 1000) -> d
     return task_for(spec).report(plan.out, plan.manifest.committed())
 
 
-def _qa_job(tmp_path, write_jsonl, eval_spec, name: str, answers: dict, split=(3, 1000)):
+def _qa_job(
+    tmp_path, write_jsonl, eval_spec, name: str, answers: dict, split=(3, 1000), compact_mb=16
+):
     inp = tmp_path / "in"
     if not inp.exists():
         write_jsonl(inp / "0.jsonl", QA[:4])
@@ -486,7 +488,7 @@ def _qa_job(tmp_path, write_jsonl, eval_spec, name: str, answers: dict, split=(3
         write_jsonl(inp / "1.jsonl", QA[4:] + more)
     spec = eval_spec(
         input={"id_column": "id"},
-        output={"path": str(tmp_path / name)},
+        output={"path": str(tmp_path / name), "compact_mb": compact_mb},
         eval={
             "reference_column": "answer",
             "group_by": "subject",
@@ -532,7 +534,8 @@ def test_eval_json_does_not_depend_on_how_rows_were_split_into_files(
     tmp_path, write_jsonl, eval_spec
 ):
     _qa_job(tmp_path, write_jsonl, eval_spec, "a", ANSWERS)
-    _qa_job(tmp_path, write_jsonl, eval_spec, "b", ANSWERS, split=(1, 1))  # a file per row
+    # a file per row (not compacted at commit)
+    _qa_job(tmp_path, write_jsonl, eval_spec, "b", ANSWERS, split=(1, 1), compact_mb=0)
     files_b = list((tmp_path / "b").glob("*/*.parquet"))
     assert len(files_b) == 8 > len(list((tmp_path / "a").glob("*/*.parquet")))
     assert (tmp_path / "a" / EVAL_JSON).read_bytes() == (tmp_path / "b" / EVAL_JSON).read_bytes()

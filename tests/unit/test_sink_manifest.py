@@ -216,6 +216,38 @@ def test_commit_moves_reported_files_and_drops_strays(tmp_path, engine_output):
     assert not (root / STAGING).exists()
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_commit_compacts_small_staged_files_into_one_in_row_order(
+    tmp_path, memfs, engine_output, where
+):
+    """Rows of a shard reach the writer interleaved with other shards': many small staged
+    files. Up to compact_bytes, the commit writes them as one file sorted by row_index
+    (strays still dropped, schema metadata kept); above it, or with 0, the files stay."""
+    url = str(tmp_path / "out") if where == "local" else "memory://out"
+    fs = OutputRoot(url).fs
+    meta = {"batchjobs.task": "generate"}
+
+    def stage(sid: str, indexes) -> str:
+        rows = [{"shard_id": sid, "row_index": i, "shard_rows": 6} for i in indexes]
+        return write_staged(engine_output(rows), url, {}, None, meta).column("file")[0].as_py()
+
+    names = [stage("s", (4, 1)), stage("s", (0, 5)), stage("s", (3, 2))]
+    stage("s", (9,))  # a stray: written by an attempt that never reported
+    (final,) = OutputRoot(url, compact_bytes=1 << 20).commit("s", names)
+    table = _read_parquet_at(fs, final)
+    assert table.column("row_index").to_pylist() == [0, 1, 2, 3, 4, 5]
+    assert table.schema.metadata[b"batchjobs.task"] == b"generate"
+    root = OutputRoot(url).root
+    parquet = lambda d: [p for p in fs.ls(d, detail=False) if p.endswith(".parquet")]  # noqa: E731
+    assert parquet(f"{root}/s") == [final]
+    assert not fs.exists(f"{root}/{STAGING}/s") or parquet(f"{root}/{STAGING}/s") == []
+
+    for limit in (0, 100):  # off, and smaller than the files: committed as staged
+        names = [stage("t", (0, 1)), stage("t", (2, 3))]
+        committed = OutputRoot(url, compact_bytes=limit).commit("t", names)
+        assert [p.rpartition("/")[2] for p in committed] == sorted(names)
+
+
 def test_commit_replaces_an_earlier_partial_commit(tmp_path, engine_output):
     root = tmp_path / "out"
     out = OutputRoot(str(root))

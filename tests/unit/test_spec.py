@@ -93,7 +93,7 @@ def test_unknown_key_without_close_match_lists_allowed_keys(spec_dict):
     spec_dict["output"]["zzzz"] = 1
     msg = _spec_error(spec_dict)
     assert (
-        "output.zzzz: unknown key (allowed keys: format, max_error_rate, mode, path, retries, "
+        "output.zzzz: unknown key (allowed keys: compact_mb, format, max_error_rate, mode, path, retries, "
         "retry_wait_s, storage_options)" in msg
     )
 
