@@ -79,8 +79,8 @@ class InputSpec(_Model):
         default=8,
         ge=1,
         description="With order: prefix, at most this many shards in one read group. "
-        "Sorting mixes a group's rows, so each shard is written as about this many files, "
-        "and a group's shards commit together. 1: sort each shard alone.",
+        "A group's shards finish (and commit) together, so more shards per group means "
+        "more work lost to a crash. 1: sort each shard alone.",
     )
 
     @model_validator(mode="before")
