@@ -19,9 +19,7 @@ def read_groups(
     A group closes before the shard that would take it past ``group_mb`` MB of input as
     stored (a shard larger than that is a group of its own), so a read task holds a bounded
     amount, and at ``group_shards`` shards: sorting mixes the rows of a group's shards, so
-    each write batch holds some rows of every shard of the group and each shard comes out
-    as about as many files as its group has shards; its shards also commit only when the
-    whole group is done. With ``order: input``, ``group_mb`` 0 or ``group_shards`` 1 every
+    its shards finish, and commit, only when the whole group is done. With ``order: input``, ``group_mb`` 0 or ``group_shards`` 1 every
     shard is its own group.
     """
     if order != "prefix" or group_mb <= 0 or group_shards <= 1:
