@@ -76,14 +76,19 @@ def spec(work: Path, model: str, max_tokens: int) -> dict:
 
 
 def sample_rss(pid: int, peak: dict, stop: threading.Event) -> None:
+    """The peak RSS, sampled every 0.2 s, and (seconds, MiB) every 10 s in ``peak["series"]``."""
     import psutil
 
     proc = psutil.Process(pid)
+    t0 = time.time()
     while not stop.wait(0.2):
         try:
-            peak["rss"] = max(peak["rss"], proc.memory_info().rss)
+            rss = proc.memory_info().rss
         except psutil.Error:
             return
+        peak["rss"] = max(peak["rss"], rss)
+        if time.time() - t0 >= 10 * len(peak["series"]):
+            peak["series"].append((round(time.time() - t0), round(rss / 2**20, 1)))
 
 
 def output_files(out: Path) -> dict[str, int]:
@@ -109,7 +114,7 @@ def run_job(rows: int, args, work: Path) -> dict:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "batchjobs.cli", "run", str(job), "--quiet", "--skip-report"]
     cmd += ["--summary-json", str(work / "summary.json")]
-    peak = {"rss": 0}
+    peak: dict = {"rss": 0, "series": []}
     stop = threading.Event()
     t0 = time.time()
     proc = subprocess.Popen(
@@ -135,6 +140,10 @@ def run_job(rows: int, args, work: Path) -> dict:
         "error_rows": summary["error_rows"],
         "completion_tokens": summary["completion_tokens"],
         "files": output_files(work / "out"),
+        "files_per_shard": round(
+            sum(1 for _ in (work / "out").glob("*/*.parquet")) / -(-rows // args.rows_per_shard), 2
+        ),
+        "rss_series_mib": peak["series"],
     }
 
 
@@ -155,7 +164,8 @@ def main() -> None:
         print(
             f"rows {r['rows']:>7} ({r['shards']} shards): wall {r['wall_s']:7.1f} s, driver peak "
             f"RSS {r['driver_peak_rss_mib']:7.1f} MiB, {r['rows_out']} rows out, ids exactly "
-            f"once: {r['ids_exactly_once']}, {r['error_rows']} error rows\n  files: {files}",
+            f"once: {r['ids_exactly_once']}, {r['error_rows']} error rows\n  files: {files}; "
+            f"{r['files_per_shard']} Parquet files per shard",
             flush=True,
         )
     ratio = results[1]["driver_peak_rss_mib"] / results[0]["driver_peak_rss_mib"]
