@@ -25,8 +25,10 @@ from batchjobs.tasks import task_for
 log = logging.getLogger("batchjobs")
 
 
-def _read_fn(batch: pa.Table, spec: JobSpec, batch_rows: int):
-    """Ray Data UDF: read one group of shards; with ``order: prefix`` sort it as one.
+def _read_fn(batch: pa.Table, spec: JobSpec, batch_rows: int, gate=None):
+    """Ray Data UDF: read one group of shards; with ``order: prefix`` sort it as one. With
+    a ``gate`` (readgate.py), the group waits until reading is not too far ahead of the
+    writes.
 
     ``spec`` arrives as the driver validated it: a read task re-checks nothing, so it may
     run on a node that lacks the model directory."""
@@ -41,6 +43,15 @@ def _read_fn(batch: pa.Table, spec: JobSpec, batch_rows: int):
         )
         if spec.input.order == "prefix":
             tables = group_by_prefix(tables, batch_rows)
+        if gate is None:
+            yield from tables
+            continue
+        # Ray Data hands on what one task yields only when the task ends (merged into
+        # blocks), so the gate admits the whole group at once, once it has been read.
+        import ray
+
+        tables = list(tables)
+        ray.get(gate.admit.remote(sum(t.num_rows for t in tables)))
         yield from tables
 
 
@@ -50,9 +61,10 @@ def build_dataset(
     engine_factory: Callable | None = None,
     replicas: EarlyReplicas | None = None,
     board=None,
+    gate=None,
 ):
-    """The Ray Data plan: one read task per read group of shards, an engine actor pool,
-    staged writes."""
+    """The Ray Data plan: one read task per read group of shards (held back by ``gate``),
+    an engine actor pool, staged writes."""
     import ray
     from ray.data import TaskPoolStrategy
 
@@ -70,7 +82,7 @@ def build_dataset(
         _read_fn,
         # Read blocks of exactly one engine batch: Ray Data runs the batches of one task in
         # sequence, so a task holding several would wait on each batch's longest request.
-        fn_kwargs={"spec": spec, "batch_rows": res.batch_size},
+        fn_kwargs={"spec": spec, "batch_rows": res.batch_size, "gate": gate},
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=0.5,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchjobs import stopping
+from batchjobs import readgate, stopping
 from batchjobs.cluster import check_resources, connect_ray, resolve_device, wait_for_exit
 from batchjobs.errors import BatchJobError, dead_engine, unwrap
 from batchjobs.feeding import (
@@ -144,20 +144,23 @@ def _execute(
         target=_tick, args=(tracker, ticking, progress_every), name="progress", daemon=True
     )
     ticker.start()
+    gate = readgate.start(readgate.read_ahead_rows(spec, device))
     try:
         with warnings.catch_warnings():
             # Ray Data warns when a job has fewer read groups or staged files than the
             # read/write task cap (every small job): a cap, not a request for more work.
             warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks")
-            dataset = build_dataset(plan, device, engine_factory, replicas, board)
+            dataset = build_dataset(plan, device, engine_factory, replicas, board, gate)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 tracker.add(batch)
+                gate.wrote.remote(sum(batch.column("rows").to_pylist()))
                 drop_block_stats(dataset)  # the driver does not grow with the rows
     except Exception as exc:  # noqa: BLE001
         raise _translate(exc) from None
     finally:
         ticking.set()
         ticker.join()
+        readgate.stop(gate)
     tracker.finish()
     summary.failed_shards.update(tracker.failed)
     plan.out.remove_empty_staging()
