@@ -21,8 +21,10 @@ from batchjobs.spec import JobSpec
 log = logging.getLogger("batchjobs")
 
 # Waiting longer than this without a single row written lets a read through anyway: a
-# gate sized too small for some plan must cost memory, never hang the job.
-PATIENCE_S = 60.0
+# gate sized too small for some plan must cost memory, never hang the job. (No row is
+# written while the engines start, or while long outputs fill every batch in flight: a
+# read let through then costs only memory.)
+PATIENCE_S = 300.0
 
 
 def read_ahead_rows(spec: JobSpec, device: str) -> int:
@@ -96,7 +98,7 @@ def stop(gate) -> None:
     try:
         state = ray.get(gate.state.remote(), timeout=10)
         if state["forced"]:
-            log.warning(
+            log.debug(
                 "reading waited %.0f s with no row written %d time(s) and went on "
                 "(read-ahead limit %d rows)",
                 PATIENCE_S,
