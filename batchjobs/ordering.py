@@ -19,8 +19,8 @@ def read_groups(
     A group closes before the shard that would take it past ``group_mb`` MB of input as
     stored (a shard larger than that is a group of its own), so a read task holds a bounded
     amount, and at ``group_shards`` shards: sorting mixes the rows of a group's shards, so
-    its shards finish, and commit, only when the whole group is done. With ``order: input``, ``group_mb`` 0 or ``group_shards`` 1 every
-    shard is its own group.
+    its shards finish, and commit, only when the whole group is done. With ``order:
+    input``, ``group_mb`` 0 or ``group_shards`` 1 every shard is its own group.
     """
     if order != "prefix" or group_mb <= 0 or group_shards <= 1:
         return [[s] for s in shards]

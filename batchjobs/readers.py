@@ -34,6 +34,8 @@ from batchjobs.errors import InputError
 from batchjobs.rowcheck import exception_text, python_rows, row_values, text
 from batchjobs.secrets import lift_url_credentials
 
+log = logging.getLogger("batchjobs")
+
 PARQUET_EXT = (".parquet", ".pq")
 JSONL_EXT = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")
 GLOB_CHARS = "*?["
@@ -168,9 +170,7 @@ def _files_under(fs, root: str) -> list[str]:
         if info.get("type") == "file" or (info.get("islink") and fs.isfile(p)):
             files.append(p)
         elif info.get("islink") and not fs.exists(p) and _format_of(p, "auto"):
-            logging.getLogger("batchjobs").warning(
-                "%s is a broken link (what it leads to does not exist): not read", p
-            )
+            log.warning("%s is a broken link (what it leads to does not exist): not read", p)
     return files
 
 

@@ -4,8 +4,8 @@ Ray Data holds back a stage by the bytes its outputs take, so a job of short row
 of a few tokens) was read far ahead of its engines: every read block waited in a queue,
 and blocks this small live in the memory of the driver that owns them, so the driver grew
 with the job's rows. A gate bounds what is read but not yet written: each read task asks
-the gate before it hands on a block, and the driver tells it the rows each write summary
-covers.
+the gate before it hands on its group's rows, and the driver tells it the rows each write
+summary covers.
 """
 
 from __future__ import annotations
@@ -46,17 +46,12 @@ class ReadGate:
         self.patience_s = patience_s
         self.read = 0
         self.written = 0
-        self.changed: asyncio.Condition | None = None  # made in the actor's event loop
+        self.changed = asyncio.Condition()  # bound to the event loop that first waits on it
         self.forced = 0
-
-    def _condition(self) -> asyncio.Condition:
-        if self.changed is None:
-            self.changed = asyncio.Condition()
-        return self.changed
 
     async def admit(self, rows: int) -> None:
         """Return once ``rows`` more may be read (at once when nothing is held)."""
-        changed = self._condition()
+        changed = self.changed
         async with changed:
             waited_since, written_then = time.monotonic(), self.written
             while self.read - self.written >= self.limit:
@@ -70,10 +65,9 @@ class ReadGate:
             self.read += rows
 
     async def wrote(self, rows: int) -> None:
-        changed = self._condition()
-        async with changed:
+        async with self.changed:
             self.written += rows
-            changed.notify_all()
+            self.changed.notify_all()
 
     async def state(self) -> dict[str, int]:
         return {

@@ -109,14 +109,14 @@ def row_values(
     overrides as JSON, its id, and why it cannot run (naming its place and column). With
     ``cols.locate``, the payload also carries ``location`` (file, line) as "_source" and
     "_line"."""
-    if cols.id_column and row.get(cols.id_column) is not None:
-        if isinstance(row[cols.id_column], (dict, list, tuple)):
-            kind = "an object" if isinstance(row[cols.id_column], dict) else "a list"
-            error = error or (
-                f"{where}: id column {cols.id_column!r} holds {kind}; an id is a string or a number"
-            )
-        else:
-            row_id = text(row[cols.id_column])
+    value = row.get(cols.id_column) if cols.id_column else None
+    if isinstance(value, (dict, list, tuple)):
+        kind = "an object" if isinstance(value, dict) else "a list"
+        error = error or (
+            f"{where}: id column {cols.id_column!r} holds {kind}; an id is a string or a number"
+        )
+    elif value is not None:
+        row_id = text(value)
     if error is not None:
         return None, None, row_id, error
     if cols.id_column and row.get(cols.id_column) is None:

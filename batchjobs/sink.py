@@ -110,8 +110,7 @@ def _write_part(
 
     def write() -> None:  # whole again on a retry: a failed upload leaves no object
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        with fs.open(path, "wb") as fh:
-            pq.write_table(out, fh)
+        _write_parquet(fs, path, out)
 
     what = f"write {fs.unstrip_protocol(path)}"
     try:
@@ -133,6 +132,11 @@ def _write_part(
         "metrics": json.dumps(summarize(out) if summarize else {}),
         "errors": json.dumps(_error_kinds(part)),
     }
+
+
+def _write_parquet(fs, path: str, table: pa.Table) -> None:
+    with fs.open(path, "wb") as fh:
+        pq.write_table(table, fh)
 
 
 def _error_kinds(part: pa.Table) -> dict[str, int]:
@@ -224,15 +228,19 @@ class OutputRoot:
         staging = self.path(STAGING, shard_id)
         final = self.shard_dir(shard_id)
         keep = set(files)
+        sizes: dict[str, int] = {}  # bytes of each reported staged file, as listed
         what = f"commit shard {shard_id} under {self.url}"
         try:
             if files:
                 self.fs.invalidate_cache(staging)  # written by the write tasks' processes
-                for p in self.io(what, self.fs.ls, staging, detail=False):
-                    if posixpath.basename(p) not in keep:
+                for info in self.io(what, self.fs.ls, staging, detail=True):
+                    name = posixpath.basename(info["name"])
+                    if name in keep:
+                        sizes[name] = info.get("size") or 0
+                    else:
                         # written by an attempt that never reported: not ours
-                        self.io(what, self._rm_tree, p)
-            if len(files) > 1 and self.compact_bytes:
+                        self.io(what, self._rm_tree, info["name"])
+            if len(files) > 1 and self.compact_bytes and sum(sizes.values()) <= self.compact_bytes:
                 files = self._compact(staging, files, what)
             self.io(what, self._rm_tree, final)
             if not files:
@@ -250,13 +258,11 @@ class OutputRoot:
         return [posixpath.join(final, name) for name in sorted(files)]
 
     def _compact(self, staging: str, files: list[str], what: str) -> list[str]:
-        """A shard's staged files as one staged file, its rows in input order, when they
-        total at most ``compact_bytes``; the names to commit. The new file is written
-        before the old ones are removed: a failure in between leaves the shard uncommitted,
-        and a rerun redoes it."""
+        """A shard's staged files (together at most ``compact_bytes``) as one staged file,
+        its rows in input order; the names to commit. The new file is written before the
+        old ones are removed: a failure in between leaves the shard uncommitted, and a
+        rerun redoes it."""
         paths = [posixpath.join(staging, name) for name in files]
-        if sum(self.io(what, self.fs.size, p) for p in paths) > self.compact_bytes:
-            return files
 
         def read(p: str) -> pa.Table:
             with self.fs.open(p, "rb") as fh:
@@ -267,12 +273,7 @@ class OutputRoot:
         table = pa.concat_tables(tables, promote_options="permissive").sort_by("row_index")
         table = table.replace_schema_metadata(meta)
         name = f"{uuid.uuid4().hex}.parquet"
-
-        def write() -> None:
-            with self.fs.open(posixpath.join(staging, name), "wb") as fh:
-                pq.write_table(table, fh)
-
-        self.io(what, write)
+        self.io(what, _write_parquet, self.fs, posixpath.join(staging, name), table)
         for p in paths:
             self.io(what, self._rm_tree, p)
         return [name]
